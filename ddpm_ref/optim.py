@@ -1,0 +1,215 @@
+"""Optimisation on flat float32 buffers: AdamW, linear warmup, global-norm clipping, EMA of weights.
+
+What it is: the update rules DDPM training uses (Ho et al. 2020, appendix B: Adam, learning-rate
+warmup, gradient clipping at global norm 1, an exponential moving average of the weights used for
+sampling), written for the one flat parameter buffer of ``ddpm_ref.params`` so that a whole model
+updates in a handful of vectorised NumPy calls, in place, without per-tensor Python loops.
+What it is not: a general optimiser library (no parameter groups, no schedulers beyond warmup).
+
+AdamW (Loshchilov & Hutter 2019, "Decoupled weight decay regularization", algorithm 2), with the
+bias correction of Adam (Kingma & Ba 2015, algorithm 1). At update k = 1, 2, ... with gradient g:
+
+    theta <- theta * (1 - lr_k * lambda)                  (decoupled weight decay)
+    m     <- beta1 * m + (1 - beta1) * g
+    v     <- beta2 * v + (1 - beta2) * g^2
+    theta <- theta - lr_k / (1 - beta1^k) * m / (sqrt(v) / sqrt(1 - beta2^k) + eps)
+
+which is exactly the arithmetic of ``torch.optim.AdamW`` (the test compares against it).
+
+Warmup: ``lr_k = lr * min(1, k / warmup)`` for the k-th update (1-based), so the first update is
+not wasted at lr 0; ``warmup = 0`` means the constant rate ``lr``.
+
+Clipping (Pascanu et al. 2013): the global norm ``||g||_2`` over the whole flat buffer is summed in
+float64 (chunked, so no full float64 copy is made); when it exceeds ``max_norm`` the gradient is
+scaled by ``max_norm / (norm + 1e-6)``, torch's ``clip_grad_norm_`` rule. The norm before clipping is
+returned (a non-finite norm is returned unchanged and the gradient is left alone: the caller stops).
+
+EMA (DDPM appendix B, decay 0.9999 for CIFAR-10) with warmup: after update k the EMA moves by
+``ema <- d * ema + (1 - d) * theta`` with ``d = min(decay, (1 + s) / (10 + s))``, ``s = k - 1``
+(the warmup of TensorFlow's ExponentialMovingAverage ``num_updates`` and of diffusers' EMAModel):
+early on the EMA follows the weights closely (d = 0.1 at the first update) instead of staying near
+the random initialisation for ~1/(1 - decay) steps.
+
+State (for checkpoints) is plain float32 arrays plus ints: ``AdamW.state_dict()`` gives
+``{"m": (P,), "v": (P,), "step": int}``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["AdamW", "global_norm", "clip_grad_norm", "warmup_lr", "ema_decay", "ema_update"]
+
+_CHUNK = 1 << 20   # elements per float64 chunk when summing squares
+
+
+def _check_flat(name: str, a) -> np.ndarray:
+    if not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype != np.float32:
+        desc = f"{a.dtype} array of shape {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+        raise ValueError(f"{name} must be a flat (1-D) float32 array, got {desc}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (in-place updates need a flat buffer)")
+    return a
+
+
+def global_norm(g: np.ndarray) -> float:
+    """||g||_2 of a flat buffer, squares summed in float64 chunk by chunk (exact to ~1e-15 relative)."""
+    g = np.asarray(g)
+    total = 0.0
+    for i in range(0, g.size, _CHUNK):
+        c = g[i:i + _CHUNK].astype(np.float64)
+        total += float(np.dot(c, c))
+    return math.sqrt(total)
+
+
+def clip_grad_norm(g: np.ndarray, max_norm: float | None) -> float:
+    """Scale the flat gradient ``g`` in place so that ``||g|| <= max_norm``; return the norm before.
+
+    ``max_norm`` None (or inf) only measures. The scale is ``max_norm / (norm + 1e-6)`` when the
+    norm exceeds ``max_norm`` (torch.nn.utils.clip_grad_norm_). A non-finite norm leaves ``g`` as is.
+    """
+    _check_flat("grad", g)
+    norm = global_norm(g)
+    if max_norm is not None:
+        max_norm = float(max_norm)
+        if not max_norm > 0:
+            raise ValueError(f"max_norm must be > 0 (or None), got {max_norm}")
+        if math.isfinite(norm) and norm > max_norm:
+            g *= np.float32(max_norm / (norm + 1e-6))
+    return norm
+
+
+def warmup_lr(lr: float, k: int, warmup: int) -> float:
+    """Learning rate of the k-th update (1-based): ``lr * min(1, k / warmup)``; ``warmup`` 0 -> lr."""
+    if warmup <= 0:
+        return float(lr)
+    return float(lr) * min(1.0, k / warmup)
+
+
+def ema_decay(decay: float, k: int, warmup: bool = True) -> float:
+    """EMA decay used after the k-th update (1-based): ``min(decay, (1 + s) / (10 + s))``, s = k - 1."""
+    if not warmup:
+        return float(decay)
+    s = k - 1
+    return min(float(decay), (1.0 + s) / (10.0 + s))
+
+
+def ema_update(ema: np.ndarray, params: np.ndarray, d: float, scratch: np.ndarray | None = None) -> None:
+    """In place: ``ema <- d * ema + (1 - d) * params`` (float32; ``scratch`` avoids a temporary)."""
+    _check_flat("ema", ema)
+    _check_flat("params", params)
+    if ema.shape != params.shape:
+        raise ValueError(f"ema shape {ema.shape} does not match params shape {params.shape}")
+    if not 0.0 <= d <= 1.0:
+        raise ValueError(f"EMA decay must be in [0, 1], got {d}")
+    ema *= np.float32(d)
+    if scratch is None:
+        ema += np.float32(1.0 - d) * params
+    else:
+        np.multiply(params, np.float32(1.0 - d), out=scratch)
+        ema += scratch
+
+
+class AdamW:
+    """AdamW with bias correction, linear warmup and optional global-norm clipping, on a flat buffer.
+
+    ``opt = AdamW(P, lr=1e-3)``; each ``opt.step(params, grad)`` updates ``params`` in place (float32)
+    and returns ``{"lr": lr_k, "grad_norm": ||g|| before clipping}``. ``grad`` is clipped in place.
+    ``decay_mask`` (optional bool (P,)) restricts weight decay to the marked entries.
+    """
+
+    def __init__(self, size: int, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999,
+                 eps: float = 1e-8, weight_decay: float = 0.0, warmup: int = 0,
+                 max_grad_norm: float | None = None, decay_mask: np.ndarray | None = None):
+        size = int(size)
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {lr}")
+        for name, b in (("beta1", beta1), ("beta2", beta2)):
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {b}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        if not (math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if int(warmup) < 0:
+            raise ValueError(f"warmup must be >= 0 steps, got {warmup}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+        if decay_mask is not None:
+            decay_mask = np.asarray(decay_mask, dtype=bool)
+            if decay_mask.shape != (size,):
+                raise ValueError(f"decay_mask must have shape ({size},), got {decay_mask.shape}")
+        self.size = size
+        self.lr = float(lr)
+        self.beta1 = float(beta1)
+        self.beta2 = float(beta2)
+        self.eps = float(eps)
+        self.weight_decay = float(weight_decay)
+        self.warmup = int(warmup)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.decay_mask = decay_mask
+        self.m = np.zeros(size, np.float32)       # first moment (P,)
+        self.v = np.zeros(size, np.float32)       # second moment (P,)
+        self.step_count = 0                       # updates done so far
+        self._tmp = np.empty(size, np.float32)    # scratch, so an update allocates nothing
+
+    def lr_at(self, k: int) -> float:
+        """Learning rate of the k-th update (1-based)."""
+        return warmup_lr(self.lr, k, self.warmup)
+
+    def step(self, params: np.ndarray, grad: np.ndarray) -> dict:
+        """One AdamW update of ``params`` in place from ``grad`` (clipped in place first)."""
+        _check_flat("params", params)
+        _check_flat("grad", grad)
+        if params.size != self.size or grad.size != self.size:
+            raise ValueError(f"params/grad sizes {params.size}/{grad.size} do not match the optimizer "
+                             f"size {self.size}")
+        norm = clip_grad_norm(grad, self.max_grad_norm)
+        k = self.step_count + 1
+        lr = self.lr_at(k)
+        b1, b2 = self.beta1, self.beta2
+        tmp = self._tmp
+        if self.weight_decay:                     # theta <- theta * (1 - lr * lambda)
+            if self.decay_mask is None:
+                params *= np.float32(1.0 - lr * self.weight_decay)
+            else:
+                params[self.decay_mask] *= np.float32(1.0 - lr * self.weight_decay)
+        self.m *= np.float32(b1)                  # m <- b1 m + (1 - b1) g
+        np.multiply(grad, np.float32(1.0 - b1), out=tmp)
+        self.m += tmp
+        self.v *= np.float32(b2)                  # v <- b2 v + (1 - b2) g^2
+        np.multiply(grad, grad, out=tmp)
+        tmp *= np.float32(1.0 - b2)
+        self.v += tmp
+        bc1 = 1.0 - b1 ** k
+        bc2 = 1.0 - b2 ** k
+        # denom = sqrt(v) / sqrt(bc2) + eps; theta -= (lr / bc1) * m / denom
+        np.sqrt(self.v, out=tmp)
+        tmp /= np.float32(math.sqrt(bc2))
+        tmp += np.float32(self.eps)
+        np.divide(self.m, tmp, out=tmp)
+        tmp *= np.float32(lr / bc1)
+        params -= tmp
+        self.step_count = k
+        return {"lr": lr, "grad_norm": norm}
+
+    def state_dict(self) -> dict:
+        """Plain arrays and ints: ``{"m": float32 (P,), "v": float32 (P,), "step": int}`` (copies)."""
+        return {"m": self.m.copy(), "v": self.v.copy(), "step": int(self.step_count)}
+
+    def load_state_dict(self, state: dict) -> None:
+        m = np.asarray(state["m"])
+        v = np.asarray(state["v"])
+        step = int(state["step"])
+        for name, a in (("m", m), ("v", v)):
+            if a.shape != (self.size,) or a.dtype != np.float32:
+                raise ValueError(f"optimizer state {name!r} must be float32 ({self.size},), got "
+                                 f"{a.dtype} {a.shape}")
+        if step < 0:
+            raise ValueError(f"optimizer step must be >= 0, got {step}")
+        self.m[...] = m
+        self.v[...] = v
+        self.step_count = step
