@@ -1,0 +1,170 @@
+"""Tests for ddpm_ref/checkpoint.py: round trip, atomic writes under SIGKILL, clear errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import zipfile
+
+import numpy as np
+import pytest
+
+from ddpm_ref.checkpoint import (Checkpoint, CheckpointError, FORMAT_VERSION, atomic_write,
+                                 load_checkpoint, save_checkpoint)
+
+
+def _ckpt(p=1000, seed=0, step=7):
+    g = np.random.default_rng(seed)
+    f = lambda: g.standard_normal(p).astype(np.float32)  # noqa: E731
+    return Checkpoint(params=f(), ema=f(), optimizer={"m": f(), "v": np.abs(f()), "step": step},
+                      step=step, config={"model": {"kind": "unet", "ch": 8}, "train": {"lr": 1e-3}},
+                      sampler={"history": g.standard_normal((10, 4)), "count": np.arange(10), "T": 10},
+                      metrics={"loss_ema": 0.25, "wall_time": 3.5})
+
+
+def test_roundtrip_bit_exact(tmp_path):
+    c = _ckpt()
+    path = tmp_path / "c.npz"
+    save_checkpoint(path, c)
+    d = load_checkpoint(path)
+    for name in ("params", "ema"):
+        np.testing.assert_array_equal(getattr(d, name), getattr(c, name))  # bit-exact storage
+    np.testing.assert_array_equal(d.optimizer["m"], c.optimizer["m"])
+    np.testing.assert_array_equal(d.optimizer["v"], c.optimizer["v"])
+    assert d.optimizer["step"] == 7 and d.step == 7
+    assert d.config == c.config and d.metrics == c.metrics
+    np.testing.assert_array_equal(d.sampler["history"], c.sampler["history"])
+    np.testing.assert_array_equal(d.sampler["count"], c.sampler["count"])
+    assert d.sampler["T"] == 10
+    # plain arrays only: loading with allow_pickle=False works on every member
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(z["meta"].tobytes())
+    assert meta["version"] == FORMAT_VERSION and meta["format"] == "ddpm-ref-checkpoint"
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+def test_weights_only(tmp_path):
+    c = Checkpoint(params=np.ones(5, np.float32), config={})
+    save_checkpoint(tmp_path / "w.npz", c)
+    d = load_checkpoint(tmp_path / "w.npz")
+    assert d.ema is None and d.optimizer is None and d.sampler is None and d.step == 0
+    np.testing.assert_array_equal(d.params, 1.0)
+
+
+def _expect(path, match):
+    with pytest.raises(CheckpointError, match=match) as e:
+        load_checkpoint(path)
+    msg = str(e.value)
+    assert str(path) in msg and "\n" not in msg  # one line, naming the file
+    return msg
+
+
+def test_corrupt_truncated_foreign(tmp_path):
+    good = tmp_path / "good.npz"
+    save_checkpoint(good, _ckpt(p=20000))
+    raw = good.read_bytes()
+    # truncated at several points: the zip directory or a member is missing
+    for i, frac in enumerate((0.0, 0.1, 0.5, 0.99)):
+        p = tmp_path / f"trunc{i}.npz"
+        p.write_bytes(raw[:int(len(raw) * frac)])
+        _expect(p, "not a usable ddpm-ref checkpoint")
+    # a flipped byte in the middle of the params data: zip CRC-32 catches it
+    p = tmp_path / "flip.npz"
+    b = bytearray(raw)
+    b[len(b) // 3] ^= 0xFF
+    p.write_bytes(bytes(b))
+    _expect(p, "not a usable ddpm-ref checkpoint")
+    # foreign files: random bytes, a text file, an .npy, an npz without meta, a pickle-bearing npz
+    (tmp_path / "rand.npz").write_bytes(np.random.default_rng(0).bytes(5000))
+    _expect(tmp_path / "rand.npz", "cannot read")
+    (tmp_path / "t.npz").write_text("hello")
+    _expect(tmp_path / "t.npz", "not a usable")
+    np.save(tmp_path / "a.npy", np.zeros(3))
+    _expect(tmp_path / "a.npy", "single .npy")
+    np.savez(tmp_path / "other.npz", weights=np.zeros(3))
+    _expect(tmp_path / "other.npz", "no 'meta'")
+    np.savez(tmp_path / "pick.npz", meta=np.array([{"a": 1}], dtype=object))
+    _expect(tmp_path / "pick.npz", "cannot read")
+    # well-formed zip, wrong format name / newer version / inconsistent shapes
+    for name, meta in (("fmt", {"format": "something-else", "version": 1}),
+                       ("ver", {"format": "ddpm-ref-checkpoint", "version": FORMAT_VERSION + 1})):
+        np.savez(tmp_path / f"{name}.npz", meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+                 params=np.zeros(3, np.float32))
+    _expect(tmp_path / "fmt.npz", "format is 'something-else'")
+    _expect(tmp_path / "ver.npz", "newer")
+    c = _ckpt()
+    c.ema = np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match="ema shape"):
+        save_checkpoint(tmp_path / "x.npz", c)
+    _expect(tmp_path / "missing.npz", "does not exist")
+    _expect(tmp_path, "is a directory")
+
+
+_WRITER = textwrap.dedent("""
+    import sys, numpy as np
+    from ddpm_ref.checkpoint import Checkpoint, save_checkpoint
+    path, p = sys.argv[1], int(sys.argv[2])
+    k = 1
+    while True:
+        x = np.full(p, float(k), np.float32)
+        save_checkpoint(path, Checkpoint(params=x, ema=x, optimizer={"m": x, "v": x, "step": k},
+                                         step=k, config={"k": k}))
+        print(k, flush=True)
+        k += 1
+""")
+
+
+def test_sigkill_during_write_keeps_a_complete_checkpoint(tmp_path):
+    path = tmp_path / "ckpt.npz"
+    p = 3_000_000   # 4 arrays x 12 MB: each save takes long enough to be killed inside it
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), str(p)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        first = proc.stdout.readline()          # one complete checkpoint exists
+        assert first.strip() == "1"
+        # wait until the next write is in progress (its temp file exists), then kill it mid-write
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]:
+                break
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    # it died inside a write: the half-written temp file is still there
+    assert [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    c = load_checkpoint(path)               # the last complete checkpoint, whole and consistent
+    k = c.step
+    assert k >= 1 and c.config == {"k": k}
+    np.testing.assert_array_equal(c.params, np.float32(k))
+    np.testing.assert_array_equal(c.optimizer["v"], np.float32(k))
+    # a later save clears the killed writer's temp file
+    save_checkpoint(path, Checkpoint(params=np.zeros(2, np.float32), config={}))
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+def test_atomic_write_failure_keeps_old(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"old")
+
+    def boom(f):
+        f.write(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, boom)
+    assert path.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_zip_crc_is_what_catches_bitrot(tmp_path):
+    # sanity: our checkpoint is a zip whose members carry CRCs (the corruption test relies on it)
+    save_checkpoint(tmp_path / "c.npz", _ckpt(p=10))
+    with zipfile.ZipFile(tmp_path / "c.npz") as z:
+        assert z.testzip() is None
+        assert {i.filename for i in z.infolist()} >= {"meta.npy", "params.npy", "optim.m.npy"}
