@@ -106,14 +106,14 @@ class Schedule:
         bad = ~np.isfinite(betas)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"betas must be finite, got betas[{i}] = {betas[i]!r}")
+            raise ValueError(f"betas must be finite, got betas[{i}] = {float(betas[i])!r}")
         bad = (betas <= 0.0) | (betas > 1.0)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"betas must lie in (0, 1], got betas[{i}] = {betas[i]!r}")
+            raise ValueError(f"betas must lie in (0, 1], got betas[{i}] = {float(betas[i])!r}")
         if 1.0 - (1.0 - betas[0]) == 0.0:
             raise ValueError(
-                f"betas[0] = {betas[0]!r} is too small: 1 - beta_1 rounds to 1 in float64, so "
+                f"betas[0] = {float(betas[0])!r} is too small: 1 - beta_1 rounds to 1 in float64, so "
                 "1 - alpha_bar_1 = 0 and the posterior tables would divide by zero")
         self.name = str(name)
         self.params = dict(params or {})
@@ -148,7 +148,7 @@ class Schedule:
             value = np.array(value, dtype=np.float64)
             if not np.all(np.isfinite(value)):
                 i = int(np.flatnonzero(~np.isfinite(value))[0])
-                raise ValueError(f"schedule table {key} is not finite at t index {i} ({value[i]!r}); "
+                raise ValueError(f"schedule table {key} is not finite at t index {i} ({float(value[i])!r}); "
                                  "check the betas")
             value.setflags(write=False)
             setattr(self, key, value)
