@@ -1,0 +1,116 @@
+"""Flat parameter buffers with named views.
+
+A model's parameters live in one contiguous 1-D array; every tensor (``conv_in.weight``,
+``down_blocks.0.resnets.0.norm1.weight``, ...) is a reshaped *view* into it. Gradients, AdamW moments
+and the EMA share the same :class:`ParamLayout`, so the optimizer, checkpoints, device transfers and
+an all-reduce each act on the whole model in one call (llm.c's ``params_memory`` / ``grads_memory``).
+
+This module is bookkeeping only: it holds no maths from the paper and draws no random numbers
+(initialisation lives with each model, drawn from :mod:`ddpm_ref.rng`).
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Sequence, Tuple
+
+import numpy as np
+
+__all__ = ["ParamLayout"]
+
+
+class ParamLayout:
+    """An ordered list of ``(name, shape)`` and the offsets of each tensor in a flat buffer.
+
+    >>> layout = ParamLayout([("w", (2, 3)), ("b", (2,))])
+    >>> layout.size, layout.offsets["b"]
+    (8, 6)
+    >>> flat = layout.zeros(np.float32)
+    >>> layout.named(flat)["w"].shape
+    (2, 3)
+    """
+
+    def __init__(self, entries: Iterable[Tuple[str, Sequence[int]]]):
+        self.names: List[str] = []
+        self.shapes: Dict[str, Tuple[int, ...]] = {}
+        self.offsets: Dict[str, int] = {}
+        offset = 0
+        for entry in entries:
+            if len(entry) != 2:
+                raise ValueError(f"layout entries must be (name, shape) pairs, got {entry!r}")
+            name, shape = entry
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"parameter names must be non-empty strings, got {name!r}")
+            if name in self.shapes:
+                raise ValueError(f"duplicate parameter name {name!r}")
+            shape = tuple(int(s) for s in shape)
+            if any(s < 0 for s in shape):
+                raise ValueError(f"parameter {name!r} has a negative dimension: {shape}")
+            self.names.append(name)
+            self.shapes[name] = shape
+            self.offsets[name] = offset
+            offset += int(np.prod(shape, dtype=np.int64))
+        self.size: int = offset
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self):
+        return iter((n, self.shapes[n]) for n in self.names)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.shapes
+
+    def __repr__(self) -> str:
+        return f"ParamLayout({len(self.names)} tensors, {self.size} parameters)"
+
+    def numel(self, name: str) -> int:
+        """Number of elements of tensor ``name``."""
+        return int(np.prod(self.shapes[name], dtype=np.int64))
+
+    def index(self, name: str) -> int:
+        """Position of ``name`` in the layout (the tensor's number, used to address its init noise)."""
+        return self.names.index(name)
+
+    def check(self, flat: np.ndarray, what: str = "flat") -> np.ndarray:
+        """Return ``flat`` after checking that it is a 1-D floating array of length ``size``."""
+        if not isinstance(flat, np.ndarray):
+            raise ValueError(f"{what} must be a numpy array, got {type(flat).__name__}")
+        if flat.ndim != 1 or flat.shape[0] != self.size:
+            raise ValueError(f"{what} must have shape ({self.size},), got {flat.shape}")
+        if flat.dtype.kind != "f":
+            raise ValueError(f"{what} must be a floating array, got dtype {flat.dtype}")
+        return flat
+
+    def named(self, flat: np.ndarray) -> Dict[str, np.ndarray]:
+        """Dict name -> view of ``flat`` with the tensor's shape (writes go through to ``flat``)."""
+        self.check(flat)
+        out = {}
+        for name in self.names:
+            o = self.offsets[name]
+            out[name] = flat[o:o + self.numel(name)].reshape(self.shapes[name])
+        return out
+
+    def zeros(self, dtype=np.float32) -> np.ndarray:
+        """A flat zero buffer of length ``size``."""
+        return np.zeros(self.size, dtype=dtype)
+
+    def flatten(self, tensors: Dict[str, np.ndarray], dtype=np.float32) -> np.ndarray:
+        """Pack a dict name -> array (e.g. a converted state_dict) into a new flat buffer.
+
+        The dict must hold exactly the layout's names with matching shapes.
+        """
+        missing = [n for n in self.names if n not in tensors]
+        extra = [n for n in tensors if n not in self.shapes]
+        if missing or extra:
+            raise ValueError(f"tensor names do not match the layout: missing {missing[:5]}, unexpected {extra[:5]}")
+        flat = self.zeros(dtype)
+        views = self.named(flat)
+        for name in self.names:
+            a = np.asarray(tensors[name])
+            if a.shape != self.shapes[name]:
+                raise ValueError(f"{name}: expected shape {self.shapes[name]}, got {a.shape}")
+            views[name][...] = a
+        return flat
+
+    def to_list(self) -> List[Tuple[str, Tuple[int, ...]]]:
+        """The ``(name, shape)`` list (JSON-able with lists for shapes)."""
+        return [(n, self.shapes[n]) for n in self.names]
