@@ -1,0 +1,721 @@
+"""Interoperability with Hugging Face diffusers: load their DDPM models into NumPy, save ours for them.
+
+What it is: a converter between diffusers' on-disk formats and ddpm-ref's objects.
+
+* A **model directory** (``config.json`` + ``diffusion_pytorch_model.safetensors``, a
+  ``UNet2DModel.save_pretrained`` result) becomes a :class:`~ddpm_ref.models.unet.UNet` and its flat
+  float32 parameter buffer. Our parameter names *are* UNet2DModel ``state_dict`` keys with torch
+  shapes, so the weights copy one to one (old checkpoints' attention names ``query/key/value/
+  proj_attn`` are renamed ``to_q/to_k/to_v/to_out.0`` as diffusers itself does).
+* A **pipeline directory** (``model_index.json``, ``unet/``, ``scheduler/scheduler_config.json``, as
+  ``DDPMPipeline.save_pretrained`` writes, e.g. the released ``google/ddpm-cifar10-32``) also gives
+  the noise schedule (DDPM eq. 2: the betas) and the sampler settings of the DDPMScheduler /
+  DDIMScheduler configuration, ready for :func:`ddpm_ref.samplers.sample`.
+* :func:`save_diffusers` writes ours back in the same layouts; export then import is exact.
+
+What it is not: PyTorch. The package never imports torch or diffusers here except to read a
+pickle-based ``.bin``/``.pt`` weight file, which goes through ``torch.load(weights_only=True)`` when
+torch is installed (we never unpickle anything ourselves). Safetensors files are read with
+:mod:`ddpm_ref.safetensors` (NumPy alone).
+
+Refusals. Anything the NumPy U-Net or samplers do not implement is refused with a ValueError naming
+the setting and its value, never approximated: block types other than DownBlock2D/AttnDownBlock2D/
+UpBlock2D/AttnUpBlock2D (and up blocks that do not mirror the down blocks), mid blocks other than
+UNetMidBlock2D, ``downsample_padding`` other than 0 (our downsampler pads right/bottom by one, the
+DDPM layout), activations other than SiLU, Fourier/learned timestep embeddings, class embeddings
+other than a plain table, ``resnet_time_scale_shift`` other than "default", ``mid_block_scale_factor``
+other than 1, ``center_input_sample``, block widths that are not multiples of the first; scheduler
+classes other than DDPMScheduler/DDIMScheduler, beta schedules we cannot reproduce, variance types
+``learned`` and ``fixed_large_log``, ``clip_sample_range`` other than 1, thresholding, non-zero
+``steps_offset`` with "leading" spacing, DDIM's ``set_alpha_to_one=False``. Unknown configuration
+keys (other than diffusers' ``_class_name``-style bookkeeping) are reported with a warning, as
+diffusers' own ``from_config`` does.
+
+Keys absent from a ``config.json`` take *diffusers'* defaults (UNet2DModel's are not the DDPM paper's:
+e.g. ``flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, attention_head_dim=8``), listed in
+:data:`UNET2D_DEFAULTS`, :data:`DDPM_SCHEDULER_DEFAULTS` and :data:`DDIM_SCHEDULER_DEFAULTS` (diffusers
+0.42).
+
+Differences from diffusers' schedulers, each deliberate (see also the tests, which pin them down):
+
+* Tables in float64 (ours) versus float32 (diffusers builds ``betas`` with ``torch.linspace(...,
+  dtype=float32)`` and ``alphas_cumprod`` by a float32 cumulative product): agreement is to float32
+  rounding, about 1e-6 relative, not bit for bit.
+* DDIMScheduler steps from ``t`` to ``t - T // S`` whatever the spacing; our samplers step to the next
+  listed timestep (REFERENCE.md's pitfall). The two coincide for "leading" spacing with ``T % S == 0``;
+  for "trailing" and "linspace" diffusers' DDIM sampler visits other alpha_bar values than its own
+  timestep list says. The step formula itself is identical (tests: our ``ddim_step`` with diffusers'
+  ``t_prev`` equals ``DDIMScheduler.step``).
+* DDPMScheduler adds noise whenever ``t > 0``, even at the last step of a spaced chain (trailing
+  spacing ends at ``t = T/S - 1``); with ``fixed_large`` that last noise has variance ``1 -
+  alpha_bar_t``. Ours adds none at the last step (DDPM Algorithm 2, "z = 0 if t = 1").
+* ``fixed_small`` clamps ``beta~`` at 1e-20 in diffusers; ours does not need to (``beta~ > 0`` for
+  every step but the last, which adds no noise). ``fixed_small_log`` in diffusers draws
+  ``exp(0.5 log beta~) z``, the same distribution as ``fixed_small``, and is mapped to it.
+* ``learned_range`` interpolates ``log beta~`` (diffusers: clamped at 1e-20, ours:
+  ``posterior_log_variance_clipped``, improved-diffusion) and ``log beta`` of the (respaced) step;
+  they differ only at the first table entry, where neither adds noise.
+* A diffusers class embedding with K rows becomes ``num_classes = K - 1``: our U-Net reserves its last
+  row for "no label" (classifier-free guidance), so ``y=None`` selects diffusers' class K - 1, while
+  explicit labels 0..K-1 behave exactly as in diffusers.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+
+import numpy as np
+
+from . import safetensors as st
+from .schedule import Schedule
+
+__all__ = [
+    "UNET2D_DEFAULTS", "DDPM_SCHEDULER_DEFAULTS", "DDIM_SCHEDULER_DEFAULTS",
+    "read_state_dict", "find_weights", "unet_config_from_diffusers", "unet_config_to_diffusers",
+    "params_from_state_dict", "state_dict_from_params", "schedule_from_diffusers",
+    "scheduler_config_to_diffusers", "load_unet", "load_diffusers", "save_diffusers",
+]
+
+# UNet2DModel.__init__ defaults (diffusers 0.42): what a key absent from config.json means.
+UNET2D_DEFAULTS = {
+    "sample_size": None, "in_channels": 3, "out_channels": 3, "center_input_sample": False,
+    "time_embedding_type": "positional", "time_embedding_dim": None, "freq_shift": 0,
+    "flip_sin_to_cos": True,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
+    "mid_block_type": "UNetMidBlock2D",
+    "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [224, 448, 672, 896], "layers_per_block": 2, "mid_block_scale_factor": 1,
+    "downsample_padding": 1, "downsample_type": "conv", "upsample_type": "conv", "dropout": 0.0,
+    "act_fn": "silu", "attention_head_dim": 8, "norm_num_groups": 32, "attn_norm_num_groups": None,
+    "norm_eps": 1e-5, "resnet_time_scale_shift": "default", "add_attention": True,
+    "class_embed_type": None, "num_class_embeds": None, "num_train_timesteps": None,
+}
+# DDPMScheduler.__init__ defaults (diffusers 0.42).
+DDPM_SCHEDULER_DEFAULTS = {
+    "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+    "trained_betas": None, "variance_type": "fixed_small", "clip_sample": True,
+    "prediction_type": "epsilon", "thresholding": False, "dynamic_thresholding_ratio": 0.995,
+    "clip_sample_range": 1.0, "sample_max_value": 1.0, "timestep_spacing": "leading",
+    "steps_offset": 0, "rescale_betas_zero_snr": False,
+}
+# DDIMScheduler.__init__ defaults (diffusers 0.42): no variance_type, plus set_alpha_to_one.
+DDIM_SCHEDULER_DEFAULTS = {k: v for k, v in DDPM_SCHEDULER_DEFAULTS.items() if k != "variance_type"}
+DDIM_SCHEDULER_DEFAULTS["set_alpha_to_one"] = True
+
+# Default number of sampling steps of the pipelines (DDPMPipeline: 1000, DDIMPipeline: 50).
+_PIPELINE_STEPS = {"ddpm": None, "ddim": 50}
+_PREDICTION_FROM = {"epsilon": "epsilon", "sample": "sample", "v_prediction": "v"}
+_PREDICTION_TO = {v: k for k, v in _PREDICTION_FROM.items()}
+_DIFFUSERS_VERSION = "0.30.0"          # the oldest diffusers whose loaders read what we write
+_WEIGHT_STEM = "diffusion_pytorch_model"
+_META_KEY = "ddpm_ref.unet_config"     # safetensors metadata: our config, for an exact round trip
+
+
+def _json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _write_json(path, value):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _unknown_keys(config, known, where):
+    unknown = sorted(k for k in config if k not in known and not k.startswith("_"))
+    if unknown:
+        warnings.warn(f"{where}: ignoring configuration keys ddpm-ref does not know: {unknown} "
+                      "(diffusers' from_config ignores unexpected keys the same way)", stacklevel=3)
+
+
+def _refuse(where, key, value, supported):
+    raise ValueError(f"{where}: {key}={value!r} is not supported by ddpm-ref; supported: {supported}")
+
+
+# ------------------------------------------------------------------------------------ weights
+
+def _torch_load(path):
+    """A pickle-based weight file, read through torch (weights only), as float32/int NumPy arrays."""
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(
+            f"{path} is a pickle-based PyTorch file; ddpm-ref never unpickles files itself and reads "
+            "them only through torch.load(weights_only=True). Install PyTorch (pip install "
+            "'ddpm-ref[torch]') or convert the file to safetensors.") from None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state_dict (a dict of tensors), got {type(state).__name__}")
+    out = {}
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{path}: entry {name!r} is a {type(tensor).__name__}, not a tensor")
+        tensor = tensor.detach().cpu()
+        if tensor.is_floating_point():
+            tensor = tensor.to(torch.float32)
+        out[name] = tensor.contiguous().numpy().copy()
+    return out
+
+
+def read_state_dict(path):
+    """Read one weight file -> dict name -> ndarray (floats widened to float32 where narrower).
+
+    ``.safetensors`` is read with NumPy alone; a sharded ``*.index.json`` (``{"weight_map": {name:
+    shard}}``) reads each shard; ``.bin``/``.pt``/``.pth``/``.ckpt`` go through
+    ``torch.load(weights_only=True)`` and need torch.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"weight file {path} does not exist")
+    if path.endswith(".index.json"):
+        index = _json(path)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{path}: a sharded index needs a 'weight_map' object")
+        out = {}
+        folder = os.path.dirname(path)
+        for shard in sorted(set(weight_map.values())):
+            part = read_state_dict(os.path.join(folder, shard))
+            for name, value in part.items():
+                if weight_map.get(name) == shard:
+                    out[name] = value
+        missing = sorted(set(weight_map) - set(out))
+        if missing:
+            raise ValueError(f"{path}: tensors {missing[:5]} are listed in the index but missing "
+                             "from their shards")
+        return out
+    if path.endswith(".safetensors"):
+        raw = st.load_file(path)
+        return {k: (v.astype(np.float32) if v.dtype.kind == "f" and v.dtype.itemsize < 4 else v)
+                for k, v in raw.items()}
+    if path.endswith((".bin", ".pt", ".pth", ".ckpt")):
+        return _torch_load(path)
+    raise ValueError(f"{path}: unknown weight file type; expected .safetensors, .safetensors."
+                     "index.json, .bin, .pt, .pth or .ckpt")
+
+
+def find_weights(model_dir, variant=None):
+    """The weight file of a diffusers model directory, safetensors preferred over pickle.
+
+    Looks for ``diffusion_pytorch_model[.{variant}].safetensors``, its sharded index, then the
+    ``.bin`` equivalents.
+    """
+    stem = _WEIGHT_STEM if variant is None else f"{_WEIGHT_STEM}.{variant}"
+    for name in (f"{stem}.safetensors", f"{stem}.safetensors.index.json", f"{stem}.bin",
+                 f"{stem}.bin.index.json"):
+        path = os.path.join(model_dir, name)
+        if os.path.isfile(path):
+            return path
+    raise ValueError(f"{model_dir}: no weights found; expected {stem}.safetensors (or .bin, or a "
+                     "sharded .index.json)")
+
+
+# --------------------------------------------------------------------------------- UNet config
+
+def _positive_int(where, key, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def unet_config_from_diffusers(config, image_size=None, learned_variance=False, num_timesteps=None,
+                               where="config.json"):
+    """Map a UNet2DModel configuration (dict, as in ``config.json``) onto our ``UNetConfig``.
+
+    image_size: used when the configuration has no ``sample_size`` (needed to place attention by
+    resolution). learned_variance: the scheduler says ``variance_type="learned_range"``; then the
+    model must output ``2 * in_channels`` channels. num_timesteps: T of the scheduler (bounds the
+    accepted t), else the configuration's ``num_train_timesteps``, else 1000.
+    Everything we do not implement raises ValueError naming the key and its value.
+    """
+    from .models.unet import UNetConfig
+
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: the UNet configuration must be a dict, got {type(config).__name__}")
+    cls = config.get("_class_name", "UNet2DModel")
+    if cls != "UNet2DModel":
+        _refuse(where, "_class_name", cls, "'UNet2DModel'")
+    _unknown_keys(config, UNET2D_DEFAULTS, where)
+    c = {**UNET2D_DEFAULTS, **config}
+
+    # settings with exactly one supported value
+    fixed = [
+        ("center_input_sample", False, "False"),
+        ("time_embedding_type", "positional", "'positional' (sinusoidal, DDPM)"),
+        ("mid_block_type", "UNetMidBlock2D", "'UNetMidBlock2D'"),
+        ("downsample_padding", 0, "0 (pad right/bottom by one, then a stride-2 3x3 conv)"),
+        ("downsample_type", "conv", "'conv'"),
+        ("upsample_type", "conv", "'conv'"),
+        ("resnet_time_scale_shift", "default", "'default' (the embedding is added)"),
+        ("class_embed_type", None, "None (a plain class-embedding table)"),
+    ]
+    for key, expected, supported in fixed:
+        if c[key] != expected or isinstance(c[key], bool) != isinstance(expected, bool):
+            _refuse(where, key, c[key], supported)
+    if c["act_fn"] not in ("silu", "swish"):
+        _refuse(where, "act_fn", c["act_fn"], "'silu' (alias 'swish')")
+    if c["mid_block_scale_factor"] != 1:
+        _refuse(where, "mid_block_scale_factor", c["mid_block_scale_factor"], "1")
+
+    blocks = c["block_out_channels"]
+    if not isinstance(blocks, (list, tuple)) or not blocks:
+        raise ValueError(f"{where}: block_out_channels must be a non-empty list, got {blocks!r}")
+    blocks = [_positive_int(where, "block_out_channels", b) for b in blocks]
+    ch = blocks[0]
+    if any(b % ch for b in blocks):
+        _refuse(where, "block_out_channels", blocks,
+                "widths that are integer multiples of the first (ch * ch_mult)")
+    ch_mult = tuple(b // ch for b in blocks)
+    levels = len(blocks)
+
+    down, up = list(c["down_block_types"]), list(c["up_block_types"])
+    if len(down) != levels or len(up) != levels:
+        raise ValueError(f"{where}: down_block_types ({len(down)}) and up_block_types ({len(up)}) "
+                         f"must each have one entry per block_out_channels ({levels})")
+    for kind in down:
+        if kind not in ("DownBlock2D", "AttnDownBlock2D"):
+            _refuse(where, "down_block_types", kind, "'DownBlock2D', 'AttnDownBlock2D'")
+    for kind in up:
+        if kind not in ("UpBlock2D", "AttnUpBlock2D"):
+            _refuse(where, "up_block_types", kind, "'UpBlock2D', 'AttnUpBlock2D'")
+    attn_levels = [i for i, kind in enumerate(down) if kind == "AttnDownBlock2D"]
+    attn_up = [levels - 1 - j for j, kind in enumerate(up) if kind == "AttnUpBlock2D"]
+    if sorted(attn_up) != attn_levels:
+        _refuse(where, "up_block_types", up, f"the mirror image of down_block_types {down} "
+                "(attention at the same resolutions on the way down and up)")
+
+    size = c["sample_size"]
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2 or size[0] != size[1]:
+            _refuse(where, "sample_size", size, "square images (an int or [s, s])")
+        size = size[0]
+    if size is None:
+        if image_size is None:
+            raise ValueError(f"{where}: sample_size is not set; pass image_size= to place attention "
+                             "layers by resolution")
+        size = image_size
+    size = _positive_int(where, "sample_size", size)
+    if size % (2 ** (levels - 1)):
+        raise ValueError(f"{where}: sample_size {size} cannot be halved {levels - 1} times")
+
+    groups = c["norm_num_groups"]
+    if groups is None:
+        _refuse(where, "norm_num_groups", None, "an integer number of GroupNorm groups")
+    if c["attn_norm_num_groups"] not in (None, groups):
+        _refuse(where, "attn_norm_num_groups", c["attn_norm_num_groups"],
+                f"None or norm_num_groups ({groups})")
+    if c["time_embedding_dim"] not in (None, 4 * ch):
+        _refuse(where, "time_embedding_dim", c["time_embedding_dim"],
+                f"None or 4 * block_out_channels[0] = {4 * ch}")
+
+    in_ch = _positive_int(where, "in_channels", c["in_channels"])
+    out_ch = _positive_int(where, "out_channels", c["out_channels"])
+    if learned_variance:
+        if out_ch != 2 * in_ch:
+            raise ValueError(f"{where}: variance_type 'learned_range' needs out_channels = 2 * "
+                             f"in_channels = {2 * in_ch}, got out_channels={out_ch}")
+        out_field = None
+    else:
+        out_field = None if out_ch == in_ch else out_ch
+
+    num_classes = c["num_class_embeds"]
+    if num_classes is not None:
+        num_classes = _positive_int(where, "num_class_embeds", num_classes)
+        if num_classes < 2:
+            _refuse(where, "num_class_embeds", num_classes,
+                    ">= 2 (our last class row doubles as 'no label')")
+        num_classes -= 1
+    if num_timesteps is None:
+        num_timesteps = c["num_train_timesteps"] or 1000
+
+    head_dim = c["attention_head_dim"]
+    if isinstance(head_dim, (list, tuple)):
+        if len(set(head_dim)) != 1:
+            _refuse(where, "attention_head_dim", head_dim, "one value for every block")
+        head_dim = head_dim[0]
+    try:
+        return UNetConfig(
+            in_channels=in_ch, out_channels=out_field, image_size=size, ch=ch, ch_mult=ch_mult,
+            num_res_blocks=_positive_int(where, "layers_per_block", c["layers_per_block"]),
+            attn_resolutions=tuple(size // 2 ** i for i in attn_levels), head_dim=head_dim,
+            dropout=float(c["dropout"]), groups=groups, norm_eps=float(c["norm_eps"]),
+            num_classes=num_classes, learned_variance=bool(learned_variance),
+            flip_sin_to_cos=bool(c["flip_sin_to_cos"]), freq_shift=int(c["freq_shift"]),
+            mid_attention=bool(c["add_attention"]), num_timesteps=int(num_timesteps))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def unet_config_to_diffusers(config):
+    """Our ``UNetConfig`` -> a UNet2DModel ``config.json`` dict (JSON-able)."""
+    kw = config.diffusers_kwargs()
+    out = {"_class_name": "UNet2DModel", "_diffusers_version": _DIFFUSERS_VERSION}
+    for key, value in kw.items():
+        out[key] = list(value) if isinstance(value, tuple) else value
+    out["num_train_timesteps"] = int(config.num_timesteps)
+    # every other UNet2DModel key at the value we implement, so no default is left to guess
+    out.setdefault("downsample_type", "conv")
+    out.setdefault("upsample_type", "conv")
+    out.setdefault("class_embed_type", None)
+    out.setdefault("num_class_embeds", None)
+    out.setdefault("time_embedding_dim", None)
+    out.setdefault("attn_norm_num_groups", None)
+    return out
+
+
+_OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def _rename_old_attention(name):
+    """Checkpoints from diffusers < 0.15 name the attention projections query/key/value/proj_attn."""
+    parts = name.split(".")
+    if len(parts) >= 3 and "attentions" in parts and parts[-2] in _OLD_ATTENTION_NAMES:
+        return ".".join(parts[:-2] + [_OLD_ATTENTION_NAMES[parts[-2]], parts[-1]])
+    return name
+
+
+def params_from_state_dict(model, state_dict, where="state_dict"):
+    """Copy a UNet2DModel state_dict (name -> array with torch shapes) into a flat float32 buffer.
+
+    Every parameter of ``model.layout`` must be present with its shape; extra tensors are refused
+    (they belong to layers we do not implement). Returns the flat buffer (model.layout.size,).
+    """
+    state = {_rename_old_attention(k): v for k, v in state_dict.items()}
+    layout = model.layout
+    missing = [n for n in layout.names if n not in state]
+    extra = sorted(set(state) - set(layout.names))
+    if missing or extra:
+        raise ValueError(f"{where}: the weights do not match the configuration: missing "
+                         f"{missing[:8]}{' ...' if len(missing) > 8 else ''}, unexpected "
+                         f"{extra[:8]}{' ...' if len(extra) > 8 else ''}")
+    flat = layout.zeros(np.float32)
+    views = layout.named(flat)
+    for name in layout.names:
+        value = np.asarray(state[name])
+        if value.shape != layout.shapes[name]:
+            raise ValueError(f"{where}: {name} has shape {value.shape}, expected "
+                             f"{layout.shapes[name]}")
+        if value.dtype.kind != "f":
+            raise ValueError(f"{where}: {name} has dtype {value.dtype}, expected floating point")
+        views[name][...] = value
+    if not np.all(np.isfinite(flat)):
+        bad = next(n for n in layout.names if not np.all(np.isfinite(views[n])))
+        raise ValueError(f"{where}: {bad} holds non-finite values")
+    return flat
+
+
+def state_dict_from_params(model, params):
+    """Named float32 copies of a flat buffer: the UNet2DModel state_dict (torch shapes)."""
+    model.layout.check(params, "params")
+    return {name: np.ascontiguousarray(v, dtype=np.float32)
+            for name, v in model.layout.named(params).items()}
+
+
+# ----------------------------------------------------------------------------- scheduler config
+
+def _scaled_linear(T, beta_start, beta_end):
+    return np.linspace(math.sqrt(beta_start), math.sqrt(beta_end), T, dtype=np.float64) ** 2
+
+
+def _diffusers_sigmoid(T, beta_start, beta_end):
+    """diffusers' "sigmoid" betas: sigmoid(linspace(-6, 6, T)) * (end - start) + start (GeoDiff).
+
+    Not our Schedule.sigmoid (which shapes alpha_bar, Jabri et al.); a different schedule."""
+    u = np.linspace(-6.0, 6.0, T, dtype=np.float64)
+    return 1.0 / (1.0 + np.exp(-u)) * (beta_end - beta_start) + beta_start
+
+
+def _laplace(T, max_beta=0.999):
+    """diffusers' "laplace" betas (betas_for_alpha_bar with the Laplace noise-level transform)."""
+    def alpha_bar(u):
+        lmb = -0.5 * math.copysign(1.0, 0.5 - u) * math.log(1.0 - 2.0 * abs(0.5 - u) + 1e-6)
+        snr = math.exp(lmb)
+        return math.sqrt(snr / (1.0 + snr))
+    return np.array([min(1.0 - alpha_bar((i + 1) / T) / alpha_bar(i / T), max_beta) for i in range(T)])
+
+
+def schedule_from_diffusers(config, where="scheduler_config.json", sampler=None):
+    """Map a DDPMScheduler / DDIMScheduler configuration onto ``(Schedule, sampler_settings)``.
+
+    The Schedule holds the training betas (DDPM eq. 2) in float64. ``sampler_settings`` are keyword
+    arguments for :func:`ddpm_ref.samplers.sample`: ``sampler`` ("ddpm" or "ddim"), ``num_steps``
+    (the pipeline's default: None = all T for DDPM, 50 for DDIM), ``spacing``, ``eta`` (0.0),
+    ``prediction``, ``variance`` and ``clip``. ``sampler`` overrides the scheduler's own (a
+    DDIMPipeline runs a DDPMScheduler configuration as DDIM, as diffusers does).
+    """
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: the scheduler configuration must be a dict, got {type(config).__name__}")
+    cls = config.get("_class_name", "DDPMScheduler")
+    if cls == "DDPMScheduler":
+        defaults, own = DDPM_SCHEDULER_DEFAULTS, "ddpm"
+    elif cls == "DDIMScheduler":
+        defaults, own = DDIM_SCHEDULER_DEFAULTS, "ddim"
+    else:
+        _refuse(where, "_class_name", cls, "'DDPMScheduler', 'DDIMScheduler'")
+    sampler = sampler or own
+    known = set(DDPM_SCHEDULER_DEFAULTS) | set(DDIM_SCHEDULER_DEFAULTS)
+    _unknown_keys(config, known, where)
+    c = {**defaults, **config}
+
+    T = _positive_int(where, "num_train_timesteps", c["num_train_timesteps"])
+    kind = c["beta_schedule"]
+    if c["trained_betas"] is not None:
+        betas = np.asarray(c["trained_betas"], dtype=np.float64)
+        if betas.shape != (T,):
+            raise ValueError(f"{where}: trained_betas has shape {betas.shape}, expected ({T},) "
+                             f"(num_train_timesteps={T})")
+        schedule = Schedule(betas, "custom", {})
+    elif kind == "linear":
+        schedule = Schedule.linear(T, c["beta_start"], c["beta_end"])
+    elif kind == "scaled_linear":
+        schedule = Schedule(_scaled_linear(T, c["beta_start"], c["beta_end"]), "scaled_linear",
+                            {"T": T, "beta_start": c["beta_start"], "beta_end": c["beta_end"]})
+    elif kind == "squaredcos_cap_v2":
+        schedule = Schedule.cosine(T, s=0.008, max_beta=0.999)
+    elif kind == "sigmoid" and cls == "DDPMScheduler":
+        schedule = Schedule(_diffusers_sigmoid(T, c["beta_start"], c["beta_end"]),
+                            "diffusers_sigmoid",
+                            {"T": T, "beta_start": c["beta_start"], "beta_end": c["beta_end"]})
+    elif kind == "laplace" and cls == "DDPMScheduler":
+        schedule = Schedule(_laplace(T), "laplace", {"T": T})
+    else:
+        _refuse(where, "beta_schedule", kind, "'linear', 'scaled_linear', 'squaredcos_cap_v2' "
+                "(and for DDPMScheduler 'sigmoid', 'laplace'), or trained_betas")
+    if c["rescale_betas_zero_snr"]:
+        schedule = schedule.rescale_zero_terminal_snr()
+
+    prediction = c["prediction_type"]
+    if prediction not in _PREDICTION_FROM:
+        _refuse(where, "prediction_type", prediction, "'epsilon', 'sample', 'v_prediction'")
+    variance = c.get("variance_type", "fixed_small")
+    if variance == "fixed_small_log":
+        variance = "fixed_small"          # exp(0.5 log beta~) z: the same draw as sqrt(beta~) z
+    if variance not in ("fixed_small", "fixed_large", "learned_range"):
+        _refuse(where, "variance_type", variance,
+                "'fixed_small', 'fixed_small_log', 'fixed_large', 'learned_range'")
+    if c["thresholding"]:
+        _refuse(where, "thresholding", True, "False (dynamic thresholding is not mapped)")
+    clip = bool(c["clip_sample"])
+    if clip and float(c["clip_sample_range"]) != 1.0:
+        _refuse(where, "clip_sample_range", c["clip_sample_range"], "1.0 (x0 clipped to [-1, 1])")
+    spacing = c["timestep_spacing"]
+    if spacing not in ("leading", "trailing", "linspace"):
+        _refuse(where, "timestep_spacing", spacing, "'leading', 'trailing', 'linspace'")
+    if spacing == "leading" and c["steps_offset"] not in (0, None):
+        _refuse(where, "steps_offset", c["steps_offset"], "0 with 'leading' spacing")
+    if cls == "DDIMScheduler" and not c["set_alpha_to_one"]:
+        _refuse(where, "set_alpha_to_one", False, "True (the last DDIM step lands on alpha_bar = 1)")
+    settings = {
+        "sampler": sampler, "num_steps": _PIPELINE_STEPS[sampler], "spacing": spacing, "eta": 0.0,
+        "prediction": _PREDICTION_FROM[prediction], "variance": variance, "clip": clip,
+    }
+    return schedule, settings
+
+
+def scheduler_config_to_diffusers(schedule, settings=None):
+    """``(Schedule, sampler_settings)`` -> a DDPMScheduler (or, for sampler "ddim", DDIMScheduler)
+    ``scheduler_config.json`` dict that :func:`schedule_from_diffusers` maps back exactly.
+
+    Linear schedules are written as ``beta_schedule="linear"``; the cosine schedule with s = 0.008 and
+    max_beta = 0.999 as ``"squaredcos_cap_v2"``; a zero-terminal-SNR rescaling of those with
+    ``rescale_betas_zero_snr``; anything else as ``trained_betas`` (float64 values, exact in JSON).
+    """
+    settings = dict(settings or {})
+    sampler = settings.get("sampler", "ddpm")
+    if sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"settings['sampler'] must be 'ddpm' or 'ddim', got {sampler!r}")
+    prediction = settings.get("prediction", "epsilon")
+    if prediction not in _PREDICTION_TO:
+        raise ValueError(f"settings['prediction'] must be one of {sorted(_PREDICTION_TO)}, got {prediction!r}")
+    variance = settings.get("variance", "fixed_small")
+    if variance not in ("fixed_small", "fixed_large", "learned_range"):
+        raise ValueError(f"settings['variance'] must be 'fixed_small', 'fixed_large' or "
+                         f"'learned_range', got {variance!r}")
+    clip = settings.get("clip", True)
+    if clip not in (True, False):
+        raise ValueError(f"settings['clip'] must be True or False for diffusers, got {clip!r}")
+    spacing = settings.get("spacing", "leading")
+    if spacing not in ("leading", "trailing", "linspace"):
+        raise ValueError(f"settings['spacing'] must be 'leading', 'trailing' or 'linspace', got {spacing!r}")
+
+    out = {"_class_name": "DDIMScheduler" if sampler == "ddim" else "DDPMScheduler",
+           "_diffusers_version": _DIFFUSERS_VERSION, "num_train_timesteps": int(schedule.T),
+           "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear", "trained_betas": None,
+           "rescale_betas_zero_snr": False, "prediction_type": _PREDICTION_TO[prediction],
+           "clip_sample": bool(clip), "clip_sample_range": 1.0, "thresholding": False,
+           "timestep_spacing": spacing, "steps_offset": 0}
+    if sampler == "ddim":
+        out["set_alpha_to_one"] = True
+    else:
+        out["variance_type"] = variance
+
+    def describe(s):
+        if s.name == "linear" and np.array_equal(
+                s.betas, Schedule.linear(s.T, s.params["beta_start"], s.params["beta_end"]).betas):
+            return {"beta_schedule": "linear", "beta_start": s.params["beta_start"],
+                    "beta_end": s.params["beta_end"]}
+        if s.name == "scaled_linear" and np.array_equal(
+                s.betas, _scaled_linear(s.T, s.params["beta_start"], s.params["beta_end"])):
+            return {"beta_schedule": "scaled_linear", "beta_start": s.params["beta_start"],
+                    "beta_end": s.params["beta_end"]}
+        if s.name == "cosine" and np.array_equal(s.betas, Schedule.cosine(s.T).betas):
+            return {"beta_schedule": "squaredcos_cap_v2"}
+        return None
+
+    base = describe(schedule)
+    if base is None and schedule.name == "zero_terminal_snr" and "base" in schedule.params:
+        try:
+            parent = Schedule.from_dict(schedule.params["base"])
+            parent = Schedule(parent.betas, schedule.params["base"].get("name", "custom"),
+                              schedule.params["base"].get("params", {}))
+        except (ValueError, KeyError, TypeError):
+            parent = None
+        if parent is not None and parent.rescale_zero_terminal_snr() == schedule:
+            base = describe(parent)
+            if base is not None:
+                base["rescale_betas_zero_snr"] = True
+    if base is None:
+        base = {"trained_betas": [float(b) for b in schedule.betas]}
+    out.update(base)
+    return out
+
+
+# ------------------------------------------------------------------------------- directories
+
+def _pipeline_parts(path):
+    """(unet_dir, scheduler_config_path or None, pipeline_sampler or None) for a directory."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"{path} is not a directory (expected a diffusers model or pipeline folder)")
+    index_path = os.path.join(path, "model_index.json")
+    if os.path.isfile(index_path):
+        index = _json(index_path)
+        cls = index.get("_class_name", "DDPMPipeline")
+        if cls not in ("DDPMPipeline", "DDIMPipeline"):
+            _refuse(index_path, "_class_name", cls, "'DDPMPipeline', 'DDIMPipeline'")
+        for part in ("unet", "scheduler"):
+            if part not in index:
+                raise ValueError(f"{index_path}: the pipeline has no '{part}' entry")
+        extra = sorted(k for k in index if not k.startswith("_") and k not in ("unet", "scheduler"))
+        if extra:
+            _refuse(index_path, "components", extra, "a unet and a scheduler only")
+        unet_dir = os.path.join(path, "unet")
+        sched = os.path.join(path, "scheduler", "scheduler_config.json")
+        if not os.path.isfile(sched):
+            raise ValueError(f"{path}: pipeline without scheduler/scheduler_config.json")
+        return unet_dir, sched, ("ddim" if cls == "DDIMPipeline" else "ddpm")
+    if os.path.isfile(os.path.join(path, "unet", "config.json")):
+        sched = os.path.join(path, "scheduler", "scheduler_config.json")
+        return os.path.join(path, "unet"), (sched if os.path.isfile(sched) else None), None
+    if os.path.isfile(os.path.join(path, "config.json")):
+        sched = os.path.join(path, "scheduler_config.json")
+        return path, (sched if os.path.isfile(sched) else None), None
+    raise ValueError(f"{path}: neither a diffusers model folder (config.json) nor a pipeline "
+                     "folder (model_index.json, unet/, scheduler/)")
+
+
+def load_unet(model_dir, image_size=None, learned_variance=None, num_timesteps=None, variant=None):
+    """Load a UNet2DModel folder (``config.json`` + weights) -> ``(UNet, params)`` (flat float32).
+
+    learned_variance None: taken from our own metadata when the file was written by
+    :func:`save_diffusers`, else False (pass True when the scheduler says "learned_range").
+    """
+    from .models.unet import UNet, UNetConfig
+
+    model_dir = os.fspath(model_dir)
+    config_path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{model_dir}: no config.json (not a diffusers model folder)")
+    weights = find_weights(model_dir, variant)
+    ours = None
+    if weights.endswith(".safetensors"):
+        meta = st.read_metadata(weights)
+        if _META_KEY in meta:
+            ours = UNetConfig.from_dict(json.loads(meta[_META_KEY]))
+    if learned_variance is None:
+        learned_variance = bool(ours.learned_variance) if ours is not None else False
+    if num_timesteps is None and ours is not None:
+        num_timesteps = ours.num_timesteps
+    config = unet_config_from_diffusers(_json(config_path), image_size=image_size,
+                                        learned_variance=learned_variance,
+                                        num_timesteps=num_timesteps, where=config_path)
+    if (ours is not None and ours.diffusers_kwargs() == config.diffusers_kwargs()
+            and ours.learned_variance == config.learned_variance):
+        # the same network: keep our own spelling of it (e.g. out_channels=in_channels vs None)
+        config = UNetConfig.from_dict({**ours.to_dict(), "num_timesteps": config.num_timesteps})
+    model = UNet(config)
+    params = params_from_state_dict(model, read_state_dict(weights), where=weights)
+    return model, params
+
+
+def load_diffusers(path, image_size=None, sampler=None):
+    """Load a diffusers DDPM folder -> ``(model, params, schedule, sampler_settings)``.
+
+    ``path`` is a pipeline folder (``model_index.json``, ``unet/``, ``scheduler/``) or a model folder
+    (``config.json`` + weights, optionally ``scheduler_config.json`` beside it; without one the DDPM
+    paper's linear schedule and DDPMScheduler's defaults are used). ``sampler_settings`` holds the
+    keyword arguments for :func:`ddpm_ref.samplers.sample`, plus ``shape`` = (C, H, W) of one
+    sample::
+
+        model, params, schedule, settings = load_diffusers("ddpm-cifar10-32")
+        x = samplers.sample(model.denoiser(params), schedule, n=16, seed=0, **settings)
+
+    ``sampler`` ("ddpm" or "ddim") overrides the pipeline's choice.
+    """
+    unet_dir, sched_path, pipe_sampler = _pipeline_parts(path)
+    if sched_path is not None:
+        schedule, settings = schedule_from_diffusers(_json(sched_path), where=sched_path,
+                                                     sampler=sampler or pipe_sampler)
+    else:
+        schedule, settings = schedule_from_diffusers({"_class_name": "DDPMScheduler"},
+                                                     where=f"{path} (no scheduler config: defaults)",
+                                                     sampler=sampler)
+    model, params = load_unet(unet_dir, image_size=image_size,
+                              learned_variance=settings["variance"] == "learned_range",
+                              num_timesteps=schedule.T)
+    cfg = model.config
+    settings["shape"] = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    return model, params, schedule, settings
+
+
+def save_diffusers(path, model, params, schedule=None, settings=None):
+    """Write a model as diffusers reads it; export then :func:`load_diffusers` import is exact.
+
+    Without a schedule: a UNet2DModel folder (``config.json`` + ``diffusion_pytorch_model.
+    safetensors``). With one: a DDPMPipeline folder (``model_index.json``, ``unet/``,
+    ``scheduler/scheduler_config.json``; a DDIMPipeline when ``settings["sampler"] == "ddim"``).
+    The weights are float32 safetensors; our UNetConfig rides along in the file's metadata so that
+    fields diffusers has no key for (``learned_variance``) survive the round trip.
+    """
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    state = state_dict_from_params(model, params)
+    metadata = {"format": "pt", _META_KEY: json.dumps(model.config.to_dict(), sort_keys=True)}
+    if schedule is None:
+        unet_dir = path
+    else:
+        sched = scheduler_config_to_diffusers(schedule, settings)
+        pipeline = "DDIMPipeline" if sched["_class_name"] == "DDIMScheduler" else "DDPMPipeline"
+        unet_dir = os.path.join(path, "unet")
+        os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
+        os.makedirs(unet_dir, exist_ok=True)
+        _write_json(os.path.join(path, "scheduler", "scheduler_config.json"), sched)
+        _write_json(os.path.join(path, "model_index.json"), {
+            "_class_name": pipeline, "_diffusers_version": _DIFFUSERS_VERSION,
+            "scheduler": ["diffusers", sched["_class_name"]], "unet": ["diffusers", "UNet2DModel"]})
+    st.save_file(state, os.path.join(unet_dir, f"{_WEIGHT_STEM}.safetensors"), metadata=metadata)
+    _write_json(os.path.join(unet_dir, "config.json"), unet_config_to_diffusers(model.config))
+    return path
