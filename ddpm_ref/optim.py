@@ -115,7 +115,9 @@ class AdamW:
     """AdamW with bias correction, linear warmup and optional global-norm clipping, on a flat buffer.
 
     ``opt = AdamW(P, lr=1e-3)``; each ``opt.step(params, grad)`` updates ``params`` in place (float32)
-    and returns ``{"lr": lr_k, "grad_norm": ||g|| before clipping}``. ``grad`` is clipped in place.
+    and returns ``{"lr": lr_k, "grad_norm": ||g|| before clipping, "skipped": bool}``. ``grad`` is
+    clipped in place. A non-finite gradient norm skips the update entirely (params, moments and the
+    count unchanged, ``skipped`` True) so that the caller can stop on a clean state.
     ``decay_mask`` (optional bool (P,)) restricts weight decay to the marked entries.
     """
 
@@ -168,6 +170,8 @@ class AdamW:
             raise ValueError(f"params/grad sizes {params.size}/{grad.size} do not match the optimizer "
                              f"size {self.size}")
         norm = clip_grad_norm(grad, self.max_grad_norm)
+        if not math.isfinite(norm):               # NaN/inf gradient: change nothing, let the caller stop
+            return {"lr": self.lr_at(self.step_count + 1), "grad_norm": norm, "skipped": True}
         k = self.step_count + 1
         lr = self.lr_at(k)
         b1, b2 = self.beta1, self.beta2
@@ -194,7 +198,7 @@ class AdamW:
         tmp *= np.float32(lr / bc1)
         params -= tmp
         self.step_count = k
-        return {"lr": lr, "grad_norm": norm}
+        return {"lr": lr, "grad_norm": norm, "skipped": False}
 
     def state_dict(self) -> dict:
         """Plain arrays and ints: ``{"m": float32 (P,), "v": float32 (P,), "step": int}`` (copies)."""

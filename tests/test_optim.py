@@ -76,6 +76,15 @@ def test_nonfinite_norm_leaves_grad():
     assert g[0] == 1.0 and g[2] == 2.0
 
 
+def test_nonfinite_gradient_skips_update():
+    p = np.ones(3, np.float32)
+    opt = optim.AdamW(3, lr=0.1)
+    info = opt.step(p, np.array([1.0, np.nan, 0.0], np.float32))
+    assert info["skipped"] and not math.isfinite(info["grad_norm"])
+    np.testing.assert_array_equal(p, 1.0)  # nothing moved
+    assert opt.step_count == 0 and not opt.m.any() and not opt.v.any()
+
+
 def test_warmup_lr():
     assert optim.warmup_lr(1e-3, 1, 4) == pytest.approx(2.5e-4, rel=1e-15)
     assert optim.warmup_lr(1e-3, 4, 4) == 1e-3
