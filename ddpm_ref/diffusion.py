@@ -45,6 +45,10 @@ __all__ = [
     "check_t", "q_sample", "q_posterior", "q_mean_variance",
     "x0_from_eps", "eps_from_x0", "v_from_eps", "v_from_x0", "x0_from_v", "eps_from_v",
     "split_output", "to_x0_eps", "training_target", "loss_weights",
+    "model_log_variance", "p_mean_variance",
+    "UniformSampler", "LossAwareSampler",
+    "normal_kl", "approx_standard_normal_cdf", "discretized_gaussian_log_likelihood",
+    "prior_bpd", "vb_terms_bpd", "hybrid_vb_loss", "hybrid_vb_scale", "HYBRID_LAMBDA", "bits_per_dim",
     "gaussian_oracle_denoiser",
 ]
 
@@ -365,3 +369,517 @@ def gaussian_oracle_denoiser(schedule: Schedule, mu, s, prediction: str = "epsil
 
     denoiser.__doc__ = f"Gaussian oracle denoiser (prediction={prediction!r})"
     return denoiser
+
+
+# --------------------------------------------------------------------------- reverse-process moments
+def model_log_variance(schedule: Schedule, variance: str, t, v_interp=None, shape=None) -> np.ndarray:
+    """``log sigma_t^2`` of ``p(x_{t-1} | x_t)`` in float64.
+
+    ``"fixed_small"``: ``posterior_log_variance_clipped`` (log beta~_t, with beta~_2 at t index 0);
+    ``"fixed_large"``: ``fixed_large_log_variance`` (log beta_t, but beta~_2 in place of beta_1 at
+    t index 0, as DDPM's and improved-diffusion's code do "to get a better decoder log likelihood":
+    the decoder's Gaussian then has variance 5.5e-5 instead of 1e-4 for the linear schedule);
+    ``"learned_range"``: ``frac log beta_t + (1 - frac) log beta~_t`` with ``frac = (v_interp + 1)/2``
+    (Nichol & Dhariwal 2021, eq. 15), elementwise, of v_interp's shape.
+
+    For the fixed choices the result has shape ``shape`` (default ``(N,)``), broadcast.
+    """
+    _check_schedule(schedule)
+    _check_choice(variance, "variance", VARIANCES)
+    t = check_t(schedule, t)
+    if variance == "learned_range":
+        if v_interp is None:
+            raise ValueError("variance='learned_range' needs v_interp, the variance half of the model output")
+        v = _as_float_array(v_interp, "v_interp").astype(np.float64)
+        if v.shape[0] != t.shape[0]:
+            raise ValueError(f"v_interp has batch size {v.shape[0]} but t has {t.shape[0]} entries")
+        min_log = _coef(schedule.posterior_log_variance_clipped, t, v)      # (N, 1, ...)
+        max_log = _coef(np.log(schedule.betas), t, v)
+        frac = (v + 1.0) / 2.0
+        return frac * max_log + (1.0 - frac) * min_log
+    table = (schedule.posterior_log_variance_clipped if variance == "fixed_small"
+             else schedule.fixed_large_log_variance)
+    shape = (t.shape[0],) if shape is None else tuple(shape)
+    ref = np.empty((0,) * len(shape), dtype=np.float64)
+    return np.broadcast_to(_coef(table, t, ref), shape)
+
+
+def p_mean_variance(schedule: Schedule, model_output, xt, t, prediction: str = "epsilon",
+                    variance: str = "fixed_small", clip: bool = False) -> dict:
+    """Mean and log-variance of the reverse step ``p(x_{t-1} | x_t) = N(mu_theta, sigma_t^2 I)``.
+
+    ``mu_theta = mu~_t(x0_hat, x_t)``: the posterior mean (DDPM eq. 7) at the predicted x0, which for
+    eps-prediction equals DDPM eq. 11. ``clip`` clips x0_hat to [-1, 1] first (improved-diffusion's
+    ``clip_denoised``). Everything in float64. Returns a dict with ``mean``, ``log_variance`` (both
+    xt's shape), ``x0_hat`` and ``eps_hat``.
+    """
+    pred, v_interp = split_output(model_output, variance)
+    xt = _as_float_array(xt, "xt").astype(np.float64)
+    pred = pred.astype(np.float64)
+    if pred.shape != xt.shape:
+        raise ValueError(f"the model output's prediction part must have xt's shape {xt.shape}, got "
+                         f"{pred.shape} (variance={variance!r})")
+    t = check_t(schedule, t, xt.shape[0])
+    x0_hat, eps_hat = to_x0_eps(schedule, pred, xt, t, prediction)
+    if clip:
+        x0_hat = np.clip(x0_hat, -1.0, 1.0)
+    mean, _, _ = q_posterior(schedule, x0_hat, xt, t)
+    log_var = model_log_variance(schedule, variance, t, v_interp, xt.shape)
+    return {"mean": mean, "log_variance": log_var, "x0_hat": x0_hat, "eps_hat": eps_hat}
+
+
+# --------------------------------------------------------------------------- timestep samplers
+class UniformSampler:
+    """Timesteps uniform on [0, T), importance weights 1 (DDPM Algorithm 1).
+
+    ``t_i = rng.randint(seed, Stream.TIMESTEP, index_i, T, step)``: the draw for a sample depends only
+    on (seed, its index in the data set, the training step), not on the batch it sits in.
+    """
+
+    def __init__(self, T: int):
+        if isinstance(T, (bool, np.bool_)) or not isinstance(T, (int, np.integer)) or int(T) < 1:
+            raise ValueError(f"T must be an integer >= 1, got {T!r}")
+        self.T = int(T)
+
+    def weights(self) -> np.ndarray:
+        """The sampling distribution p (T,), here uniform."""
+        return np.full(self.T, 1.0 / self.T)
+
+    def sample(self, seed, index, step: int = 0):
+        """Returns ``(t int64 (N,), weights float64 (N,))`` for the sample indices ``index`` (N,)."""
+        index = np.atleast_1d(np.asarray(index))
+        t = rng.randint(seed, rng.Stream.TIMESTEP, index, self.T, step)
+        return t, np.ones(t.shape[0], dtype=np.float64)
+
+    def update(self, t, losses) -> None:
+        """Nothing to learn; accepts the same arguments as LossAwareSampler.update."""
+        _check_update(self.T, t, losses)
+
+    def state_dict(self) -> dict:
+        return {"T": np.asarray(self.T, dtype=np.int64)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(np.asarray(state.get("T", -1))) != self.T:
+            raise ValueError(f"state is for T = {state.get('T')!r}, this sampler has T = {self.T}")
+
+
+def _check_update(T: int, t, losses):
+    t = np.asarray(t)
+    losses = np.asarray(losses, dtype=np.float64)
+    if t.ndim != 1 or t.dtype.kind not in "iu":
+        raise ValueError(f"t must be an integer array of shape (N,), got dtype {t.dtype} shape {t.shape}")
+    if losses.shape != t.shape:
+        raise ValueError(f"losses must have t's shape {t.shape}, got {losses.shape}")
+    if t.size and (t.min() < 0 or t.max() >= T):
+        raise ValueError(f"t must lie in [0, {T}), got range [{t.min()}, {t.max()}]")
+    if not np.all(np.isfinite(losses)):
+        raise ValueError(f"losses must be finite, got {losses[~np.isfinite(losses)][:3]!r}")
+    return t.astype(np.int64), losses
+
+
+class LossAwareSampler:
+    """improved-diffusion's loss-second-moment importance sampler (Nichol & Dhariwal 2021, eq. 18).
+
+    Keeps the last ``history`` losses seen at each timestep. Until every timestep has ``history``
+    of them (warm-up) it samples uniformly, exactly as :class:`UniformSampler` (same draws). After
+    warm-up it samples ``p_t proportional to sqrt(E[L_t^2])`` mixed with a uniform floor:
+    ``p = (1 - uniform_prob) w / sum(w) + uniform_prob / T``, and returns importance weights
+    ``1 / (T p_t)``, so that ``E_{t~p}[L_t / (T p_t)] = (1/T) sum_t L_t = E_{t~U}[L_t]``: the weighted
+    loss is an unbiased estimate of the uniformly weighted one.
+
+    Draws go through ``ddpm_ref.rng`` (stream TIMESTEP, addressed by sample index and step): the
+    inverse CDF of p at ``u = (w + 0.5) / 2**32`` for the same 32-bit word that UniformSampler turns
+    into ``(w T) >> 32``. ``state_dict()`` holds the loss history and counts as plain arrays, so a
+    resumed run samples exactly what the uninterrupted run would have.
+    """
+
+    def __init__(self, T: int, history: int = 10, uniform_prob: float = 0.001):
+        if isinstance(T, (bool, np.bool_)) or not isinstance(T, (int, np.integer)) or int(T) < 1:
+            raise ValueError(f"T must be an integer >= 1, got {T!r}")
+        if isinstance(history, (bool, np.bool_)) or not isinstance(history, (int, np.integer)) \
+                or int(history) < 1:
+            raise ValueError(f"history must be an integer >= 1, got {history!r}")
+        try:
+            up = float(uniform_prob)
+        except (TypeError, ValueError):
+            raise ValueError(f"uniform_prob must be a number in [0, 1], got {uniform_prob!r}") from None
+        if not 0.0 <= up <= 1.0:
+            raise ValueError(f"uniform_prob must be in [0, 1], got {uniform_prob!r}")
+        self.T = int(T)
+        self.history = int(history)
+        self.uniform_prob = up
+        self.loss_history = np.zeros((self.T, self.history), dtype=np.float64)   # (T, history)
+        self.loss_counts = np.zeros(self.T, dtype=np.int64)                       # (T,)
+
+    @property
+    def warmed_up(self) -> bool:
+        return bool(np.all(self.loss_counts == self.history))
+
+    def weights(self) -> np.ndarray:
+        """The sampling distribution p (T,) (uniform before warm-up)."""
+        if not self.warmed_up:
+            return np.full(self.T, 1.0 / self.T)
+        w = np.sqrt(np.mean(self.loss_history ** 2, axis=-1))
+        total = w.sum()
+        if not total > 0:                      # every recorded loss is 0: nothing to prefer
+            return np.full(self.T, 1.0 / self.T)
+        p = w / total * (1.0 - self.uniform_prob) + self.uniform_prob / self.T
+        return p / p.sum()
+
+    def sample(self, seed, index, step: int = 0):
+        """Returns ``(t int64 (N,), weights float64 (N,) = 1 / (T p_t))`` for the sample indices."""
+        index = np.atleast_1d(np.asarray(index))
+        if not self.warmed_up:
+            t = rng.randint(seed, rng.Stream.TIMESTEP, index, self.T, step)
+            return t, np.ones(t.shape[0], dtype=np.float64)
+        p = self.weights()
+        w = rng.random_bits(seed, rng.Stream.TIMESTEP, index, step, (1,))[:, 0]
+        u = (w.astype(np.float64) + 0.5) * 2.0 ** -32             # in (0, 1), never 0 or 1
+        cdf = np.cumsum(p)
+        # First t with cdf[t] > u; a t with p_t = 0 can never be chosen. Rounding can leave cdf[-1]
+        # a hair below 1: clip to T-1.
+        t = np.minimum(np.searchsorted(cdf, u, side="right"), self.T - 1).astype(np.int64)
+        return t, 1.0 / (self.T * p[t])
+
+    def update(self, t, losses) -> None:
+        """Record per-sample losses at their timesteps, in batch order (a full history drops its oldest)."""
+        t, losses = _check_update(self.T, t, losses)
+        for ti, li in zip(t.tolist(), losses.tolist()):
+            c = self.loss_counts[ti]
+            if c == self.history:
+                self.loss_history[ti, :-1] = self.loss_history[ti, 1:]
+                self.loss_history[ti, -1] = li
+            else:
+                self.loss_history[ti, c] = li
+                self.loss_counts[ti] = c + 1
+
+    def state_dict(self) -> dict:
+        """Plain arrays (safe for ``np.savez`` / ``np.load(allow_pickle=False)``)."""
+        return {"T": np.asarray(self.T, dtype=np.int64), "history": np.asarray(self.history, dtype=np.int64),
+                "uniform_prob": np.asarray(self.uniform_prob, dtype=np.float64),
+                "loss_history": self.loss_history.copy(), "loss_counts": self.loss_counts.copy()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("T", "history", "loss_history", "loss_counts"):
+            if key not in state:
+                raise ValueError(f"LossAwareSampler state is missing {key!r} (has {sorted(state)})")
+        if int(np.asarray(state["T"])) != self.T or int(np.asarray(state["history"])) != self.history:
+            raise ValueError(f"state is for T = {int(np.asarray(state['T']))}, history = "
+                             f"{int(np.asarray(state['history']))}; this sampler has T = {self.T}, "
+                             f"history = {self.history}")
+        hist = np.asarray(state["loss_history"], dtype=np.float64)
+        counts = np.asarray(state["loss_counts"], dtype=np.int64)
+        if hist.shape != (self.T, self.history) or counts.shape != (self.T,):
+            raise ValueError(f"loss_history must have shape {(self.T, self.history)} and loss_counts "
+                             f"{(self.T,)}, got {hist.shape} and {counts.shape}")
+        if counts.min() < 0 or counts.max() > self.history:
+            raise ValueError(f"loss_counts must lie in [0, {self.history}], got range "
+                             f"[{counts.min()}, {counts.max()}]")
+        self.loss_history = hist.copy()
+        self.loss_counts = counts.copy()
+        if "uniform_prob" in state:
+            self.uniform_prob = float(np.asarray(state["uniform_prob"]))
+
+
+# --------------------------------------------------------------------------- likelihood pieces
+_LOG2 = math.log(2.0)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_CDF_CUBIC = 0.044715
+_CLAMP = 1e-12          # improved-diffusion clamps probabilities at 1e-12 before the log
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2) -> np.ndarray:
+    """``KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2)))`` elementwise, in nats (broadcasting):
+    ``0.5 (-1 + logvar2 - logvar1 + exp(logvar1 - logvar2) + (mean1 - mean2)^2 exp(-logvar2))``."""
+    mean1, logvar1, mean2, logvar2 = (np.asarray(a, dtype=np.float64) for a in (mean1, logvar1, mean2, logvar2))
+    return 0.5 * (-1.0 + logvar2 - logvar1 + np.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * np.exp(-logvar2))
+
+
+def approx_standard_normal_cdf(x) -> np.ndarray:
+    """The tanh approximation of the standard normal CDF that DDPM's and improved-diffusion's
+    likelihood code use: ``0.5 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` (absolute error < 2e-4).
+    Monotone with limits 0 and 1, so the 256 bin probabilities built from it still sum to 1."""
+    x = np.asarray(x, dtype=np.float64)
+    return 0.5 * (1.0 + np.tanh(_SQRT_2_OVER_PI * (x + _CDF_CUBIC * x ** 3)))
+
+
+def _approx_cdf_and_pdf(x):
+    """The approximate CDF and its exact derivative ``0.5 (1 - tanh^2(u)) du/dx``."""
+    u = _SQRT_2_OVER_PI * (x + _CDF_CUBIC * x ** 3)
+    th = np.tanh(u)
+    return 0.5 * (1.0 + th), 0.5 * (1.0 - th * th) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _CDF_CUBIC * x * x)
+
+
+def _discretized_loglik_and_grad(x, means, log_scales):
+    """log P(bin of x) and d/d log_scales (see discretized_gaussian_log_likelihood), float64."""
+    centered = x - means
+    inv_stdv = np.exp(-log_scales)
+    plus_in = inv_stdv * (centered + 1.0 / 255.0)          # upper bin edge, standardised
+    min_in = inv_stdv * (centered - 1.0 / 255.0)           # lower bin edge, standardised
+    cdf_plus, pdf_plus = _approx_cdf_and_pdf(plus_in)
+    cdf_min, pdf_min = _approx_cdf_and_pdf(min_in)
+    one_minus_cdf_min = 1.0 - cdf_min
+    cdf_delta = cdf_plus - cdf_min
+    left = x < -0.999                                      # bin 0 reaches to -inf
+    right = x > 0.999                                      # bin 255 reaches to +inf
+    p = np.where(left, cdf_plus, np.where(right, one_minus_cdf_min, cdf_delta))
+    log_probs = np.log(np.maximum(p, _CLAMP))
+    # d plus_in / d log_scales = -plus_in and d min_in / d log_scales = -min_in (inv_stdv = e^-ls).
+    # So dP/dls is  -pdf(plus_in) plus_in              for the left bin  (P = cdf_plus),
+    #               +pdf(min_in) min_in                 for the right bin (P = 1 - cdf_min),
+    #               -pdf(plus_in) plus_in + pdf(min_in) min_in  in between (P = cdf_plus - cdf_min),
+    # and d log max(P, 1e-12) / dls = [P > 1e-12] dP/dls / P (a clamped value has no gradient).
+    dp = np.where(left, -pdf_plus * plus_in,
+                  np.where(right, pdf_min * min_in, -pdf_plus * plus_in + pdf_min * min_in))
+    live = p > _CLAMP
+    dlog = np.where(live, dp / np.where(live, p, 1.0), 0.0)
+    return log_probs, dlog
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales) -> np.ndarray:
+    """log-likelihood (nats, elementwise) of data ``x`` in [-1, 1] quantised to 256 levels under
+    ``N(means, exp(log_scales)^2)`` integrated over each bin (DDPM sec. 3.3, eq. 13): the bin of x is
+    ``[x - 1/255, x + 1/255]``, the first bin extends to -inf and the last to +inf, and the CDF is
+    :func:`approx_standard_normal_cdf`. Probabilities are clamped at 1e-12 before the log, as
+    improved-diffusion does. Broadcasts means and log_scales against x; returns x's shape, float64."""
+    x = np.asarray(x, dtype=np.float64)
+    means = np.broadcast_to(np.asarray(means, dtype=np.float64), x.shape)
+    log_scales = np.broadcast_to(np.asarray(log_scales, dtype=np.float64), x.shape)
+    return _discretized_loglik_and_grad(x, means, log_scales)[0]
+
+
+def _mean_flat(a: np.ndarray) -> np.ndarray:
+    return a.reshape(a.shape[0], -1).mean(axis=1)
+
+
+def _check_data(x0, name: str = "x0") -> np.ndarray:
+    x0 = _as_float_array(x0, name)
+    if not np.all(np.isfinite(x0)):
+        raise ValueError(f"{name} must be finite, found {int(np.sum(~np.isfinite(x0)))} non-finite values")
+    if x0.size and (x0.min() < -1.0 - 1e-6 or x0.max() > 1.0 + 1e-6):
+        raise ValueError(f"{name} must be data scaled to [-1, 1] (the decoder's 256 bins), got range "
+                         f"[{x0.min():.6g}, {x0.max():.6g}]")
+    return x0
+
+
+def prior_bpd(schedule: Schedule, x0) -> np.ndarray:
+    """The prior term ``L_T = KL(q(x_T | x_0) || N(0, I))`` (DDPM eq. 5) in bits/dim, (N,) float64.
+
+    No parameters; about 2.9e-5 bits/dim at x0 = 1 for the linear schedule with T = 1000, and 0 for
+    a zero-terminal-SNR schedule."""
+    _check_schedule(schedule)
+    x0 = _as_float_array(x0, "x0").astype(np.float64)
+    t = np.full(x0.shape[0], schedule.T - 1, dtype=np.int64)
+    mean, _, log_var = q_mean_variance(schedule, x0, t)
+    return _mean_flat(normal_kl(mean, log_var, 0.0, 0.0)) / _LOG2
+
+
+def vb_terms_bpd(schedule: Schedule, model_output, x0, xt, t, prediction: str = "epsilon",
+                 variance: str = "fixed_small", clip: bool = False) -> np.ndarray:
+    """One term of the variational bound per sample, in bits/dim, (N,) float64 (DDPM eq. 5):
+
+    * t index > 0: ``L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))``, both Gaussian;
+    * t index 0: ``L_0 = -log p(x_0 | x_1)``, the discretised Gaussian decoder (eq. 13) with mean
+      ``mu_theta(x_1, 1) = x0_hat`` and log-scale ``log sigma_1 = 0.5 log sigma_1^2``,
+
+    averaged over the non-batch dimensions and divided by ln 2.
+    """
+    x0 = _check_data(x0).astype(np.float64)
+    xt = _as_float_array(xt, "xt").astype(np.float64)
+    _same_shape(x0, xt, "x0", "xt")
+    t = check_t(schedule, t, x0.shape[0])
+    pm = p_mean_variance(schedule, model_output, xt, t, prediction, variance, clip)
+    true_mean, _, true_log_var = q_posterior(schedule, x0, xt, t)
+    kl = _mean_flat(normal_kl(true_mean, true_log_var, pm["mean"], pm["log_variance"])) / _LOG2
+    nll = -_mean_flat(discretized_gaussian_log_likelihood(x0, pm["mean"], 0.5 * pm["log_variance"])) / _LOG2
+    return np.where(t == 0, nll, kl)
+
+
+HYBRID_LAMBDA = 0.001
+
+
+def hybrid_vb_scale(schedule: Schedule, lam: float = HYBRID_LAMBDA) -> float:
+    """The factor the training loop puts on the mean of :func:`hybrid_vb_loss`'s per-sample terms.
+
+    L_hybrid = L_simple + lam L_vlb (Nichol & Dhariwal 2021, eq. 16, lam = 0.001) with
+    ``L_vlb = sum_t L_t`` over all T terms. One uniformly drawn term estimates it as ``T L_t``, so the
+    per-sample loss is ``mse + lam T L_t``. improved-diffusion's code writes this as
+    ``vb * num_timesteps / 1000`` (its RESCALED_MSE loss type), the same number for lam = 0.001, with
+    L_t in bits/dim (mean over dimensions / ln 2) and mse the mean over dimensions, as here.
+    So the factor is ``lam * T`` (1.0 for T = 1000), NOT ``lam``.
+    """
+    _check_schedule(schedule)
+    return float(lam) * schedule.T
+
+
+def hybrid_vb_loss(schedule: Schedule, model_output, x0, xt, t, prediction: str = "epsilon", dvb=None):
+    """The VB term of the hybrid loss and its gradient w.r.t. the model output (variance half only).
+
+    model_output: (N, 2C, ...) ``[prediction (C), v_interp (C)]`` (variance "learned_range"). As in
+    improved-diffusion, the mean half is treated as a constant (stop-gradient) so that the bound
+    trains only the variance and L_simple alone trains the mean; x0_hat is not clipped.
+
+    Returns ``(vb, d_model_output)``: vb (N,) float64 in bits/dim (:func:`vb_terms_bpd`), and
+    ``d_model_output[i] = dvb[i] * d vb[i] / d model_output[i]`` in model_output's dtype, zeros on the
+    mean half. ``dvb`` (N,) is the upstream gradient (default ones: the gradient of ``sum(vb)``). The
+    training loop wants ``dvb = hybrid_vb_scale(schedule) * w_i / N`` for ``loss = mean_i(w_i (mse_i
+    + lam T vb_i))`` with importance weights w_i.
+
+    Derivation (per sample i, element e; D elements per sample; l = log sigma^2, the model's
+    log-variance at that element; the mean mu_theta is constant):
+      l = frac max_log + (1 - frac) min_log, frac = (v + 1)/2      =>  dl/dv = (max_log - min_log)/2
+      with max_log = log beta_t, min_log = log beta~_t (clipped).
+      vb_i = (1 / (D ln 2)) sum_e term_e                            =>  dvb_i/dterm_e = 1/(D ln 2)
+      t > 0: term = KL = 0.5 (-1 + l - l_q + exp(l_q - l) + (mu_q - mu)^2 exp(-l))
+             dterm/dl = 0.5 (1 - exp(l_q - l) - (mu_q - mu)^2 exp(-l))
+      t = 0: term = -log P(bin), P from the CDF at z_pm = (x0 - mu +- 1/255) exp(-ls), ls = l/2;
+             dz/dls = -z, so dP/dls = -pdf(z+) z+ + pdf(z-) z- (first and last bins keep one edge),
+             dterm/dl = -(1/2) (dP/dls) / P   (zero where P was clamped at 1e-12)
+      d vb_i / d v_e = (1/(D ln 2)) dterm/dl (max_log - min_log)/2.
+    """
+    _check_schedule(schedule)
+    out = _as_float_array(model_output, "model_output")
+    pred, v_interp = split_output(out, "learned_range")
+    x0 = _check_data(x0).astype(np.float64)
+    xt = _as_float_array(xt, "xt").astype(np.float64)
+    _same_shape(x0, xt, "x0", "xt")
+    if pred.shape != x0.shape:
+        raise ValueError(f"model_output must have shape (N, 2C, ...) = {(x0.shape[0], 2 * x0.shape[1]) + x0.shape[2:]}"
+                         f" for x0 of shape {x0.shape}, got {out.shape}")
+    t = check_t(schedule, t, x0.shape[0])
+    n = x0.shape[0]
+    if dvb is None:
+        dvb = np.ones(n, dtype=np.float64)
+    else:
+        dvb = np.asarray(dvb, dtype=np.float64)
+        if dvb.shape != (n,):
+            raise ValueError(f"dvb must have shape ({n},), got {dvb.shape}")
+
+    pm = p_mean_variance(schedule, out, xt, t, prediction, "learned_range", clip=False)
+    mu, l = pm["mean"], pm["log_variance"]                     # (N, C, ...) float64, mu constant
+    mu_q, _, l_q = q_posterior(schedule, x0, xt, t)
+    d_count = int(np.prod(x0.shape[1:], dtype=np.int64))
+
+    kl = normal_kl(mu_q, l_q, mu, l)                           # (N, C, ...) nats
+    dkl_dl = 0.5 * (1.0 - np.exp(l_q - l) - (mu_q - mu) ** 2 * np.exp(-l))
+    loglik, dloglik_dls = _discretized_loglik_and_grad(x0, mu, 0.5 * l)
+    dnll_dl = -0.5 * dloglik_dls                               # ls = l/2, term = -loglik
+
+    first = (t == 0).reshape((n,) + (1,) * (x0.ndim - 1))
+    term = np.where(first, -loglik, kl)
+    dterm_dl = np.where(first, dnll_dl, dkl_dl)
+    vb = _mean_flat(term) / _LOG2                              # (N,) bits/dim
+
+    half_range = 0.5 * (_coef(np.log(schedule.betas), t, l) - _coef(schedule.posterior_log_variance_clipped, t, l))
+    scale = (dvb / (d_count * _LOG2)).reshape((n,) + (1,) * (x0.ndim - 1))
+    dv = scale * dterm_dl * half_range                         # (N, C, ...)
+    d_out = np.zeros(out.shape, dtype=out.dtype)
+    d_out[:, pred.shape[1]:] = dv
+    return vb, d_out
+
+
+# --------------------------------------------------------------------------- the full bound
+def bits_per_dim(schedule: Schedule, denoiser: Callable, x0, *, prediction: str = "epsilon",
+                 variance: str = "fixed_small", seed: int = 0, timesteps=None, batch_size=None,
+                 y=None, clip: bool = True, index_offset: int = 0, progress=None) -> dict:
+    """The variational bound on the negative log-likelihood, in bits/dim, per sample (DDPM sec. 3.3).
+
+    ``L = L_T + sum_{t>1} L_{t-1} + L_0`` (eq. 5): prior KL (exact, no network), T - 1 KL terms and the
+    discretised decoder, each from :func:`vb_terms_bpd` with ``x_t = q_sample(x0, t, eps)``.
+
+    * ``timesteps=None`` or ``"all"``: every term, T denoiser calls per sample.
+    * ``timesteps=K`` (an int, 2 <= K <= T): an unbiased estimate with K denoiser calls per sample.
+      The decoder term (t index 0) is always evaluated, and K - 1 of the T - 1 KL terms are drawn
+      uniformly without replacement, independently for each sample, their sum scaled by
+      ``(T - 1)/(K - 1)``. Each KL term is included with probability (K - 1)/(T - 1), so the
+      expectation over the subset is the full bound exactly (a stratified version of "K of T scaled
+      by T/K" that keeps the large decoder term out of the sampling variance). K = T is the full bound.
+
+    Noise: ``eps`` for sample i at timestep t is ``rng.normal(seed, Stream.EVAL, index_i, step=t)``
+    with ``index_i = index_offset + i``, so it is the same whatever the batch size or the subset, and
+    a subset estimate equals the full bound's terms at the timesteps it picked. The subsets come from
+    the same stream with ``sub = 1``.
+
+    denoiser: ``f(x, t, y=None) -> model_output`` (x in x0's dtype). x0: (N, ...) data in [-1, 1].
+    y: int (N,) labels or None. clip: clip x0_hat to [-1, 1] (improved-diffusion evaluates with
+    clip_denoised=True). batch_size: samples per denoiser call (default all N). progress: optional
+    callable ``progress(done, total)`` after each denoiser call.
+
+    Returns a dict of float64 arrays: ``total`` (N,), ``prior`` (N,), ``decoder`` (N,), ``kl`` (N,)
+    (the summed, or estimated, KL terms), ``terms`` (N, K) the evaluated terms unscaled and
+    ``timesteps`` (N, K) int64 their t indices (column 0 is the decoder, t = 0; for the full bound
+    column t holds timestep t).
+    """
+    _check_schedule(schedule)
+    _check_choice(prediction, "prediction", PREDICTIONS)
+    _check_choice(variance, "variance", VARIANCES)
+    if not callable(denoiser):
+        raise ValueError(f"denoiser must be a callable f(x, t, y=None), got {type(denoiser).__name__}")
+    x0 = _check_data(x0)
+    seed = rng.check_seed(seed)
+    n = x0.shape[0]
+    T = schedule.T
+    if timesteps is None or (isinstance(timesteps, str) and timesteps == "all"):
+        k = T
+    elif isinstance(timesteps, (bool, np.bool_)) or not isinstance(timesteps, (int, np.integer)):
+        raise ValueError(f"timesteps must be None, 'all' or an integer K, got {timesteps!r}")
+    else:
+        k = int(timesteps)
+        if not min(2, T) <= k <= T:
+            raise ValueError(f"timesteps K must lie in [{min(2, T)}, T = {T}] (the decoder plus K - 1 KL "
+                             f"terms), got {k}")
+    full = k == T
+    if batch_size is None:
+        batch_size = max(n, 1)
+    if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, (int, np.integer)) \
+            or int(batch_size) < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    batch_size = int(batch_size)
+    if isinstance(index_offset, (bool, np.bool_)) or not isinstance(index_offset, (int, np.integer)) \
+            or not 0 <= int(index_offset) <= 2**32 - max(n, 1):
+        raise ValueError(f"index_offset must be an integer in [0, 2**32 - N], got {index_offset!r}")
+    if y is not None:
+        y = np.asarray(y)
+        if y.shape != (n,) or y.dtype.kind not in "iu":
+            raise ValueError(f"y must be an integer array of shape ({n},) or None, got {y.dtype} {y.shape}")
+    if progress is not None and not callable(progress):
+        raise ValueError(f"progress must be a callable(done, total) or None, got {progress!r}")
+
+    index = int(index_offset) + np.arange(n, dtype=np.int64)
+    prior = prior_bpd(schedule, x0)
+    terms = np.zeros((n, k), dtype=np.float64)
+    tmat = np.zeros((n, k), dtype=np.int64)
+    sample_shape = x0.shape[1:]
+    total_calls = -(-n // batch_size) * k if n else 0
+    done = 0
+    for lo in range(0, n, batch_size):
+        hi = min(n, lo + batch_size)
+        idx = index[lo:hi]
+        x0c = x0[lo:hi].astype(np.float64)
+        yc = None if y is None else y[lo:hi]
+        if full:
+            tc = np.broadcast_to(np.arange(T, dtype=np.int64), (hi - lo, T))
+        else:
+            keys = rng.random_bits(seed, rng.Stream.EVAL, idx, 0, (T - 1,), sub=1)     # (n, T-1)
+            chosen = np.argsort(keys, axis=1, kind="stable")[:, :k - 1] + 1              # KL t indices
+            tc = np.concatenate([np.zeros((hi - lo, 1), np.int64), np.sort(chosen, axis=1)], axis=1)
+        tmat[lo:hi] = tc
+        for r in range(k):
+            t = np.ascontiguousarray(tc[:, r])
+            eps = rng.normal(seed, rng.Stream.EVAL, idx, t, sample_shape).astype(np.float64)
+            xt_in = q_sample(schedule, x0c, t, eps).astype(x0.dtype, copy=False)
+            out = denoiser(xt_in, t, yc)
+            out = np.asarray(out)
+            if out.shape[0] != hi - lo:
+                raise ValueError(f"denoiser returned batch size {out.shape[0]}, expected {hi - lo}")
+            terms[lo:hi, r] = vb_terms_bpd(schedule, out, x0c, xt_in.astype(np.float64), t,
+                                           prediction, variance, clip)
+            done += 1
+            if progress is not None:
+                progress(done, total_calls)
+    decoder = terms[:, 0].copy()
+    kl_scale = 1.0 if full else (T - 1) / (k - 1)
+    kl = terms[:, 1:].sum(axis=1) * kl_scale
+    return {"total": prior + decoder + kl, "prior": prior, "decoder": decoder, "kl": kl,
+            "terms": terms, "timesteps": tmat}
