@@ -1,0 +1,240 @@
+"""2-D convolution (cross-correlation, as torch.nn.functional.conv2d) as a forward/backward pair.
+
+What it is: ``y = conv2d(x, w) + b`` in NCHW layout for any kernel size, stride and zero padding
+(symmetric int or ``(top, bottom, left, right)``; the DDPM downsampler pads (0, 1, 0, 1) and uses a
+stride-2 3x3 kernel), with the forward pass and both backward passes handed to BLAS as GEMMs.
+What it is not: no dilation, no groups, no autograd; the cache is returned, never stored.
+
+The equation (cross-correlation, zero padding ``xp = pad(x)``):
+
+    y[n, o, h, w] = b[o] + sum_{c, i, j} w[o, c, i, j] * xp[n, c, s*h + i, s*w + j]
+
+and its gradients, each a sum over the same index set:
+
+    dw[o, c, i, j] = sum_{n, h, w} dy[n, o, h, w] * xp[n, c, s*h + i, s*w + j]
+    dxp[n, c, s*h + i, s*w + j] += sum_o w[o, c, i, j] * dy[n, o, h, w]      (then crop the pad)
+    db[o]          = sum_{n, h, w} dy[n, o, h, w]
+
+Two GEMM formulations, picked per call by ``_choose_path`` (both give the same numbers to rounding;
+the choice was measured on the CIFAR and `small` preset shapes in float32, benchmarks/ops_speed.py):
+
+* "shift" (stride 1): the padded input is laid out channel-major as one long row per channel,
+  ``xr[c, q]`` with ``q = n*Hp*Wp + r*Wp + col`` (images one after another, a zero tail after the
+  last). Output pixel ``(n, h, w)`` is computed at ``q = n*Hp*Wp + h*Wp + w`` on the same padded
+  grid, and for kernel offset ``(i, j)`` it reads ``xr[c, q + i*Wp + j]``: a *contiguous shift* of
+  the whole row. So each offset is one GEMM ``w[:, :, i, j] (O, C) @ xr[:, off:off + M] (C, M)``
+  on a strided view, no im2col copy at all, and the kh*kw partial products are summed. Grid
+  positions with ``h >= Ho`` or ``w >= Wo`` are computed and thrown away (extra work
+  ``Hp*Wp / (Ho*Wo)``: 1.13x at 32x32, 2.25x at 4x4). The weight gradient is kh*kw GEMMs with the
+  long axis ``M`` as the reduction (``dy (O, M) @ xr[:, off:off+M]^T``), and the input gradient
+  kh*kw GEMMs ``w[:, :, i, j]^T @ dy`` scatter-added at the same shifts. The zero dy at the thrown-away
+  positions keeps those sums exact.
+* "im2col" (any stride; chosen for stride > 1 and for small images, where the shift method's
+  thrown-away border dominates): ``col[(i, j, c), (n, h, w)] = xp[n, c, s*h + i, s*w + j]`` copied
+  from a strided view of the padded input, then one GEMM ``w2 (O, K) @ col (K, N*Ho*Wo)``. The
+  backward GEMMs are ``dw2 = dy2 @ col^T`` and ``dcol = w2^T @ dy2``, and ``dcol`` is scattered back
+  with one strided slice add per kernel offset (kh*kw adds, no ``np.add.at``).
+
+Python loops run over the kh*kw kernel offsets only, never over batch, pixels or channels.
+"""
+import numpy as np
+
+__all__ = ["conv2d_forward", "conv2d_backward", "conv_output_size"]
+
+# Use the im2col path for stride 1 when the im2col buffer would hold at most this many elements
+# (small images: one large-K GEMM beats kh*kw small-K GEMMs there, and the buffer is cheap).
+_IM2COL_MAX_ELEMENTS = 1 << 20
+
+
+def _normalize_padding(padding):
+    """int or (top, bottom, left, right) -> 4-tuple of non-negative ints."""
+    if isinstance(padding, (int, np.integer)):
+        p = int(padding)
+        pads = (p, p, p, p)
+    else:
+        try:
+            pads = tuple(int(p) for p in padding)
+        except TypeError:
+            raise ValueError(f"padding must be an int or (top, bottom, left, right), got {padding!r}") from None
+        if len(pads) == 2:   # (vertical, horizontal), torch's convention for a pair
+            pads = (pads[0], pads[0], pads[1], pads[1])
+        if len(pads) != 4:
+            raise ValueError(f"padding must be an int or (top, bottom, left, right), got {padding!r}")
+    if min(pads) < 0:
+        raise ValueError(f"padding must be non-negative, got {padding!r}")
+    return pads
+
+
+def conv_output_size(size, k, stride, pad_before, pad_after):
+    """Output length along one axis: floor((size + pads - k) / stride) + 1."""
+    return (size + pad_before + pad_after - k) // stride + 1
+
+
+def _check_float(name, a):
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array, got {type(a).__name__}")
+    if not np.issubdtype(a.dtype, np.floating):
+        raise ValueError(f"{name} must be a floating-point array, got dtype {a.dtype} with shape {a.shape}")
+
+
+def _choose_path(N, C, Ho, Wo, kh, kw, stride):
+    if stride != 1:
+        return "im2col"
+    if kh * kw * C * N * Ho * Wo <= _IM2COL_MAX_ELEMENTS:
+        return "im2col"
+    return "shift"
+
+
+def conv2d_forward(x, w, b=None, stride=1, padding=1):
+    """Convolve ``x (N, C, H, W)`` with ``w (O, C, kh, kw)``, add ``b (O,)``; returns ``(y, cache)``.
+
+    ``y`` has shape ``(N, O, Ho, Wo)``, ``Ho = (H + top + bottom - kh) // stride + 1`` (likewise Wo),
+    and the dtype of ``x`` (``w`` and ``b`` are cast to it). ``padding`` is an int (all four sides),
+    a pair ``(vertical, horizontal)``, or ``(top, bottom, left, right)``.
+    The cache holds the padded input (the only activation the backward pass needs) and the weight.
+    """
+    _check_float("x", x)
+    _check_float("w", w)
+    if x.ndim != 4:
+        raise ValueError(f"conv2d expects x of shape (N, C, H, W), got shape {x.shape}")
+    if w.ndim != 4:
+        raise ValueError(f"conv2d expects w of shape (O, C, kh, kw), got shape {w.shape}")
+    N, C, H, W = x.shape
+    O, Cw, kh, kw = w.shape
+    if Cw != C:
+        raise ValueError(f"conv2d weight shape {w.shape} expects {Cw} input channels, x has shape {x.shape}")
+    if b is not None:
+        _check_float("b", b)
+        if b.shape != (O,):
+            raise ValueError(f"conv2d bias must have shape ({O},), got {b.shape}")
+    stride = int(stride)
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    pt, pb, pl, pr = _normalize_padding(padding)
+    Hp, Wp = H + pt + pb, W + pl + pr
+    Ho = conv_output_size(H, kh, stride, pt, pb)
+    Wo = conv_output_size(W, kw, stride, pl, pr)
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"conv2d: kernel {(kh, kw)} does not fit input {x.shape} with padding "
+                         f"{(pt, pb, pl, pr)}")
+    dt = x.dtype
+    w = w.astype(dt, copy=False)
+    path = _choose_path(N, C, Ho, Wo, kh, kw, stride)
+
+    if path == "shift":
+        M = N * Hp * Wp                         # positions of the padded grid, all images
+        tail = (kh - 1) * Wp + (kw - 1)         # zeros after the last image, read by the last shifts
+        xr = np.zeros((C, M + tail), dtype=dt)  # (C, M + tail) padded input, one row per channel
+        xr[:, :M].reshape(C, N, Hp, Wp)[:, :, pt:pt + H, pl:pl + W] = x.transpose(1, 0, 2, 3)
+        yr = np.empty((O, M), dtype=dt)         # (O, M) output on the padded grid
+        tmp = np.empty((O, M), dtype=dt) if kh * kw > 1 else None
+        wk = np.ascontiguousarray(w.transpose(2, 3, 0, 1))               # (kh, kw, O, C)
+        for i in range(kh):
+            for j in range(kw):
+                off = i * Wp + j
+                if i == 0 and j == 0:
+                    np.matmul(wk[0, 0], xr[:, 0:M], out=yr)               # (O, C) @ (C, M)
+                else:
+                    np.matmul(wk[i, j], xr[:, off:off + M], out=tmp)    # (O, C) @ (C, M)
+                    yr += tmp
+        del tmp
+        y_grid = yr.reshape(O, N, Hp, Wp)[:, :, :Ho, :Wo]                 # (O, N, Ho, Wo) view
+        cache = {"path": path, "xr": xr}
+    else:
+        xp = np.zeros((C, N, Hp, Wp), dtype=dt)                           # (C, N, Hp, Wp)
+        xp[:, :, pt:pt + H, pl:pl + W] = x.transpose(1, 0, 2, 3)
+        col = _im2col(xp, kh, kw, stride, Ho, Wo)                         # (kh*kw*C, N*Ho*Wo)
+        w2 = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C)              # (O, K), K ordered (i, j, c)
+        yr = w2 @ col                                                     # (O, N*Ho*Wo)
+        del col
+        y_grid = yr.reshape(O, N, Ho, Wo)
+        cache = {"path": path, "xp": xp}
+
+    y = np.empty((N, O, Ho, Wo), dtype=dt)                                # (N, O, Ho, Wo)
+    if b is None:
+        np.copyto(y, y_grid.transpose(1, 0, 2, 3))
+    else:
+        np.add(y_grid.transpose(1, 0, 2, 3), b.astype(dt, copy=False)[None, :, None, None], out=y)
+    cache.update(w=w, has_bias=b is not None, x_shape=x.shape, stride=stride,
+                 padding=(pt, pb, pl, pr), out_hw=(Ho, Wo))
+    return y, cache
+
+
+def _im2col(xp, kh, kw, stride, Ho, Wo):
+    """col[(i, j, c), (n, h, w)] = xp[c, n, s*h + i, s*w + j]; xp is (C, N, Hp, Wp) C-contiguous."""
+    C, N = xp.shape[:2]
+    sc, sn, sh, sw = xp.strides
+    view = np.lib.stride_tricks.as_strided(
+        xp, shape=(kh, kw, C, N, Ho, Wo),
+        strides=(sh, sw, sc, sn, stride * sh, stride * sw), writeable=False)
+    return np.ascontiguousarray(view).reshape(kh * kw * C, N * Ho * Wo)    # (K, N*Ho*Wo)
+
+
+def conv2d_backward(dy, cache):
+    """Gradients of ``conv2d_forward``: returns ``(dx, dw, db)`` shaped like ``x, w, b``.
+
+    ``db`` is None when the forward pass had no bias. See the module docstring for the sums; each
+    is evaluated as GEMMs (kh*kw of them on the "shift" path, one or two on the "im2col" path).
+    """
+    _check_float("dy", dy)
+    w = cache["w"]
+    O, C, kh, kw = w.shape
+    N, _, H, W = cache["x_shape"]
+    Ho, Wo = cache["out_hw"]
+    if dy.shape != (N, O, Ho, Wo):
+        raise ValueError(f"conv2d_backward: dy has shape {dy.shape}, expected {(N, O, Ho, Wo)}")
+    pt, pb, pl, pr = cache["padding"]
+    stride = cache["stride"]
+    Hp, Wp = H + pt + pb, W + pl + pr
+    dt = dy.dtype
+    w = w.astype(dt, copy=False)
+
+    if cache["path"] == "shift":
+        xr = cache["xr"].astype(dt, copy=False)                           # (C, M + tail)
+        M = N * Hp * Wp
+        # dy on the padded output grid, zero where the forward threw positions away, so the sums
+        # below run over real outputs only.
+        dyr = np.zeros((O, N, Hp, Wp), dtype=dt)                          # (O, N, Hp, Wp)
+        dyr[:, :, :Ho, :Wo] = dy.transpose(1, 0, 2, 3)
+        dyr = dyr.reshape(O, M)                                           # (O, M)
+        db = dyr.sum(axis=1) if cache["has_bias"] else None               # (O,)
+        # dw[o, c, i, j] = sum_q dy[o, q] * xr[c, q + off(i, j)]: one GEMM per offset, reduction
+        # over all M grid positions.
+        dw_k = np.empty((kh, kw, O, C), dtype=dt)                         # (kh, kw, O, C)
+        for i in range(kh):
+            for j in range(kw):
+                off = i * Wp + j
+                np.matmul(dyr, xr[:, off:off + M].T, out=dw_k[i, j])       # (O, M) @ (M, C)
+        dw = np.ascontiguousarray(dw_k.transpose(2, 3, 0, 1))             # (O, C, kh, kw)
+        # dxr[c, q + off(i, j)] += sum_o w[o, c, i, j] * dy[o, q]: the transpose of the forward
+        # shift, one GEMM and one shifted add per offset.
+        dxr = np.zeros((C, M + (kh - 1) * Wp + (kw - 1)), dtype=dt)       # (C, M + tail)
+        tmp = np.empty((C, M), dtype=dt)
+        wkt = np.ascontiguousarray(w.transpose(2, 3, 1, 0))              # (kh, kw, C, O)
+        for i in range(kh):
+            for j in range(kw):
+                off = i * Wp + j
+                np.matmul(wkt[i, j], dyr, out=tmp)                          # (C, O) @ (O, M)
+                dxr[:, off:off + M] += tmp
+        del tmp
+        dxp = dxr[:, :M].reshape(C, N, Hp, Wp)                            # (C, N, Hp, Wp)
+    else:
+        xp = cache["xp"].astype(dt, copy=False)                           # (C, N, Hp, Wp)
+        dy2 = np.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(O, N * Ho * Wo)  # (O, P)
+        db = dy2.sum(axis=1) if cache["has_bias"] else None               # (O,)
+        col = _im2col(xp, kh, kw, stride, Ho, Wo)                         # (K, P), rebuilt
+        dw2 = dy2 @ col.T                                                 # (O, K), K = (i, j, c)
+        del col
+        dw = np.ascontiguousarray(dw2.reshape(O, kh, kw, C).transpose(0, 3, 1, 2))  # (O, C, kh, kw)
+        w2 = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C)              # (O, K)
+        dcol = (w2.T @ dy2).reshape(kh, kw, C, N, Ho, Wo)                 # (kh, kw, C, N, Ho, Wo)
+        # col2im: each kernel offset owns a strided sub-grid of the padded input; add its slab.
+        dxp = np.zeros((C, N, Hp, Wp), dtype=dt)                          # (C, N, Hp, Wp)
+        hs, ws = stride * (Ho - 1) + 1, stride * (Wo - 1) + 1
+        for i in range(kh):
+            for j in range(kw):
+                dxp[:, :, i:i + hs:stride, j:j + ws:stride] += dcol[i, j]
+        del dcol
+
+    dx = np.ascontiguousarray(dxp[:, :, pt:pt + H, pl:pl + W].transpose(1, 0, 2, 3))  # (N, C, H, W)
+    return dx, dw, db

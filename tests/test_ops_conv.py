@@ -1,0 +1,176 @@
+"""Tests for ddpm_ref/ops/conv.py: gradient checks (float64), a naive-loop oracle, torch, errors."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from gradcheck import check_op
+from ddpm_ref.ops import conv as conv_mod
+from ddpm_ref.ops.conv import conv2d_backward, conv2d_forward
+
+PATHS = {"shift": 0, "im2col": 1 << 40}   # _IM2COL_MAX_ELEMENTS values forcing each stride-1 path
+
+
+def naive_conv2d(x, w, b, stride, pads):
+    """Independent oracle: the defining sum, one output pixel at a time (small shapes only)."""
+    pt, pb, pl, pr = pads
+    N, C, H, W = x.shape
+    O, _, kh, kw = w.shape
+    xp = np.zeros((N, C, H + pt + pb, W + pl + pr))
+    xp[:, :, pt:pt + H, pl:pl + W] = x
+    Ho = (H + pt + pb - kh) // stride + 1
+    Wo = (W + pl + pr - kw) // stride + 1
+    y = np.zeros((N, O, Ho, Wo))
+    for h in range(Ho):
+        for v in range(Wo):
+            patch = xp[:, :, stride * h:stride * h + kh, stride * v:stride * v + kw]   # (N, C, kh, kw)
+            y[:, :, h, v] = np.einsum("ncij,ocij->no", patch, w)
+    if b is not None:
+        y += b[None, :, None, None]
+    return y
+
+
+@st.composite
+def conv_cases(draw):
+    k = draw(st.sampled_from([1, 2, 3]))
+    stride = draw(st.sampled_from([1, 2]))
+    pad = draw(st.one_of(st.integers(0, 2), st.tuples(*[st.integers(0, 2)] * 4)))
+    pads = pad if isinstance(pad, tuple) else (pad,) * 4
+    H = draw(st.integers(max(1, k - pads[0] - pads[1]), 7))
+    W = draw(st.integers(max(1, k - pads[2] - pads[3]), 7))
+    return dict(N=draw(st.integers(1, 3)), C=draw(st.integers(1, 4)), O=draw(st.integers(1, 4)),
+                H=H, W=W, k=k, stride=stride, pad=pad, pads=pads, bias=draw(st.booleans()),
+                seed=draw(st.integers(0, 2**16)))
+
+
+def make(case, dtype=np.float64):
+    rng = np.random.default_rng(case["seed"])
+    x = rng.standard_normal((case["N"], case["C"], case["H"], case["W"])).astype(dtype)
+    w = rng.standard_normal((case["O"], case["C"], case["k"], case["k"])).astype(dtype)
+    b = rng.standard_normal(case["O"]).astype(dtype) if case["bias"] else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@given(case=conv_cases())
+@settings(max_examples=12)
+def test_conv_gradients(path, case):
+    x, w, b = make(case)
+    old = conv_mod._IM2COL_MAX_ELEMENTS
+    conv_mod._IM2COL_MAX_ELEMENTS = PATHS[path]
+    try:
+        fwd = lambda x, w, b: conv2d_forward(x, w, b, stride=case["stride"], padding=case["pad"])
+        args, wrt = ([x, w, b], (0, 1, 2)) if b is not None else ([x, w, None], (0, 1, None))
+        # float64 centred differences: see gradcheck.py for why 1e-6 relative is a safe margin.
+        check_op(fwd, conv2d_backward, args, wrt, rtol=1e-6)
+    finally:
+        conv_mod._IM2COL_MAX_ELEMENTS = old
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@given(case=conv_cases())
+@settings(max_examples=12)
+def test_conv_forward_matches_naive_loop(path, case):
+    x, w, b = make(case)
+    old = conv_mod._IM2COL_MAX_ELEMENTS
+    conv_mod._IM2COL_MAX_ELEMENTS = PATHS[path]
+    try:
+        y, cache = conv2d_forward(x, w, b, stride=case["stride"], padding=case["pad"])
+    finally:
+        conv_mod._IM2COL_MAX_ELEMENTS = old
+    assert cache["path"] == (path if case["stride"] == 1 else "im2col")
+    ref = naive_conv2d(x, w, b, case["stride"], case["pads"])
+    # Same sums in a different order, float64: agreement to ~1e-15 relative; 1e-12 leaves margin.
+    np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("shape,k,stride,pad", [
+    ((2, 5, 9, 8), 3, 1, 1),               # odd sizes, 3x3 same padding
+    ((1, 4, 8, 8), 3, 2, (0, 1, 0, 1)),    # the DDPM downsampler: pad right/bottom, stride 2
+    ((3, 6, 5, 5), 1, 1, 0),               # 1x1 shortcut
+    ((2, 3, 7, 6), 3, 2, 1),               # stride 2, symmetric pad
+])
+def test_conv_matches_torch_float32(path, shape, k, stride, pad):
+    torch = pytest.importorskip("torch", reason="torch is the optional outside oracle (extra: test)")
+    F = torch.nn.functional
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = (rng.standard_normal((4, shape[1], k, k)) * 0.3).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    old = conv_mod._IM2COL_MAX_ELEMENTS
+    conv_mod._IM2COL_MAX_ELEMENTS = PATHS[path]
+    try:
+        y, cache = conv2d_forward(x, w, b, stride=stride, padding=pad)
+        dy = rng.standard_normal(y.shape).astype(np.float32)
+        dx, dw, db = conv2d_backward(dy, cache)
+    finally:
+        conv_mod._IM2COL_MAX_ELEMENTS = old
+    assert y.dtype == dx.dtype == dw.dtype == db.dtype == np.float32
+    pads = pad if isinstance(pad, tuple) else (pad,) * 4
+    xt = torch.tensor(x, requires_grad=True)
+    wt = torch.tensor(w, requires_grad=True)
+    bt = torch.tensor(b, requires_grad=True)
+    yt = F.conv2d(F.pad(xt, (pads[2], pads[3], pads[0], pads[1])), wt, bt, stride=stride)
+    yt.backward(torch.tensor(dy))
+    # float32 sums of at most a few hundred O(1) terms: differences ~1e-6 relative; 1e-4 is slack
+    # for a different summation order, far below the O(1) error of any indexing mistake.
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dw, wt.grad.numpy(), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(db, bt.grad.numpy(), rtol=1e-4, atol=1e-3)
+
+
+def test_conv_paths_agree_on_a_large_float32_case():
+    """The shift and im2col formulations give the same float32 numbers at a U-Net-like size."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 16, 16, 16)).astype(np.float32)
+    w = (rng.standard_normal((8, 16, 3, 3)) * 0.1).astype(np.float32)
+    b = rng.standard_normal(8).astype(np.float32)
+    outs = {}
+    old = conv_mod._IM2COL_MAX_ELEMENTS
+    try:
+        for path, thr in PATHS.items():
+            conv_mod._IM2COL_MAX_ELEMENTS = thr
+            y, cache = conv2d_forward(x, w, b)
+            assert cache["path"] == path
+            dy = np.cos(y)                          # any fixed dy
+            outs[path] = (y,) + conv2d_backward(dy, cache)
+    finally:
+        conv_mod._IM2COL_MAX_ELEMENTS = old
+    # 144-term float32 dot products (forward, dx) and 512-term sums (dw, db) in different orders:
+    # a few ulps of the magnitudes involved; 1e-4 absolute covers it.
+    for a, c in zip(outs["shift"], outs["im2col"]):
+        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_float64_stays_float64():
+    x = np.ones((1, 2, 4, 4))
+    y, cache = conv2d_forward(x, np.ones((3, 2, 3, 3)), np.zeros(3))
+    assert y.dtype == np.float64
+    # Interior pixels see all 2*3*3 ones, corners 2*2*2 (zero padding): exact small integers.
+    assert y[0, 0, 1, 1] == 18.0 and y[0, 0, 0, 0] == 8.0
+    assert conv2d_backward(np.ones_like(y), cache)[2] is not None
+
+
+@pytest.mark.parametrize("x_shape,w_shape,kwargs,match", [
+    ((2, 3, 4), (4, 3, 3, 3), {}, r"\(2, 3, 4\)"),                      # wrong rank of x
+    ((2, 3, 4, 4), (4, 3, 3), {}, r"\(4, 3, 3\)"),                      # wrong rank of w
+    ((2, 3, 4, 4), (4, 2, 3, 3), {}, r"\(4, 2, 3, 3\)"),                # channel mismatch
+    ((2, 3, 2, 2), (4, 3, 5, 5), {"padding": 0}, r"does not fit"),      # kernel larger than input
+    ((2, 3, 4, 4), (4, 3, 3, 3), {"padding": (1, 1, 1)}, r"padding"),   # 3-tuple padding
+    ((2, 3, 4, 4), (4, 3, 3, 3), {"padding": -1}, r"padding"),
+    ((2, 3, 4, 4), (4, 3, 3, 3), {"stride": 0}, r"stride"),
+])
+def test_conv_errors(x_shape, w_shape, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        conv2d_forward(np.zeros(x_shape), np.zeros(w_shape), **kwargs)
+
+
+def test_conv_rejects_integers_and_bad_bias():
+    with pytest.raises(ValueError, match="floating-point.*int64"):
+        conv2d_forward(np.zeros((1, 1, 3, 3), dtype=np.int64), np.zeros((1, 1, 3, 3)))
+    with pytest.raises(ValueError, match=r"\(2,\)"):
+        conv2d_forward(np.zeros((1, 1, 3, 3)), np.zeros((2, 1, 3, 3)), np.zeros(3))
+    y, cache = conv2d_forward(np.zeros((1, 1, 3, 3)), np.zeros((2, 1, 3, 3)))
+    with pytest.raises(ValueError, match=r"\(1, 2, 3, 3\)"):
+        conv2d_backward(np.zeros((1, 2, 2, 3)), cache)

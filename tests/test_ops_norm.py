@@ -1,0 +1,91 @@
+"""Tests for ddpm_ref/ops/norm.py: GroupNorm (+ fused SiLU) gradient checks, torch oracle, errors."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from gradcheck import check_op
+from ddpm_ref.ops.norm import (group_norm_backward, group_norm_forward, group_norm_silu_backward,
+                               group_norm_silu_forward)
+
+OPS = {"gn": (group_norm_forward, group_norm_backward),
+       "gn_silu": (group_norm_silu_forward, group_norm_silu_backward)}
+
+
+@st.composite
+def gn_cases(draw):
+    G = draw(st.integers(1, 4))
+    per = draw(st.integers(1, 3))
+    spatial = tuple(draw(st.lists(st.integers(1, 5), min_size=0, max_size=2)))
+    if per * int(np.prod(spatial)) == 1:   # one element per group: variance 0, gradient is 0/undefined
+        spatial = spatial + (2,)
+    # G == C (one group per channel) when per == 1; G == 1 (one group) when drawn.
+    return dict(N=draw(st.integers(1, 3)), G=G, C=G * per, spatial=spatial,
+                seed=draw(st.integers(0, 2**16)))
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@given(case=gn_cases())
+@settings(max_examples=15)
+def test_group_norm_gradients(op, case):
+    rng = np.random.default_rng(case["seed"])
+    x = rng.standard_normal((case["N"], case["C"]) + case["spatial"]) * 2 + 1
+    gamma = rng.standard_normal(case["C"])
+    beta = rng.standard_normal(case["C"])
+    fwd, bwd = OPS[op]
+    f = lambda x, gamma, beta: fwd(x, gamma, beta, case["G"], eps=1e-5)
+    # float64; normalisation amplifies by 1/std ~ 0.5 here, so 1e-6 relative is still wide.
+    check_op(f, bwd, [x, gamma, beta], (0, 1, 2), rtol=1e-6)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("shape,groups", [((2, 6, 5, 3), 3), ((1, 8, 4, 4), 8), ((3, 4, 7), 1),
+                                          ((2, 32, 8, 8), 32)])
+def test_group_norm_matches_torch(op, shape, groups):
+    torch = pytest.importorskip("torch", reason="torch is the optional outside oracle (extra: test)")
+    F = torch.nn.functional
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(shape) * 3 + 5).astype(np.float32)   # offset mean: tests the centring
+    gamma = rng.standard_normal(shape[1]).astype(np.float32)
+    beta = rng.standard_normal(shape[1]).astype(np.float32)
+    fwd, bwd = OPS[op]
+    y, cache = fwd(x, gamma, beta, groups, eps=1e-6)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    dx, dg, db = bwd(dy, cache)
+    xt, gt, bt = (torch.tensor(a, requires_grad=True) for a in (x, gamma, beta))
+    yt = F.group_norm(xt, groups, gt, bt, eps=1e-6)
+    if op == "gn_silu":
+        yt = F.silu(yt)
+    yt.backward(torch.tensor(dy))
+    # float32: normalised values carry ~1e-6 relative error from the statistics; reductions over up
+    # to 128 elements ~1e-5. Tolerances 1e-4 are slack for summation order, not for a wrong formula.
+    for ours, ref in ((y, yt.detach()), (dx, xt.grad), (dg, gt.grad), (db, bt.grad)):
+        assert ours.dtype == np.float32
+        np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_group_norm_statistics_are_stable_in_float32():
+    """Large mean, small spread: a one-pass E[x^2] - E[x]^2 in float32 would lose every digit
+    (1000^2 * 6e-8 = 0.06 of error against a variance of 0.01)."""
+    rng = np.random.default_rng(2)
+    x32 = (1000.0 + 0.1 * rng.standard_normal((2, 4, 16, 16))).astype(np.float32)
+    y, _ = group_norm_forward(x32, np.ones(4, np.float32), np.zeros(4, np.float32), 2, eps=1e-5)
+    x64 = x32.astype(np.float64).reshape(2, 2, -1)     # the same (rounded) inputs, exact statistics
+    ref = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+    # The float32 mean is off by about one ulp of 1000 (6e-5), i.e. 6e-4 of the spread 0.1: the
+    # outputs may differ by that much, so 3e-3 absolute; a one-pass variance would be O(1) off.
+    np.testing.assert_allclose(y, ref.reshape(y.shape), atol=3e-3)
+
+
+def test_group_norm_errors():
+    g = np.ones(6)
+    with pytest.raises(ValueError, match=r"6 channels.*\(2, 6, 4, 4\).*4 groups"):
+        group_norm_forward(np.zeros((2, 6, 4, 4)), g, g, 4)
+    with pytest.raises(ValueError, match=r"\(6,\)"):
+        group_norm_forward(np.zeros((6,)), g, g, 3)
+    with pytest.raises(ValueError, match=r"\(5,\)"):
+        group_norm_forward(np.zeros((2, 6, 4)), np.ones(5), g, 3)
+    with pytest.raises(ValueError, match="int64"):
+        group_norm_silu_forward(np.zeros((2, 6, 4), dtype=np.int64), g, g, 3)
+    _, cache = group_norm_silu_forward(np.zeros((2, 6, 4)), g, g, 3)
+    with pytest.raises(ValueError, match=r"\(2, 6, 5\)"):
+        group_norm_silu_backward(np.zeros((2, 6, 5)), cache)
