@@ -691,9 +691,16 @@ def vb_terms_bpd(schedule: Schedule, model_output, x0, xt, t, prediction: str = 
     t = check_t(schedule, t, x0.shape[0])
     pm = p_mean_variance(schedule, model_output, xt, t, prediction, variance, clip)
     true_mean, _, true_log_var = q_posterior(schedule, x0, xt, t)
-    kl = _mean_flat(normal_kl(true_mean, true_log_var, pm["mean"], pm["log_variance"])) / _LOG2
-    nll = -_mean_flat(discretized_gaussian_log_likelihood(x0, pm["mean"], 0.5 * pm["log_variance"])) / _LOG2
-    return np.where(t == 0, nll, kl)
+    out = np.empty(x0.shape[0], dtype=np.float64)
+    first = t == 0                      # decoder rows; each row is computed by one formula only
+    if np.any(~first):
+        r = ~first
+        out[r] = _mean_flat(normal_kl(true_mean[r], true_log_var[r], pm["mean"][r],
+                                      pm["log_variance"][r])) / _LOG2
+    if np.any(first):
+        out[first] = -_mean_flat(discretized_gaussian_log_likelihood(
+            x0[first], pm["mean"][first], 0.5 * pm["log_variance"][first])) / _LOG2
+    return out
 
 
 HYBRID_LAMBDA = 0.001
@@ -803,8 +810,10 @@ def bits_per_dim(schedule: Schedule, denoiser: Callable, x0, *, prediction: str 
 
     denoiser: ``f(x, t, y=None) -> model_output`` (x in x0's dtype). x0: (N, ...) data in [-1, 1].
     y: int (N,) labels or None. clip: clip x0_hat to [-1, 1] (improved-diffusion evaluates with
-    clip_denoised=True). batch_size: samples per denoiser call (default all N). progress: optional
-    callable ``progress(done, total)`` after each denoiser call.
+    clip_denoised=True). batch_size: rows per denoiser call, a row being one (sample, timestep) pair
+    (default N: one timestep for the whole batch per call); the result does not depend on it.
+    progress: optional callable ``progress(done, total)`` after each denoiser call, counting rows
+    (N K in all).
 
     Returns a dict of float64 arrays: ``total`` (N,), ``prior`` (N,), ``decoder`` (N,), ``kl`` (N,)
     (the summed, or estimated, KL terms), ``terms`` (N, K) the evaluated terms unscaled and
@@ -848,36 +857,38 @@ def bits_per_dim(schedule: Schedule, denoiser: Callable, x0, *, prediction: str 
 
     index = int(index_offset) + np.arange(n, dtype=np.int64)
     prior = prior_bpd(schedule, x0)
-    terms = np.zeros((n, k), dtype=np.float64)
-    tmat = np.zeros((n, k), dtype=np.int64)
     sample_shape = x0.shape[1:]
-    total_calls = -(-n // batch_size) * k if n else 0
-    done = 0
-    for lo in range(0, n, batch_size):
-        hi = min(n, lo + batch_size)
-        idx = index[lo:hi]
-        x0c = x0[lo:hi].astype(np.float64)
-        yc = None if y is None else y[lo:hi]
-        if full:
-            tc = np.broadcast_to(np.arange(T, dtype=np.int64), (hi - lo, T))
-        else:
-            keys = rng.random_bits(seed, rng.Stream.EVAL, idx, 0, (T - 1,), sub=1)     # (n, T-1)
-            chosen = np.argsort(keys, axis=1, kind="stable")[:, :k - 1] + 1              # KL t indices
-            tc = np.concatenate([np.zeros((hi - lo, 1), np.int64), np.sort(chosen, axis=1)], axis=1)
-        tmat[lo:hi] = tc
-        for r in range(k):
-            t = np.ascontiguousarray(tc[:, r])
-            eps = rng.normal(seed, rng.Stream.EVAL, idx, t, sample_shape).astype(np.float64)
-            xt_in = q_sample(schedule, x0c, t, eps).astype(x0.dtype, copy=False)
-            out = denoiser(xt_in, t, yc)
-            out = np.asarray(out)
-            if out.shape[0] != hi - lo:
-                raise ValueError(f"denoiser returned batch size {out.shape[0]}, expected {hi - lo}")
-            terms[lo:hi, r] = vb_terms_bpd(schedule, out, x0c, xt_in.astype(np.float64), t,
-                                           prediction, variance, clip)
-            done += 1
-            if progress is not None:
-                progress(done, total_calls)
+    x0_64 = x0.astype(np.float64)
+    # The timesteps of every sample: column 0 the decoder, then the KL terms.
+    if full:
+        tmat = np.tile(np.arange(T, dtype=np.int64), (n, 1))                        # (N, T)
+    else:
+        tmat = np.zeros((n, k), dtype=np.int64)                                     # (N, K)
+        for lo in range(0, n, 1024):                                                # bounded memory
+            idx = index[lo:lo + 1024]
+            keys = rng.random_bits(seed, rng.Stream.EVAL, idx, 0, (T - 1,), sub=1)  # (n, T-1)
+            chosen = np.argsort(keys, axis=1, kind="stable")[:, :k - 1] + 1         # KL t indices
+            tmat[lo:lo + 1024, 1:] = np.sort(chosen, axis=1)
+    # Every (sample, term) pair is one row; rows go to the denoiser batch_size at a time, term-major
+    # (with the default batch_size = N each call evaluates one term for the whole batch).
+    rows_i = np.tile(np.arange(n, dtype=np.int64), k)                              # sample of row
+    rows_r = np.repeat(np.arange(k, dtype=np.int64), n)                            # term of row
+    rows_t = tmat[rows_i, rows_r]
+    terms = np.zeros((n, k), dtype=np.float64)
+    total_rows = n * k
+    for lo in range(0, total_rows, batch_size):
+        hi = min(total_rows, lo + batch_size)
+        ii, rr, t = rows_i[lo:hi], rows_r[lo:hi], rows_t[lo:hi]
+        eps = rng.normal(seed, rng.Stream.EVAL, index[ii], t, sample_shape).astype(np.float64)
+        x0c = x0_64[ii]
+        xt_in = q_sample(schedule, x0c, t, eps).astype(x0.dtype, copy=False)
+        out = np.asarray(denoiser(xt_in, t, None if y is None else y[ii]))
+        if out.ndim < 1 or out.shape[0] != hi - lo:
+            raise ValueError(f"denoiser returned an output of shape {out.shape}, expected batch size {hi - lo}")
+        terms[ii, rr] = vb_terms_bpd(schedule, out, x0c, xt_in.astype(np.float64), t,
+                                     prediction, variance, clip)
+        if progress is not None:
+            progress(hi, total_rows)
     decoder = terms[:, 0].copy()
     kl_scale = 1.0 if full else (T - 1) / (k - 1)
     kl = terms[:, 1:].sum(axis=1) * kl_scale
