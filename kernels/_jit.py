@@ -1,0 +1,23 @@
+"""The kernel registry: every ``@kernel`` is a lazily compiled Numba CUDA kernel plus the signatures
+its launcher uses, so the compile check (tests/test_kernels_compile.py) can build each one to PTX for
+sm_90 without a GPU. Not a public API."""
+from __future__ import annotations
+
+from .runtime import cuda_module
+
+cuda = cuda_module()
+
+REGISTRY: list = []   # (module, name, python function, (signature, ...))
+
+
+def kernel(*signatures):
+    """Decorator: ``cuda.jit`` (lazy, specialised at launch) and record the launch signatures."""
+    def deco(func):
+        REGISTRY.append((func.__module__, func.__name__, func, tuple(signatures)))
+        return cuda.jit(func)
+    return deco
+
+
+def device(func):
+    """Decorator: an inlined device function."""
+    return cuda.jit(device=True, inline=True)(func)

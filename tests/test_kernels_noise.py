@@ -1,0 +1,152 @@
+"""ddpm_ref.kernels.noise against ddpm_ref.rng and ddpm_ref.diffusion (the noise contract on the GPU).
+
+Runs in Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, set below before Numba is imported) at
+tiny shapes, and on a real GPU at the same shapes plus full-size ones when DDPM_KERNELS_FULL=1
+(benchmarks/gpu_check.sh).
+
+Tolerance table (why each number is what it is):
+- uint32 words and uniforms: exact. Integer Philox and an exact float32 mapping.
+- normals: 1e-6 absolute. Box-Muller in float64 then one rounding to float32; libdevice's float64
+  log/cos/sin may differ from the host libm in the last float64 bit, which can flip one float32
+  rounding (|z| < 6, so one float32 ulp is < 5e-7). In the simulator the same libm runs: exact.
+- x_t, targets: 2 float32 ulps of the operands' magnitude (rtol 1e-6 on values of size <= ~5): the
+  GPU may fuse ``a*x0 + b*eps`` into one FMA (one rounding instead of two); the simulator is exact.
+- loss: rtol 1e-5; the kernel sums squares in float64, the reference in float32 (pairwise), so the
+  reference is the less accurate one by ~D * 6e-8 relative.
+"""
+import os
+
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+pytest.importorskip("numba_cuda", reason="the GPU kernel tests need numba-cuda (the `test` extra)")
+
+from ddpm_ref import diffusion, rng  # noqa: E402
+from ddpm_ref.kernels import runtime as kb  # noqa: E402
+
+try:
+    kb.require_gpu()
+except kb.GPUUnavailableError as exc:  # numba.cuda imported earlier without the simulator, no GPU
+    pytest.skip(f"no GPU and the simulator is off in this process: {exc}", allow_module_level=True)
+
+from ddpm_ref.kernels import noise  # noqa: E402
+from ddpm_ref.schedule import Schedule  # noqa: E402
+
+SIM = kb.is_simulator()
+FULL = os.environ.get("DDPM_KERNELS_FULL", "0") == "1" and not SIM
+
+shapes = st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple)
+indices = st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=3)
+
+
+@settings(max_examples=10)
+@given(seed=st.integers(0, 2**32 - 1), stream=st.integers(0, 2**32 - 1), idx=indices, shape=shapes,
+       step=st.integers(0, 2**32 - 1), sub=st.integers(0, 2**32 - 1))
+def test_bits_uniform_normal_match_rng(seed, stream, idx, shape, step, sub):
+    idx = np.array(idx, dtype=np.int64)
+    w = kb.to_host(noise.random_bits(seed, stream, idx, step, shape, sub))
+    assert w.dtype == np.uint32 and w.shape == (len(idx),) + shape
+    np.testing.assert_array_equal(w, rng.random_bits(seed, stream, idx, step, shape, sub))   # exact
+    u = kb.to_host(noise.uniform(seed, stream, idx, step, shape, sub))
+    np.testing.assert_array_equal(u, rng.uniform(seed, stream, idx, step, shape, sub))       # exact
+    z = kb.to_host(noise.normal(seed, stream, idx, step, shape, sub))
+    np.testing.assert_allclose(z, rng.normal(seed, stream, idx, step, shape, sub), rtol=0, atol=1e-6)
+
+
+def test_per_sample_step_and_known_answer():
+    # step and sub given per sample; and the Random123 known answer through the device path:
+    # counter (0, 0, 0, 0), key (0, 0) -> 6627e8d5 e169c58d bc57ac4c 9b00dbd8.
+    w = kb.to_host(noise.random_bits(0, 0, [0], 0, (4,), 0))
+    assert [hex(int(x)) for x in w[0]] == ["0x6627e8d5", "0xe169c58d", "0xbc57ac4c", "0x9b00dbd8"]
+    idx = np.array([5, 2, 9])
+    step = np.array([0, 7, 2**32 - 1])
+    sub = np.array([1, 0, 3])
+    np.testing.assert_array_equal(kb.to_host(noise.random_bits(3, 4, idx, step, (2, 3), sub)),
+                                  rng.random_bits(3, 4, idx, step, (2, 3), sub))
+
+
+def test_bad_address_raises():
+    with pytest.raises(ValueError, match="seed"):
+        noise.normal(-1, 4, [0], 0, (3,))
+    with pytest.raises(ValueError, match="index"):
+        noise.normal(0, 4, [-5], 0, (3,))
+    with pytest.raises(ValueError, match="step"):
+        noise.random_bits(0, 4, [0, 1], [1, 2, 3], (3,))
+
+
+def _schedule(kind):
+    return Schedule.linear(T=50) if kind == "linear" else Schedule.cosine(T=50)
+
+
+@settings(max_examples=8)
+@given(n=st.integers(1, 3), shape=st.sampled_from([(1, 3, 3), (2, 2, 5), (7,), (3, 1, 1)]),
+       prediction=st.sampled_from(["epsilon", "sample", "v"]), kind=st.sampled_from(["linear", "cosine"]),
+       seed=st.integers(0, 2**32 - 1), step=st.integers(0, 10**6), data=st.data())
+def test_q_sample_target_matches_reference(n, shape, prediction, kind, seed, step, data):
+    sched = _schedule(kind)
+    r = np.random.default_rng(seed % 1000)
+    x0 = r.uniform(-1, 1, (n,) + shape).astype(np.float32)
+    t = np.array(data.draw(st.lists(st.integers(0, sched.T - 1), min_size=n, max_size=n)), dtype=np.int64)
+    index = np.array(data.draw(st.lists(st.integers(0, 10**9), min_size=n, max_size=n)), dtype=np.int64)
+    eps = rng.normal(seed, rng.Stream.TRAIN_NOISE, index, step, shape)
+    xt_ref = diffusion.q_sample(sched, x0, t, eps)
+    target_ref = diffusion.training_target(sched, x0, t, eps, prediction)
+    xt, target = noise.q_sample_target(sched, kb.to_device(x0), t, seed, index, step, prediction)
+    tol = dict(rtol=1e-6, atol=1e-6)   # FMA contraction on a GPU; exact in the simulator
+    np.testing.assert_allclose(kb.to_host(xt), xt_ref, **tol)
+    np.testing.assert_allclose(kb.to_host(target), target_ref, **tol)
+    xt2, none = noise.q_sample_target(sched, kb.to_device(x0), t, seed, index, step, prediction,
+                                      store_target=False)
+    assert none is None
+    np.testing.assert_array_equal(kb.to_host(xt2), kb.to_host(xt))    # same kernel, same bits
+
+    # The loss kernel regenerates the same eps: with pred = the stored target the loss is exactly 0.
+    loss0, per0, d0 = noise.mse_noise_loss(sched, target, kb.to_device(x0), t, seed, index, step, prediction)
+    assert loss0 == 0.0 and np.all(kb.to_host(per0) == 0) and np.all(kb.to_host(d0) == 0)
+
+    # And against the reference MSE (written out: mean over elements, weights, mean over the batch).
+    pred = r.normal(size=x0.shape).astype(np.float32)
+    w = r.uniform(0.5, 2.0, n).astype(np.float32)
+    loss, per, dpred = noise.mse_noise_loss(sched, kb.to_device(pred), kb.to_device(x0), t, seed, index,
+                                            step, prediction, weights=w, dloss=0.5)
+    diff = pred.astype(np.float64) - target_ref.astype(np.float64)
+    per_ref = (diff.reshape(n, -1) ** 2).mean(axis=1)
+    np.testing.assert_allclose(kb.to_host(per), per_ref, rtol=1e-5)   # float32 output of a float64 sum
+    assert loss == pytest.approx(float((per_ref * w).mean()), rel=1e-5)
+    d = x0[0].size
+    dref = 0.5 * 2.0 * diff * w.reshape((n,) + (1,) * len(shape)) / (n * d)
+    np.testing.assert_allclose(kb.to_host(dpred), dref, rtol=1e-5, atol=1e-7)   # float32 products
+
+
+def test_q_sample_validation():
+    sched = Schedule.linear(T=10)
+    x0 = kb.to_device(np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match="prediction"):
+        noise.q_sample_target(sched, x0, np.array([1, 2]), 0, [0, 1], prediction="score")
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 10\)"):
+        noise.q_sample_target(sched, x0, np.array([1, 10]), 0, [0, 1])
+    with pytest.raises(ValueError, match="index"):
+        noise.q_sample_target(sched, x0, np.array([1, 2]), 0, [0])
+    with pytest.raises(ValueError, match="float32"):
+        noise.q_sample_target(sched, kb.to_device(np.zeros((2, 3))), np.array([1, 2]), 0, [0, 1])
+
+
+@pytest.mark.skipif(not FULL, reason="full-size shapes run on a real GPU only (DDPM_KERNELS_FULL=1)")
+def test_full_size_cifar_batch():
+    sched = Schedule.linear()
+    n, shape = 128, (3, 32, 32)
+    index = np.arange(1000, 1000 + n)
+    x0 = np.random.default_rng(0).uniform(-1, 1, (n,) + shape).astype(np.float32)
+    t = np.random.default_rng(1).integers(0, 1000, n)
+    eps = rng.normal(7, rng.Stream.TRAIN_NOISE, index, 123, shape)
+    np.testing.assert_array_equal(kb.to_host(noise.random_bits(7, 4, index, 123, shape)),
+                                  rng.random_bits(7, 4, index, 123, shape))
+    np.testing.assert_allclose(kb.to_host(noise.normal(7, 4, index, 123, shape)), eps, rtol=0, atol=1e-6)
+    for prediction in ("epsilon", "v"):
+        xt, target = noise.q_sample_target(sched, kb.to_device(x0), t, 7, index, 123, prediction)
+        np.testing.assert_allclose(kb.to_host(xt), diffusion.q_sample(sched, x0, t, eps), rtol=1e-6, atol=2e-6)
+        np.testing.assert_allclose(kb.to_host(target),
+                                   diffusion.training_target(sched, x0, t, eps, prediction), rtol=1e-6, atol=2e-6)
