@@ -1,0 +1,64 @@
+"""Time ddpm_ref.rng.normal against numpy.random.Generator.standard_normal.
+
+What it measures: float32 standard normals for a (64, 3, 32, 32) batch (a CIFAR-10 sized batch of
+sampling or training noise), ours addressed by index = arange(64) through Philox4x32-10 and Box-Muller
+(ddpm_ref.rng), numpy's from a PCG64 Generator (ziggurat). Also the bare Philox words (random_bits).
+The runs are interleaved (ours, then numpy's, in turn) after a warm-up so that load from other
+processes hits both alike; the figures are medians. No test asserts a time.
+
+    python benchmarks/rng_speed.py [--runs 50] [--shape 64 3 32 32]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import numpy as np
+
+from ddpm_ref import rng
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=int, default=50, help="timed runs of each (median reported; >= 20)")
+    p.add_argument("--shape", type=int, nargs="+", default=[64, 3, 32, 32], help="batch shape (N, ...)")
+    args = p.parse_args(argv)
+    if args.runs < 1:
+        raise ValueError(f"--runs must be >= 1, got {args.runs}")
+    n, per_sample = args.shape[0], tuple(args.shape[1:])
+    index = np.arange(n)
+    gen = np.random.default_rng(0)
+    cases = {
+        "ddpm_ref.rng.normal": lambda: rng.normal(0, rng.Stream.SAMPLE_STEP, index, 0, per_sample),
+        "ddpm_ref.rng.random_bits": lambda: rng.random_bits(0, rng.Stream.SAMPLE_STEP, index, 0, per_sample),
+        "numpy Generator.standard_normal": lambda: gen.standard_normal(tuple(args.shape), dtype=np.float32),
+    }
+    for fn in cases.values():          # warm-up
+        fn()
+        fn()
+    times = {name: [] for name in cases}
+    for _ in range(args.runs):
+        for name, fn in cases.items():
+            times[name].append(_time(fn))
+    med = {name: float(np.median(ts)) * 1e3 for name, ts in times.items()}
+    print(f"machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
+          f"python {platform.python_version()} numpy {np.__version__}")
+    print(f"float32 normals of shape {tuple(args.shape)} ({int(np.prod(args.shape))} values), "
+          f"median of {args.runs} interleaved runs")
+    print(f"{'generator':34s} {'ms':>8s} {'vs numpy':>9s}")
+    base = med["numpy Generator.standard_normal"]
+    for name, ms in med.items():
+        print(f"{name:34s} {ms:8.3f} {ms / base:8.2f}x")
+    return med
+
+
+if __name__ == "__main__":
+    main()
