@@ -542,7 +542,10 @@ class LossAwareSampler:
         return t, 1.0 / (self.T * p[t])
 
     def update(self, t, losses) -> None:
-        """Record per-sample losses at their timesteps, in batch order (a full history drops its oldest)."""
+        """Record per-sample losses at their timesteps, in batch order (a full history drops its oldest).
+
+        Pass the per-sample training losses before importance weighting (improved-diffusion records
+        its total per-sample loss, L_simple plus the VB term for the hybrid objective)."""
         t, losses = _check_update(self.T, t, losses)
         for ti, li in zip(t.tolist(), losses.tolist()):
             c = self.loss_counts[ti]
@@ -714,7 +717,9 @@ def hybrid_vb_scale(schedule: Schedule, lam: float = HYBRID_LAMBDA) -> float:
     per-sample loss is ``mse + lam T L_t``. improved-diffusion's code writes this as
     ``vb * num_timesteps / 1000`` (its RESCALED_MSE loss type), the same number for lam = 0.001, with
     L_t in bits/dim (mean over dimensions / ln 2) and mse the mean over dimensions, as here.
-    So the factor is ``lam * T`` (1.0 for T = 1000), NOT ``lam``.
+    (Its plain MSE loss type adds vb unscaled, i.e. factor 1 whatever T; RESCALED_MSE is the default
+    for learned sigmas.) So the factor is ``lam * T`` (1.0 for T = 1000), NOT ``lam``: adding only
+    ``0.001 * mean(vb)`` would weigh the bound 1000 times less than the paper's hybrid loss.
     """
     _check_schedule(schedule)
     return float(lam) * schedule.T
