@@ -240,6 +240,10 @@ def test_npy_layouts_and_value_ranges(tmp_path):
     assert load_dataset(str(tmp_path / "grey.npy"), "all").x.shape == (10, 1, 6, 5)
     f01 = u[:, :1].astype(np.float32) / 255.0                          # floats in [0, 1]
     np.save(tmp_path / "f01.npy", f01)
+    with pytest.raises(ValueError, match="f01.npy: float images with every value in \\[0, 1\\].*ambiguous"):
+        load_dataset(str(tmp_path / "f01.npy"), "all")
+    d = load_dataset(str(tmp_path / "f01.npy"), "all", value_range=(-1, 1))  # the user says so
+    np.testing.assert_array_equal(d.x, f01)
     with pytest.raises(ValueError, match="value_range"):
         load_dataset(str(tmp_path / "f01.npy"), "all", value_range=(0.5, 1.0))  # values below 0.5
     d = load_dataset(str(tmp_path / "f01.npy"), "all", value_range=(0, 1))

@@ -28,7 +28,9 @@ Sources understood by :func:`load_dataset`
   ``x_train``/``x_test`` [+ ``y_train``/``y_test``]), loaded with ``allow_pickle=False``. Integer
   images must hold 0..255; float images are taken to be in [-1, 1] already unless ``value_range=(lo,
   hi)`` says otherwise (then ``x = 2 (v - lo) / (hi - lo) - 1``). Images may be (N, H, W), (N, C, H,
-  W) or (N, H, W, C) with C in {1, 3}; (N, D) arrays are vectors.
+  W) or (N, H, W, C) with C in {1, 3}; (N, D) arrays are vectors. Float images whose values all lie
+  in [0, 1] are refused without ``value_range`` (they are usually [0, 1] images, and reading them as
+  [-1, 1] would silently train on washed-out data).
 
 Split of a source without one: ``split="all"`` is everything; "train" / "test" hold out a fraction
 ``test_fraction`` (default 0.1, rounded down) chosen as the first entries of
@@ -210,6 +212,10 @@ def _to_model_array(arr: np.ndarray, path, value_range=None) -> np.ndarray:
     if arr.min() < -1.0 - 1e-6 or arr.max() > 1.0 + 1e-6:
         _fail(path, f"float images are taken to be in [-1, 1], got range [{arr.min()}, {arr.max()}]; "
                     "pass value_range=(lo, hi) to rescale")
+    if arr.min() >= 0.0:
+        # The classic pitfall: [0, 1] images read as [-1, 1] train on a washed-out data set.
+        _fail(path, f"float images with every value in [0, 1] (range [{arr.min()}, {arr.max()}]) are "
+                    "ambiguous: pass value_range=(0, 1) if they are [0, 1] images, or (-1, 1)")
     return np.ascontiguousarray(np.clip(arr, -1.0, 1.0), dtype=np.float32)
 
 
