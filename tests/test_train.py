@@ -1,0 +1,237 @@
+"""Tests for ddpm_ref/train.py: data order, exact resume, gradients of the objectives, NaN stop,
+run directories, progress and metrics, and a fixed-seed run against recorded losses."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from ddpm_ref import rng
+from ddpm_ref.checkpoint import load_checkpoint
+from ddpm_ref.data import Dataset, load_dataset
+from ddpm_ref.train import (CHECKPOINT_NAME, METRICS_NAME, NonFiniteLossError, RunDirError, TrainConfig,
+                            Trainer, batch_indices, read_metrics, train)
+
+
+# ------------------------------------------------------------------------------------ data order
+
+def test_batch_indices_cover_each_epoch_once():
+    n, b = 10, 4
+    seq = np.concatenate([batch_indices(3, n, b, s) for s in range(5)])   # 20 positions = 2 epochs
+    assert sorted(seq[:10]) == list(range(10)) and sorted(seq[10:]) == list(range(10))
+    np.testing.assert_array_equal(seq[:10], rng.permutation(3, rng.Stream.DATA_ORDER, n, step=0))
+    np.testing.assert_array_equal(seq[10:], rng.permutation(3, rng.Stream.DATA_ORDER, n, step=1))
+    cache = {}
+    for s in range(5):   # the permutation cache changes nothing
+        np.testing.assert_array_equal(batch_indices(3, n, b, s, cache), seq[4 * s:4 * s + 4])
+    assert not np.array_equal(batch_indices(4, n, b, 0), seq[:4])   # another seed, another order
+    with pytest.raises(ValueError, match="empty"):
+        batch_indices(0, 0, 4, 0)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="prediction"):
+        TrainConfig(prediction="eps")
+    with pytest.raises(ValueError, match="hybrid"):
+        TrainConfig(loss="hybrid")                     # needs learned_range
+    with pytest.raises(ValueError, match="learned_range"):
+        TrainConfig(variance="learned_range")          # needs the hybrid loss
+    with pytest.raises(ValueError, match="batch"):
+        TrainConfig(batch=0)
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match="unknown"):
+        TrainConfig.from_dict({"lr": 1e-3, "lrr": 1})
+    c = TrainConfig(lr=3e-4)
+    assert TrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+# ------------------------------------------------------------------------------------ exact resume
+
+def _digits(n):
+    return load_dataset("digits", split="train", n=n)
+
+
+def _moons(n):
+    return load_dataset("moons", split="train", n=n)
+
+
+def _digits_flat(n):
+    """Digits as 64-D vectors in [-1, 1]: data for the MLP that the hybrid loss's decoder accepts."""
+    d = _digits(n)
+    return Dataset(x=d.x.reshape(len(d), -1).copy(), y=None, num_classes=0, name="digits-flat")
+
+
+RESUME_CASES = {
+    # U-Net with dropout, attention, class conditioning + label drop, flips, min-SNR, v-prediction,
+    # the loss-aware sampler (history 1, T 8: warm after a few steps) and batches straddling epochs.
+    "unet": (lambda: _digits(20), dict(model="unet", preset="tiny", T=8, prediction="v", weighting="min_snr",
+                                       timestep_sampler="loss_aware", loss_aware_history=1, class_cond=True,
+                                       p_uncond=0.3, hflip=True, batch=6, warmup=2, grad_clip=1.0,
+                                       ema_decay=0.9, lr=1e-2)),
+    # MLP with the hybrid loss (learned-range variance) and weight decay.
+    "mlp_hybrid": (lambda: _digits_flat(50), dict(model="mlp", preset="tiny", T=8, loss="hybrid",
+                                            variance="learned_range", batch=16, weight_decay=0.01,
+                                            ema_decay=0.99, lr=1e-2, model_overrides={"dropout": 0.1})),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_resume_is_bit_identical(tmp_path, case):
+    make_data, kw = RESUME_CASES[case]
+    ds = make_data()
+    cfg = TrainConfig(steps=6, checkpoint_every=2, log_every=1, seed=5, **kw)
+    a, b = tmp_path / "straight", tmp_path / "resumed"
+    train(cfg, a, progress=False, dataset=ds)
+    tr_b = train(cfg, b, progress=False, dataset=ds, stop_at=3)        # stops (and checkpoints) at 3
+    assert tr_b.step == 3 and load_checkpoint(b / CHECKPOINT_NAME).step == 3
+    tr_b2 = train(None, b, resume=True, progress=False, dataset=ds)   # a fresh process would do this
+    assert tr_b2.step == 6
+    ca, cb = load_checkpoint(a / CHECKPOINT_NAME), load_checkpoint(b / CHECKPOINT_NAME)
+    assert ca.step == cb.step == 6
+    # bit-identical: same float32 operations on the same inputs in the same order
+    np.testing.assert_array_equal(ca.params, cb.params)
+    np.testing.assert_array_equal(ca.ema, cb.ema)
+    np.testing.assert_array_equal(ca.optimizer["m"], cb.optimizer["m"])
+    np.testing.assert_array_equal(ca.optimizer["v"], cb.optimizer["v"])
+    assert ca.optimizer["step"] == cb.optimizer["step"] == 6
+    assert sorted(ca.sampler) == sorted(cb.sampler)
+    for k in ca.sampler:
+        np.testing.assert_array_equal(np.asarray(ca.sampler[k]), np.asarray(cb.sampler[k]))
+    la = [(r["step"], r["loss"]) for r in read_metrics(a / METRICS_NAME)]
+    lb = [(r["step"], r["loss"]) for r in read_metrics(b / METRICS_NAME)]
+    assert la == lb and [s for s, _ in la] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(l) for _, l in la)
+    assert not np.array_equal(ca.params, ca.ema)   # the EMA is a separate, lagging copy
+    if kw.get("timestep_sampler") == "loss_aware":   # importance sampling was active before step 3
+        assert np.all(np.asarray(ca.sampler["loss_counts"]) == 1)
+
+
+def test_metrics_past_the_checkpoint_are_dropped_on_resume(tmp_path):
+    ds = _moons(40)
+    cfg = TrainConfig(model="mlp", preset="tiny", T=10, steps=4, batch=8, checkpoint_every=2, log_every=1)
+    train(cfg, tmp_path, progress=False, dataset=ds, stop_at=2)
+    with open(tmp_path / METRICS_NAME, "a") as f:        # a crashed run logged steps 3-4, no checkpoint
+        f.write(json.dumps({"step": 3, "loss": 9.0}) + "\n" + json.dumps({"step": 4, "loss": 9.0}) + "\n")
+        f.write('{"step": 5, "lo')                        # and died mid-line
+    train(None, tmp_path, resume=True, progress=False, dataset=ds)
+    recs = read_metrics(tmp_path / METRICS_NAME)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert all(r["loss"] != 9.0 for r in recs)
+
+
+# ------------------------------------------------------------------------------------ gradients
+
+def _fd_check(tr, params64, direction, which="loss", step=0, h=1e-5):
+    """Centred difference of the chosen scalar along ``direction`` vs the analytic gradient."""
+    loss, grad, info = tr.loss_and_grad(params64, step)
+    fp = tr.loss_and_grad(params64 + h * direction, step)
+    fm = tr.loss_and_grad(params64 - h * direction, step)
+    pick = (lambda r: r[0]) if which == "loss" else (lambda r: r[2][which])
+    num = (pick(fp) - pick(fm)) / (2 * h)
+    ana = float(grad @ direction)
+    return num, ana
+
+
+@pytest.mark.parametrize("prediction,weighting,sampler", [("epsilon", "uniform", "uniform"),
+                                                          ("v", "min_snr", "uniform"),
+                                                          ("sample", "min_snr", "loss_aware")])
+def test_simple_loss_gradient_matches_finite_differences(prediction, weighting, sampler):
+    ds = _moons(32)
+    cfg = TrainConfig(model="mlp", preset="tiny", T=50, prediction=prediction, weighting=weighting,
+                      timestep_sampler=sampler, loss_aware_history=1, batch=8,
+                      model_overrides={"dropout": 0.2}, seed=1)
+    tr = Trainer(cfg, ds)
+    g = np.random.default_rng(0)
+    p64 = tr.params.astype(np.float64) + 0.3 * g.standard_normal(tr.params.size)   # leave the zero init
+    if sampler == "loss_aware":   # warm the sampler so the importance weights are not all 1
+        t_all = np.arange(cfg.T)
+        tr.sampler.update(t_all, (t_all + 1.0) / 10.0)
+        assert not np.allclose(tr.sampler.sample(cfg.seed, np.arange(8), 3)[1], 1.0)
+    u = g.standard_normal(tr.params.size)
+    num, ana = _fd_check(tr, p64, u, step=3)
+    # float64 centred differences, h = 1e-5: truncation ~ h^2 |f'''| and rounding ~ 1e-16 / h; the
+    # loss is O(1), so 1e-6 relative is loose for a correct gradient and tight for a wrong term.
+    assert num == pytest.approx(ana, rel=1e-6, abs=1e-9)
+
+
+def test_hybrid_gradient_reaches_the_variance_only_through_vb():
+    ds = _digits_flat(32)
+    cfg = TrainConfig(model="mlp", preset="tiny", T=20, loss="hybrid", variance="learned_range", batch=8,
+                      seed=2)
+    tr = Trainer(cfg, ds)
+    g = np.random.default_rng(1)
+    p64 = tr.params.astype(np.float64) + 0.3 * g.standard_normal(tr.params.size)
+    d = tr.model.config.dim
+    # directions that move only the variance outputs (rows d..2d of the output layer): the mean is
+    # unchanged, so the VB term's stop-gradient is irrelevant and the total loss is differentiable
+    u_var = np.zeros(tr.params.size)
+    nv = tr.model.named(u_var)
+    nv["output.weight"][d:] = g.standard_normal(nv["output.weight"][d:].shape)
+    nv["output.bias"][d:] = g.standard_normal(d)
+    num, ana = _fd_check(tr, p64, u_var, step=1)
+    assert ana != 0.0
+    assert num == pytest.approx(ana, rel=1e-6, abs=1e-9)   # see the tolerance note above
+    # the mean outputs (rows 0..d) get the L_simple gradient alone: compare with d mse / d theta
+    u_mean = np.zeros(tr.params.size)
+    nm = tr.model.named(u_mean)
+    nm["output.weight"][:d] = g.standard_normal(nm["output.weight"][:d].shape)
+    num, ana = _fd_check(tr, p64, u_mean, which="mse", step=1)
+    assert num == pytest.approx(ana, rel=1e-6, abs=1e-9)
+
+
+def test_hybrid_needs_data_in_unit_range():
+    with pytest.raises(ValueError, match="256 bins"):
+        Trainer(TrainConfig(model="mlp", preset="tiny", T=10, loss="hybrid", variance="learned_range"), _moons(20))
+
+
+# ------------------------------------------------------------------------------------ NaN stop
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    ds = _moons(40)
+    x = ds.x.copy()
+    bad = 17
+    x[bad] = np.nan
+    nan_ds = Dataset(x=x, y=None, num_classes=0, name="moons-with-nan")
+    cfg = TrainConfig(model="mlp", preset="tiny", T=10, steps=20, batch=8, checkpoint_every=1, seed=0)
+    first_bad = next(s for s in range(20) if bad in batch_indices(cfg.seed, 40, 8, s))   # 0-based
+    assert first_bad >= 1   # the seed is chosen so that at least one good step comes first
+    with pytest.raises(NonFiniteLossError, match=f"at step {first_bad + 1} ") as e:
+        train(cfg, tmp_path, progress=False, dataset=nan_ds)
+    assert str(tmp_path / CHECKPOINT_NAME) in str(e.value)
+    c = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert c.step == first_bad                          # the last good state, not a NaN one
+    assert np.all(np.isfinite(c.params)) and np.all(np.isfinite(c.ema))
+
+
+# ------------------------------------------------------------------------------------ run dirs
+
+def test_run_dir_rules(tmp_path):
+    ds = _moons(20)
+    cfg = TrainConfig(model="mlp", preset="tiny", T=10, steps=2, batch=8)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="not empty"):
+        train(cfg, tmp_path, progress=False, dataset=ds)
+    with pytest.raises(RunDirError, match="nothing to resume"):
+        train(cfg, tmp_path, resume=True, progress=False, dataset=ds)
+    train(cfg, tmp_path, force=True, progress=False, dataset=ds)
+    assert (tmp_path / "notes.txt").read_text() == "mine"    # --force replaces the run, not the user's files
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME).step == 2
+    tr = train(None, tmp_path, resume=True, steps=3, progress=False, dataset=ds)   # raise the total
+    assert tr.step == 3
+    cfgj = json.loads((tmp_path / "config.json").read_text())
+    assert cfgj["train"]["steps"] == 3 and cfgj["model"]["kind"] == "mlp" and len(cfgj["schedule"]["betas"]) == 10
+
+
+def test_plain_progress_line_without_tqdm(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)      # import tqdm -> ImportError
+    cfg = TrainConfig(model="mlp", preset="tiny", T=10, steps=3, batch=8, log_every=1)
+    train(cfg, tmp_path, progress=True, dataset=_moons(20))
+    err = capsys.readouterr().err
+    assert "step 3/3" in err and "steps/s" in err and "loss" in err
+    recs = read_metrics(tmp_path / METRICS_NAME)
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    assert set(recs[0]) >= {"step", "loss", "mse", "grad_norm", "lr", "steps_per_s", "elapsed"}
+    # warmup 100: lr grows linearly from lr/100 (optim.warmup_lr)
+    assert recs[0]["lr"] == pytest.approx(cfg.lr / 100, rel=1e-12)
