@@ -49,10 +49,18 @@ distribution over the 256 bins). Each 8-bit value is replaced by its rank ``k`` 
 
 Measured on the embedded digits (train 1,497 -> test 300; ``python -c "from ddpm_ref import metrics;
 print(metrics.digits_baselines())"``): Gaussian 2.948 bits/dim, histograms 2.424 bits/dim.
+
+Reference figures for real data (deterministic; the ceilings a sampler is compared with)
+------------------------------------------------------------------------------------------
+* digits, ``precision_recall(test, train)`` (300 real, 1,497 "fake"): precision 0.901, recall 0.870;
+  with 1,000 training images as "fake" (the size of an evaluation sample; the first 1,000 of
+  ``rng.permutation(0, Stream.EVAL, 1497)``): 0.897 / 0.860.
+* digits, ``near_copy_share(test, train)``: 0.0 (threshold 1.025 = 0.5 x the median gap 2.049).
+* moons, ``energy_distance`` between two held-out draws of 5,000 (seeds 0 and 1): 3.6e-4.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 
