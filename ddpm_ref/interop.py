@@ -173,6 +173,9 @@ def _torch_load(path):
 def read_state_dict(path):
     """Read one weight file -> dict name -> ndarray (floats widened to float32 where narrower).
 
+    Safetensors arrays of 32 bits or more are read-only views of the memory-mapped file (copy them
+    to modify); the others are fresh arrays.
+
     ``.safetensors`` is read with NumPy alone; a sharded ``*.index.json`` (``{"weight_map": {name:
     shard}}``) reads each shard; ``.bin``/``.pt``/``.pth``/``.ckpt`` go through
     ``torch.load(weights_only=True)`` and need torch.
@@ -198,7 +201,7 @@ def read_state_dict(path):
                              "from their shards")
         return out
     if path.endswith(".safetensors"):
-        raw = st.load_file(path)
+        raw = st.load_file(path, mmap_mode=True)      # read-only views of the mapped file, no copy
         return {k: (v.astype(np.float32) if v.dtype.kind == "f" and v.dtype.itemsize < 4 else v)
                 for k, v in raw.items()}
     if path.endswith((".bin", ".pt", ".pth", ".ckpt")):
