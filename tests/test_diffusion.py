@@ -360,3 +360,27 @@ T2 = np.array([0, 1])
 def test_value_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ----------------------------------------------------------------------------- reverse-step moments
+def test_p_mean_matches_ddpm_eq11_and_variances():
+    # DDPM eq. 11: mu = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t), an independent
+    # form of the posterior mean at x0_hat; float64: rtol 1e-10.
+    r = np.random.default_rng(3)
+    t = np.array([0, 1, 500, 999])
+    xt = r.standard_normal((4, 3))
+    eps = r.standard_normal((4, 3))
+    pm = D.p_mean_variance(LIN, eps, xt, t, "epsilon", "fixed_small")
+    b = LIN.betas[t][:, None]
+    want = (xt - b / np.sqrt(1 - LIN.alpha_bar[t])[:, None] * eps) / np.sqrt(LIN.alphas[t])[:, None]
+    np.testing.assert_allclose(pm["mean"], want, rtol=1e-10, atol=1e-12)
+    # fixed_large uses beta~ at index 1 for the first step (REFERENCE pitfall), beta_t elsewhere
+    lv = D.model_log_variance(LIN, "fixed_large", t)
+    assert lv[0] == np.log(LIN.posterior_variance[1])
+    np.testing.assert_array_equal(lv[1:], np.log(LIN.betas[t[1:]]))
+    assert D.model_log_variance(LIN, "fixed_small", t)[0] == np.log(LIN.posterior_variance[1])
+    # learned_range: v = -1 gives log beta~ (clipped), v = +1 gives log beta, v = 0 the midpoint
+    v = np.array([-1.0, 1.0, 0.0, 0.0])[:, None] * np.ones((4, 3))
+    lr = D.model_log_variance(LIN, "learned_range", t, v)
+    lo, hi = LIN.posterior_log_variance_clipped[t], np.log(LIN.betas[t])
+    np.testing.assert_allclose(lr[:, 0], [lo[0], hi[1], (lo[2] + hi[2]) / 2, (lo[3] + hi[3]) / 2], rtol=1e-14)
