@@ -101,7 +101,7 @@ def check_t(schedule: Schedule, t, n: int | None = None) -> np.ndarray:
         if lo < 0 or hi >= schedule.T:
             bad = lo if lo < 0 else hi
             raise ValueError(f"t must lie in [0, T) = [0, {schedule.T}), got t = {bad}")
-    return arr.astype(np.int64)
+    return arr.astype(np.int64, copy=False)
 
 
 def _coef(table: np.ndarray, t: np.ndarray, like: np.ndarray) -> np.ndarray:
@@ -773,14 +773,15 @@ def hybrid_vb_loss(schedule: Schedule, model_output, x0, xt, t, prediction: str 
     mu_q, _, l_q = q_posterior(schedule, x0, xt, t)
     d_count = int(np.prod(x0.shape[1:], dtype=np.int64))
 
-    kl = normal_kl(mu_q, l_q, mu, l)                           # (N, C, ...) nats
-    dkl_dl = 0.5 * (1.0 - np.exp(l_q - l) - (mu_q - mu) ** 2 * np.exp(-l))
-    loglik, dloglik_dls = _discretized_loglik_and_grad(x0, mu, 0.5 * l)
-    dnll_dl = -0.5 * dloglik_dls                               # ls = l/2, term = -loglik
-
-    first = (t == 0).reshape((n,) + (1,) * (x0.ndim - 1))
-    term = np.where(first, -loglik, kl)
-    dterm_dl = np.where(first, dnll_dl, dkl_dl)
+    # t index > 0: the KL term and its derivative in l (every row, cheap); rows with t index 0
+    # are then overwritten by the decoder NLL and its derivative (computed on those rows only).
+    term = normal_kl(mu_q, l_q, mu, l)                         # (N, C, ...) nats
+    dterm_dl = 0.5 * (1.0 - np.exp(l_q - l) - (mu_q - mu) ** 2 * np.exp(-l))
+    first = t == 0
+    if np.any(first):
+        loglik, dloglik_dls = _discretized_loglik_and_grad(x0[first], mu[first], 0.5 * l[first])
+        term[first] = -loglik
+        dterm_dl[first] = -0.5 * dloglik_dls                   # ls = l/2 and term = -loglik
     vb = _mean_flat(term) / _LOG2                              # (N,) bits/dim
 
     half_range = 0.5 * (_coef(np.log(schedule.betas), t, l) - _coef(schedule.posterior_log_variance_clipped, t, l))
