@@ -1,0 +1,495 @@
+"""2-D convolution on the GPU: implicit GEMM, shared-memory tiled, with a fused epilogue.
+
+What it is: the GPU twin of ``ddpm_ref/ops/conv.py`` (same names, signatures and ``(y, cache)``
+contract, on device float32 arrays). The equations are the reference's (cross-correlation with zero
+padding ``(top, bottom, left, right)`` and stride ``s``):
+
+    y[n, o, p, q]  = b[o] + sum_{c, r, t} w[o, c, r, t] x[n, c, s p - top + r, s q - left + t]
+    dx[n, c, h, v] = sum_{o, r, t: (h + top - r) = s p, (v + left - t) = s q} w[o, c, r, t] dy[n, o, p, q]
+    dw[o, c, r, t] = sum_{n, p, q} dy[n, o, p, q] x[n, c, s p - top + r, s q - left + t]
+    db[o]          = sum_{n, p, q} dy[n, o, p, q]
+
+Each of the three sums is a GEMM whose operands are *gathered on the fly* from x, w and dy while a
+tile is loaded into shared memory ("implicit GEMM"): no im2col buffer ever exists in global memory.
+
+=========  =================  ========================  ===========================================
+kernel     rows (M)           columns                   reduction (K)
+=========  =================  ========================  ===========================================
+forward    o  (O)             (n, p, q)  (N P Q)        (c, r, t)  (C kh kw)
+dx         c  (C)             (n, h, v)  (N H W)        (o, r, t)  (O kh kw), non-integer p, q skipped
+dw         o  (O)             (c, r, t)  (C kh kw)      (n, p, q)  (N P Q), split over blockIdx.z
+=========  =================  ========================  ===========================================
+
+Tiling (all three, "v1"): a 64 x 64 output tile per block of 16 x 16 threads, each thread owning a
+4 x 4 register tile (rows ``ty + 16 i``, columns ``tx + 16 j``, so a warp's stores are coalesced and
+its shared-memory reads conflict-free), K consumed 8 at a time through two shared tiles
+``As (8, 64)`` and ``Bs (8, 64)``. Each thread gathers 2 elements of each tile per step; the column it
+gathers for Bs is fixed for the whole kernel, so its pixel coordinates are decoded once.
+
+The forward epilogue fuses ``+ b[o]``, optionally ``+ temb[n, o]`` (the U-Net's time-embedding add,
+which the reference does as a separate broadcast add right after the conv) and ``+ residual[n, o, p,
+q]`` (the residual connection), in that order, so one kernel writes the block output.
+
+The weight gradient splits K (N P Q, up to 131072 on the CIFAR shapes) across ``blockIdx.z`` into a
+``(splits, O, C kh kw)`` partial buffer that is then summed (CuPy's reduction; deterministic, no
+atomics). db is a per-channel float64 reduction kernel.
+
+What it is not: tuned to cuDNN's level (no tensor cores: FP32 like the reference; no
+double-buffering or vector loads yet). ``conv2d_forward_v1`` etc. are the tiled kernels; the public
+names point at the best version, and future versions go beside them (llm.c's dev/cuda style).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import runtime as _b
+from ._jit import cuda, kernel
+from numba import float32, float64
+
+__all__ = ["conv2d_forward", "conv2d_backward", "conv_output_size", "conv2d_forward_v1",
+           "conv2d_backward_v1"]
+
+BM = 64    # rows per block tile
+BN = 64    # columns per block tile
+BK = 8     # reduction slice per shared-memory step
+TX = 16    # threads along columns
+TY = 16    # threads along rows
+TM = 4     # rows per thread (ty + 16 i)
+TN = 4     # columns per thread (tx + 16 j)
+NT = TX * TY
+A_ROWS_PER_PASS = NT // BK     # 32: rows of As gathered per pass (2 passes)
+B_ROWS_PER_PASS = NT // BN     # 4: rows of Bs gathered per pass (2 passes)
+
+_F4 = "float32[:, :, :, ::1]"
+_F3 = "float32[:, :, ::1]"
+_F2 = "float32[:, ::1]"
+_F1 = "float32[::1]"
+
+
+@kernel(f"void({_F4}, {_F2}, {_F1}, {_F2}, {_F3}, {_F3}, int32, int32, int32, int32, int32)")
+def conv2d_fwd_kernel(x, w2, bias, temb, residual, y3, stride, pad_top, pad_left, out_w, flags):
+    """y3 (N, O, P*Q) = w2 (O, C*kh*kw) @ im2col(x) (+ bias (flag 1), + temb (2), + residual (4)).
+
+    out_w is Q, the output width; kh*kw is recovered as w2.shape[1] // C and kw from x via ``flags``
+    bits 8.. (kw << 8).
+    """
+    N = x.shape[0]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    O = w2.shape[0]
+    K = w2.shape[1]
+    KW = flags >> 8
+    RS = K // C
+    PQ = y3.shape[2]
+    Q = out_w
+    NPQ = N * PQ
+    As = cuda.shared.array((BK, BM), float32)
+    Bs = cuda.shared.array((BK, BN), float32)
+    acc = cuda.local.array((TM, TN), float32)
+    a_reg = cuda.local.array(TM, float32)
+    b_reg = cuda.local.array(TN, float32)
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    tid = ty * TX + tx
+    m0 = cuda.blockIdx.y * BM
+    n0 = cuda.blockIdx.x * BN
+    for i in range(TM):
+        for j in range(TN):
+            acc[i, j] = float32(0.0)
+    # The Bs column this thread gathers: output pixel col = (n, p, q), decoded once.
+    bj = tid % BN
+    bk = tid // BN
+    col = n0 + bj
+    col_ok = col < NPQ
+    bn = col // PQ
+    pq = col - bn * PQ
+    bp = pq // Q
+    h_base = bp * stride - pad_top
+    w_base = (pq - bp * Q) * stride - pad_left
+    ak = tid % BK
+    am = tid // BK
+    for k0 in range(0, K, BK):
+        for l in range(BM // A_ROWS_PER_PASS):
+            m = am + A_ROWS_PER_PASS * l
+            k = k0 + ak
+            v = float32(0.0)
+            if m0 + m < O and k < K:
+                v = w2[m0 + m, k]
+            As[ak, m] = v
+        for l in range(BK // B_ROWS_PER_PASS):
+            kk = bk + B_ROWS_PER_PASS * l
+            k = k0 + kk
+            v = float32(0.0)
+            if col_ok and k < K:
+                c = k // RS
+                rs = k - c * RS
+                r = rs // KW
+                h = h_base + r
+                ww = w_base + (rs - r * KW)
+                if h >= 0 and h < H and ww >= 0 and ww < W:
+                    v = x[bn, c, h, ww]
+            Bs[kk, bj] = v
+        cuda.syncthreads()
+        for kk in range(BK):
+            for i in range(TM):
+                a_reg[i] = As[kk, ty + TY * i]
+            for j in range(TN):
+                b_reg[j] = Bs[kk, tx + TX * j]
+            for i in range(TM):
+                for j in range(TN):
+                    acc[i, j] += a_reg[i] * b_reg[j]
+        cuda.syncthreads()
+    for i in range(TM):
+        o = m0 + ty + TY * i
+        if o < O:
+            for j in range(TN):
+                cj = n0 + tx + TX * j
+                if cj < NPQ:
+                    n = cj // PQ
+                    p = cj - n * PQ
+                    v = acc[i, j]
+                    if flags & 1:
+                        v += bias[o]
+                    if flags & 2:
+                        v += temb[n, o]
+                    if flags & 4:
+                        v += residual[n, o, p]
+                    y3[n, o, p] = v
+
+
+@kernel(f"void({_F3}, {_F2}, {_F3}, int32, int32, int32, int32, int32, int32)")
+def conv2d_dx_kernel(dy3, w2, dx3, stride, pad_top, pad_left, out_w, in_w, kw):
+    """dx3 (N, C, H*W) = w2^T gathered (C, O*kh*kw) @ gathered dy (O*kh*kw, N*H*W)."""
+    N = dy3.shape[0]
+    O = dy3.shape[1]
+    PQ = dy3.shape[2]
+    C = dx3.shape[1]
+    HW = dx3.shape[2]
+    W = in_w
+    Q = out_w
+    P = PQ // Q
+    RS = w2.shape[1] // C
+    K = O * RS
+    NHW = N * HW
+    As = cuda.shared.array((BK, BM), float32)
+    Bs = cuda.shared.array((BK, BN), float32)
+    acc = cuda.local.array((TM, TN), float32)
+    a_reg = cuda.local.array(TM, float32)
+    b_reg = cuda.local.array(TN, float32)
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    tid = ty * TX + tx
+    m0 = cuda.blockIdx.y * BM
+    n0 = cuda.blockIdx.x * BN
+    for i in range(TM):
+        for j in range(TN):
+            acc[i, j] = float32(0.0)
+    bj = tid % BN
+    bk = tid // BN
+    col = n0 + bj
+    col_ok = col < NHW
+    bn = col // HW
+    hw = col - bn * HW
+    bh = hw // W
+    h_base = bh + pad_top              # h + top = s p + r
+    w_base = hw - bh * W + pad_left
+    ak = tid % BK
+    am = tid // BK
+    for k0 in range(0, K, BK):
+        for l in range(BM // A_ROWS_PER_PASS):
+            m = am + A_ROWS_PER_PASS * l      # c
+            k = k0 + ak                       # (o, r, t)
+            v = float32(0.0)
+            if m0 + m < C and k < K:
+                o = k // RS
+                v = w2[o, (m0 + m) * RS + (k - o * RS)]
+            As[ak, m] = v
+        for l in range(BK // B_ROWS_PER_PASS):
+            kk = bk + B_ROWS_PER_PASS * l
+            k = k0 + kk
+            v = float32(0.0)
+            if col_ok and k < K:
+                o = k // RS
+                rs = k - o * RS
+                r = rs // kw
+                hp = h_base - r
+                wp = w_base - (rs - r * kw)
+                if hp >= 0 and wp >= 0:
+                    p = hp // stride
+                    q = wp // stride
+                    if p * stride == hp and q * stride == wp and p < P and q < Q:
+                        v = dy3[bn, o, p * Q + q]
+            Bs[kk, bj] = v
+        cuda.syncthreads()
+        for kk in range(BK):
+            for i in range(TM):
+                a_reg[i] = As[kk, ty + TY * i]
+            for j in range(TN):
+                b_reg[j] = Bs[kk, tx + TX * j]
+            for i in range(TM):
+                for j in range(TN):
+                    acc[i, j] += a_reg[i] * b_reg[j]
+        cuda.syncthreads()
+    for i in range(TM):
+        c = m0 + ty + TY * i
+        if c < C:
+            for j in range(TN):
+                cj = n0 + tx + TX * j
+                if cj < NHW:
+                    n = cj // HW
+                    dx3[n, c, cj - n * HW] = acc[i, j]
+
+
+@kernel(f"void({_F3}, {_F4}, {_F3}, int32, int32, int32, int32, int32, int32)")
+def conv2d_dw_kernel(dy3, x, part, stride, pad_top, pad_left, out_w, kw, k_chunk):
+    """part[z] (O, C*kh*kw) = dy (O, K_z) @ gathered x (K_z, C*kh*kw) over K slice z of N*P*Q."""
+    N = dy3.shape[0]
+    O = dy3.shape[1]
+    PQ = dy3.shape[2]
+    C = x.shape[1]
+    H = x.shape[2]
+    W = x.shape[3]
+    Q = out_w
+    CRS = part.shape[2]
+    RS = CRS // C
+    K = N * PQ
+    k_begin = cuda.blockIdx.z * k_chunk
+    k_end = min(K, k_begin + k_chunk)
+    As = cuda.shared.array((BK, BM), float32)
+    Bs = cuda.shared.array((BK, BN), float32)
+    acc = cuda.local.array((TM, TN), float32)
+    a_reg = cuda.local.array(TM, float32)
+    b_reg = cuda.local.array(TN, float32)
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    tid = ty * TX + tx
+    m0 = cuda.blockIdx.y * BM
+    n0 = cuda.blockIdx.x * BN
+    for i in range(TM):
+        for j in range(TN):
+            acc[i, j] = float32(0.0)
+    bj = tid % BN
+    bk = tid // BN
+    col = n0 + bj                      # (c, r, t)
+    col_ok = col < CRS
+    bc = col // RS
+    rs = col - bc * RS
+    br = rs // kw
+    bt = rs - br * kw
+    ak = tid % BK
+    am = tid // BK
+    for k0 in range(k_begin, k_end, BK):
+        for l in range(BM // A_ROWS_PER_PASS):
+            m = am + A_ROWS_PER_PASS * l      # o
+            k = k0 + ak                       # (n, p, q)
+            v = float32(0.0)
+            if m0 + m < O and k < k_end:
+                n = k // PQ
+                v = dy3[n, m0 + m, k - n * PQ]
+            As[ak, m] = v
+        for l in range(BK // B_ROWS_PER_PASS):
+            kk = bk + B_ROWS_PER_PASS * l
+            k = k0 + kk
+            v = float32(0.0)
+            if col_ok and k < k_end:
+                n = k // PQ
+                pq = k - n * PQ
+                p = pq // Q
+                h = p * stride - pad_top + br
+                ww = (pq - p * Q) * stride - pad_left + bt
+                if h >= 0 and h < H and ww >= 0 and ww < W:
+                    v = x[n, bc, h, ww]
+            Bs[kk, bj] = v
+        cuda.syncthreads()
+        for kk in range(BK):
+            for i in range(TM):
+                a_reg[i] = As[kk, ty + TY * i]
+            for j in range(TN):
+                b_reg[j] = Bs[kk, tx + TX * j]
+            for i in range(TM):
+                for j in range(TN):
+                    acc[i, j] += a_reg[i] * b_reg[j]
+        cuda.syncthreads()
+    z = cuda.blockIdx.z
+    for i in range(TM):
+        o = m0 + ty + TY * i
+        if o < O:
+            for j in range(TN):
+                cj = n0 + tx + TX * j
+                if cj < CRS:
+                    part[z, o, cj] = acc[i, j]
+
+
+_DB_THREADS = 256
+
+
+@kernel(f"void({_F3}, {_F1})")
+def conv2d_db_kernel(dy3, db):
+    """db[o] = sum_{n, pq} dy3[n, o, pq], one block per channel (grid-stride), float64 accumulation."""
+    partial = cuda.shared.array(_DB_THREADS, float64)
+    N = dy3.shape[0]
+    O = dy3.shape[1]
+    PQ = dy3.shape[2]
+    tid = cuda.threadIdx.x
+    nthreads = cuda.blockDim.x
+    for o in range(cuda.blockIdx.x, O, cuda.gridDim.x):
+        s = 0.0
+        for e in range(tid, N * PQ, nthreads):
+            n = e // PQ
+            s += float64(dy3[n, o, e - n * PQ])
+        partial[tid] = s
+        cuda.syncthreads()
+        step = nthreads // 2
+        while step > 0:
+            if tid < step:
+                partial[tid] += partial[tid + step]
+            cuda.syncthreads()
+            step //= 2
+        if tid == 0:
+            db[o] = float32(partial[0])
+        cuda.syncthreads()
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+def _normalize_padding(padding):
+    """int, (vertical, horizontal) or (top, bottom, left, right) -> 4-tuple, as the reference."""
+    if isinstance(padding, (int, np.integer)):
+        pads = (int(padding),) * 4
+    else:
+        try:
+            pads = tuple(int(p) for p in padding)
+        except TypeError:
+            raise ValueError(f"padding must be an int or (top, bottom, left, right), got {padding!r}") from None
+        if len(pads) == 2:
+            pads = (pads[0], pads[0], pads[1], pads[1])
+        if len(pads) != 4:
+            raise ValueError(f"padding must be an int or (top, bottom, left, right), got {padding!r}")
+    if min(pads) < 0:
+        raise ValueError(f"padding must be non-negative, got {padding!r}")
+    return pads
+
+
+def conv_output_size(size, k, stride, pad_before, pad_after):
+    """Output length along one axis: floor((size + pads - k) / stride) + 1."""
+    return (size + pad_before + pad_after - k) // stride + 1
+
+
+def _ceil(a, b):
+    return (a + b - 1) // b
+
+
+def _dummy(xp, ndim):
+    return xp.zeros((1,) * ndim, dtype=xp.float32)
+
+
+def conv2d_forward_v1(x, w, b=None, stride=1, padding=1, temb=None, residual=None):
+    """Tiled implicit-GEMM convolution with the fused epilogue; returns ``(y, cache)``.
+
+    x (N, C, H, W), w (O, C, kh, kw), b (O,) or None; optional temb (N, O) broadcast over pixels and
+    residual (N, O, P, Q), both added in the epilogue (y = conv + b + temb + residual). The cache
+    holds x and w (the only things the backward pass needs).
+    """
+    _b.check_array(x, "x", ndim=4)
+    _b.check_array(w, "w", ndim=4)
+    N, C, H, W = (int(s) for s in x.shape)
+    O, Cw, KH, KW = (int(s) for s in w.shape)
+    if Cw != C:
+        raise ValueError(f"w has {Cw} input channels but x has {C}: w {tuple(w.shape)}, x {tuple(x.shape)}")
+    stride = int(stride)
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    pt, pb, pl, pr = _normalize_padding(padding)
+    P = conv_output_size(H, KH, stride, pt, pb)
+    Q = conv_output_size(W, KW, stride, pl, pr)
+    if P < 1 or Q < 1:
+        raise ValueError(f"the kernel {KH}x{KW} does not fit the padded input {H}x{W} with padding "
+                         f"{(pt, pb, pl, pr)}: output {P}x{Q}")
+    if KW >= 1 << 20:
+        raise ValueError(f"kernel width {KW} is too large")
+    xp = _b.xp()
+    flags = KW << 8
+    if b is not None:
+        _b.check_array(b, "b", shape=(O,))
+        flags |= 1
+    else:
+        b = _dummy(xp, 1)
+    if temb is not None:
+        _b.check_array(temb, "temb", shape=(N, O))
+        flags |= 2
+    else:
+        temb = _dummy(xp, 2)
+    if residual is not None:
+        _b.check_array(residual, "residual", shape=(N, O, P, Q))
+        residual3 = residual.reshape(N, O, P * Q)
+        flags |= 4
+    else:
+        residual3 = _dummy(xp, 3)
+    y = xp.empty((N, O, P, Q), dtype=xp.float32)
+    grid = (_ceil(N * P * Q, BN), _ceil(O, BM))
+    conv2d_fwd_kernel[grid, (TX, TY)](x, w.reshape(O, C * KH * KW), b, temb, residual3,
+                                      y.reshape(N, O, P * Q), np.int32(stride), np.int32(pt),
+                                      np.int32(pl), np.int32(Q), np.int32(flags))
+    cache = {"x": x, "w": w, "has_bias": (flags & 1) == 1, "stride": stride,
+             "padding": (pt, pb, pl, pr), "out_hw": (P, Q)}
+    return y, cache
+
+
+def _dw_splits(grid_xy: int, k_total: int) -> int:
+    """How many K slices for the weight gradient: enough blocks to fill the GPU (2 per SM)."""
+    if _b.is_simulator():
+        target = 2                      # exercise the split path, cheaply
+    else:
+        import cupy
+        sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
+        target = 2 * int(sms)
+    return max(1, min(_ceil(k_total, BK), _ceil(target, grid_xy)))
+
+
+def conv2d_backward_v1(dy, cache):
+    """Gradients of :func:`conv2d_forward_v1`: ``(dx, dw, db)`` (db None without bias).
+
+    With a fused temb/residual epilogue, their gradients are ``dy.sum((2, 3))`` and ``dy`` itself:
+    the caller forms those (they are not the convolution's).
+    """
+    x, w = cache["x"], cache["w"]
+    N, C, H, W = (int(s) for s in x.shape)
+    O, _, KH, KW = (int(s) for s in w.shape)
+    P, Q = cache["out_hw"]
+    pt, pb, pl, pr = cache["padding"]
+    stride = cache["stride"]
+    _b.check_array(dy, "dy", shape=(N, O, P, Q))
+    xp = _b.xp()
+    dy3 = dy.reshape(N, O, P * Q)
+    w2 = w.reshape(O, C * KH * KW)
+    # dx: rows c, columns (n, h, v), reduction (o, r, t)
+    dx = xp.empty((N, C, H, W), dtype=xp.float32)
+    grid = (_ceil(N * H * W, BN), _ceil(C, BM))
+    conv2d_dx_kernel[grid, (TX, TY)](dy3, w2, dx.reshape(N, C, H * W), np.int32(stride), np.int32(pt),
+                                     np.int32(pl), np.int32(Q), np.int32(W), np.int32(KW))
+    # dw: rows o, columns (c, r, t), reduction (n, p, q) split over blockIdx.z
+    crs = C * KH * KW
+    gx, gy = _ceil(crs, BN), _ceil(O, BM)
+    k_total = N * P * Q
+    splits = _dw_splits(gx * gy, k_total)
+    k_chunk = _ceil(_ceil(k_total, splits), BK) * BK
+    splits = _ceil(k_total, k_chunk)
+    part = xp.empty((splits, O, crs), dtype=xp.float32)
+    conv2d_dw_kernel[(gx, gy, splits), (TX, TY)](dy3, x, part, np.int32(stride), np.int32(pt),
+                                                 np.int32(pl), np.int32(Q), np.int32(KW),
+                                                 np.int32(k_chunk))
+    dw = part.sum(axis=0).reshape(O, C, KH, KW) if splits > 1 else part.reshape(O, C, KH, KW)
+    db = None
+    if cache["has_bias"]:
+        db = xp.empty(O, dtype=xp.float32)
+        threads = 32 if _b.is_simulator() else _DB_THREADS
+        blocks = min(O, 2) if _b.is_simulator() else min(O, 65535)
+        conv2d_db_kernel[blocks, threads](dy3, db)
+    return dx, dw, db
+
+
+conv2d_forward = conv2d_forward_v1
+conv2d_backward = conv2d_backward_v1
