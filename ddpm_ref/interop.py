@@ -110,6 +110,8 @@ _PREDICTION_FROM = {"epsilon": "epsilon", "sample": "sample", "v_prediction": "v
 _PREDICTION_TO = {v: k for k, v in _PREDICTION_FROM.items()}
 _DIFFUSERS_VERSION = "0.30.0"          # the oldest diffusers whose loaders read what we write
 _WEIGHT_STEM = "diffusion_pytorch_model"
+_DYNAMIC_PERCENTILE = 0.995            # samplers.DYNAMIC_PERCENTILE (Imagen's p)
+_NO_CAP = float(np.finfo(np.float32).max)   # a sample_max_value no float32 x0 can reach
 _META_KEY = "ddpm_ref.unet_config"     # safetensors metadata: our config, for an exact round trip
 
 
@@ -509,10 +511,21 @@ def schedule_from_diffusers(config, where="scheduler_config.json", sampler=None)
     if variance not in ("fixed_small", "fixed_large", "learned_range"):
         _refuse(where, "variance_type", variance,
                 "'fixed_small', 'fixed_small_log', 'fixed_large', 'learned_range'")
-    if c["thresholding"]:
-        _refuse(where, "thresholding", True, "False (dynamic thresholding is not mapped)")
     clip = bool(c["clip_sample"])
-    if clip and float(c["clip_sample_range"]) != 1.0:
+    if c["thresholding"]:
+        # diffusers: s = clamp(quantile(|x0|, ratio), 1, sample_max_value); x0 = clamp(x0, -s, s) / s
+        ratio, cap = float(c["dynamic_thresholding_ratio"]), float(c["sample_max_value"])
+        if cap == 1.0:
+            clip = True                   # s is always exactly 1: plain clipping to [-1, 1]
+        elif cap >= _NO_CAP and ratio == _DYNAMIC_PERCENTILE:
+            clip = "dynamic"              # Imagen's thresholding, no upper bound on s (ours)
+        elif ratio != _DYNAMIC_PERCENTILE:
+            _refuse(where, "dynamic_thresholding_ratio", c["dynamic_thresholding_ratio"],
+                    f"{_DYNAMIC_PERCENTILE} (Imagen's percentile)")
+        else:
+            _refuse(where, "sample_max_value", c["sample_max_value"],
+                    f"1.0 (= clipping) or >= {_NO_CAP:.8g} (no cap) with thresholding")
+    elif clip and float(c["clip_sample_range"]) != 1.0:
         _refuse(where, "clip_sample_range", c["clip_sample_range"], "1.0 (x0 clipped to [-1, 1])")
     spacing = c["timestep_spacing"]
     if spacing not in ("leading", "trailing", "linspace"):
@@ -548,8 +561,8 @@ def scheduler_config_to_diffusers(schedule, settings=None):
         raise ValueError(f"settings['variance'] must be 'fixed_small', 'fixed_large' or "
                          f"'learned_range', got {variance!r}")
     clip = settings.get("clip", True)
-    if clip not in (True, False):
-        raise ValueError(f"settings['clip'] must be True or False for diffusers, got {clip!r}")
+    if not (clip is True or clip is False or clip == "dynamic"):
+        raise ValueError(f"settings['clip'] must be True, False or 'dynamic', got {clip!r}")
     spacing = settings.get("spacing", "leading")
     if spacing not in ("leading", "trailing", "linspace"):
         raise ValueError(f"settings['spacing'] must be 'leading', 'trailing' or 'linspace', got {spacing!r}")
@@ -558,8 +571,11 @@ def scheduler_config_to_diffusers(schedule, settings=None):
            "_diffusers_version": _DIFFUSERS_VERSION, "num_train_timesteps": int(schedule.T),
            "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear", "trained_betas": None,
            "rescale_betas_zero_snr": False, "prediction_type": _PREDICTION_TO[prediction],
-           "clip_sample": bool(clip), "clip_sample_range": 1.0, "thresholding": False,
+           "clip_sample": clip is not False, "clip_sample_range": 1.0, "thresholding": False,
+           "dynamic_thresholding_ratio": _DYNAMIC_PERCENTILE, "sample_max_value": 1.0,
            "timestep_spacing": spacing, "steps_offset": 0}
+    if clip == "dynamic":
+        out.update(thresholding=True, sample_max_value=_NO_CAP)
     if sampler == "ddim":
         out["set_alpha_to_one"] = True
     else:

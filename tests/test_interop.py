@@ -236,7 +236,6 @@ def test_our_schedules_export_exactly():
 @pytest.mark.parametrize("cls, key, value", [
     ("DDPMScheduler", "variance_type", "learned"),
     ("DDPMScheduler", "variance_type", "fixed_large_log"),
-    ("DDPMScheduler", "thresholding", True),
     ("DDPMScheduler", "clip_sample_range", 2.0),
     ("DDPMScheduler", "steps_offset", 1),
     ("DDPMScheduler", "beta_schedule", "exp"),
@@ -306,3 +305,176 @@ def test_export_then_import_is_exact_and_diffusers_reads_it(tmp_path):
         expected = pipe.unet(torch.from_numpy(x), torch.from_numpy(t),
                              class_labels=torch.from_numpy(y)).sample.numpy()
     assert _relative_error(model.forward(params, x, t, y)[0], expected) < 1e-4
+
+
+# ---------------------------------------------------------------------- sampler steps vs diffusers
+
+from ddpm_ref import rng, samplers  # noqa: E402
+
+T_STEPS = 1000
+
+
+def _feed_noise(monkeypatch, module, queue):
+    """Replace diffusers' randn_tensor in ``module`` by arrays popped from ``queue`` (our noise)."""
+    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
+        a = queue.pop(0)
+        assert tuple(shape) == a.shape
+        return torch.from_numpy(a)
+    monkeypatch.setattr(module, "randn_tensor", randn_tensor)
+
+
+def _close(ours, ref, what):
+    # 2e-5 relative to the reference's scale: float32 diffusers tables vs our float64 ones,
+    # amplified by 1/sqrt(alpha_bar) (up to ~160) in x0 from eps at large t (module docstring).
+    ref = ref.numpy().astype(np.float64)
+    err = np.max(np.abs(ours - ref)) / max(np.max(np.abs(ref)), 1e-12)
+    assert err < 2e-5, f"{what}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_small_log", "fixed_large", "learned_range"])
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+def test_ddpm_step_equals_ddpmscheduler_step(monkeypatch, spacing, variance, prediction):
+    import diffusers.schedulers.scheduling_ddpm as ddpm_module
+    S, C = 10, 2
+    ref = diffusers.DDPMScheduler(num_train_timesteps=T_STEPS, variance_type=variance,
+                                  prediction_type=prediction, timestep_spacing=spacing,
+                                  clip_sample=prediction != "sample")
+    ref.set_timesteps(S)
+    schedule, settings = interop.schedule_from_diffusers(dict(ref.config))
+    ts = samplers.timesteps(T_STEPS, S, spacing)
+    np.testing.assert_array_equal(ts, ref.timesteps.numpy())       # the same chain
+    g = np.random.default_rng(sum(map(ord, spacing + variance + prediction)))
+    learned = variance == "learned_range"
+    for t, t_prev in zip(ts, samplers.previous_timesteps(ts)):
+        xt = g.standard_normal((2, C, 4, 4)).astype(np.float32)              # (N, C, H, W)
+        out = g.standard_normal((2, 2 * C if learned else C, 4, 4)).astype(np.float32)
+        if learned:
+            out[:, C:] = g.uniform(-1, 1, (2, C, 4, 4))                        # v_interp in [-1, 1]
+        noise = g.standard_normal(xt.shape).astype(np.float32)
+        # diffusers adds noise whenever t > 0, also at the last step of a trailing chain (t = 99);
+        # ours adds none at the final step (Algorithm 2). There we feed diffusers zero noise.
+        final = t_prev < 0
+        queue = [np.zeros_like(noise) if final else noise] if t > 0 else []
+        _feed_noise(monkeypatch, ddpm_module, queue)
+        expected = ref.step(torch.from_numpy(out), int(t), torch.from_numpy(xt))
+        assert not queue                                                # diffusers drew exactly once
+        x_prev, x0 = samplers.ddpm_step(schedule, out, xt, int(t), int(t_prev), None if final else noise,
+                                        settings["prediction"], settings["variance"], settings["clip"])
+        _close(x0, expected.pred_original_sample, f"x0 at t={t}")
+        _close(x_prev, expected.prev_sample, f"x_prev at t={t}")
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_step_equals_ddimscheduler_step(spacing, prediction, eta):
+    """DDIMScheduler steps from t to t - T // S (whatever the spacing); given that t_prev our step is
+    the same formula. With clipping, ours recomputes eps from the clipped x0 (diffusers'
+    use_clipped_model_output=True); DDIMPipeline's default (False) keeps the raw eps."""
+    S, C = 7, 3
+    clip = prediction != "v_prediction"
+    ref = diffusers.DDIMScheduler(num_train_timesteps=T_STEPS, prediction_type=prediction,
+                                  timestep_spacing=spacing, clip_sample=clip)
+    ref.set_timesteps(S)
+    schedule, settings = interop.schedule_from_diffusers(dict(ref.config))
+    ts = samplers.timesteps(T_STEPS, S, spacing)
+    np.testing.assert_array_equal(ts, ref.timesteps.numpy())
+    g = np.random.default_rng(sum(map(ord, spacing + prediction)) + int(10 * eta))
+    for t in ts:
+        t_prev = max(int(t) - T_STEPS // S, -1)                  # diffusers' previous timestep
+        xt = g.standard_normal((2, C, 4, 4)).astype(np.float32)
+        out = g.standard_normal((2, C, 4, 4)).astype(np.float32)
+        noise = g.standard_normal(xt.shape).astype(np.float32)
+        expected = ref.step(torch.from_numpy(out), int(t), torch.from_numpy(xt), eta=eta,
+                            use_clipped_model_output=True, variance_noise=torch.from_numpy(noise))
+        x_prev, x0 = samplers.ddim_step(schedule, out, xt, int(t), t_prev, eta, noise,
+                                        settings["prediction"], settings["clip"])
+        _close(x0, expected.pred_original_sample, f"x0 at t={t}")
+        _close(x_prev, expected.prev_sample, f"x_prev at t={t}")
+        if not clip:      # without clipping the raw and the recomputed eps are the same
+            plain = ref.step(torch.from_numpy(out), int(t), torch.from_numpy(xt), eta=eta,
+                             variance_noise=torch.from_numpy(noise))
+            _close(x_prev, plain.prev_sample, f"x_prev (raw eps) at t={t}")
+
+
+def test_dynamic_thresholding_maps_to_ours():
+    """thresholding with sample_max_value = 1 is plain clipping; with no cap it is our 'dynamic'."""
+    g = np.random.default_rng(5)
+    x0 = (3 * g.standard_normal((3, 2, 4, 4))).astype(np.float32)
+    for cap, clip in ((1.0, True), (interop._NO_CAP, "dynamic")):
+        ref = diffusers.DDPMScheduler(thresholding=True, sample_max_value=cap)
+        _, settings = interop.schedule_from_diffusers(dict(ref.config))
+        assert settings["clip"] == clip
+        expected = ref._threshold_sample(torch.from_numpy(x0)).numpy()
+        # float32 quantile on both sides (linear interpolation): a few ulps
+        np.testing.assert_allclose(samplers.clip_x0(x0, clip), expected, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="sample_max_value=2.0"):
+        interop.schedule_from_diffusers({"thresholding": True, "sample_max_value": 2.0})
+    with pytest.raises(ValueError, match="dynamic_thresholding_ratio=0.9"):
+        interop.schedule_from_diffusers({"thresholding": True, "sample_max_value": 2.0,
+                                         "dynamic_thresholding_ratio": 0.9})
+
+
+# --------------------------------------------------------------------------- whole pipelines
+
+def _inject_our_noise(monkeypatch, pipe, pipeline_module, scheduler_module, seed, n):
+    """Make a diffusers pipeline draw ddpm_ref's noise: x_T = rng.normal(seed, SAMPLE_INIT, i, 0)
+    and the noise of the step from t = rng.normal(seed, SAMPLE_STEP, i, t), as samplers.sample does.
+    randn_tensor is patched in the pipeline (x_T) and scheduler (step noise) modules; a wrapper on
+    scheduler.step records the timestep the next draw belongs to. Nothing else is changed."""
+    index = np.arange(n)
+    state = {"t": None, "draws": 0}
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
+        state["draws"] += 1
+        if state["t"] is None:
+            a = rng.normal(seed, rng.Stream.SAMPLE_INIT, index, 0, tuple(shape[1:]))
+        else:
+            a = rng.normal(seed, rng.Stream.SAMPLE_STEP, index, state["t"], tuple(shape[1:]))
+        assert a.shape == tuple(shape)
+        return torch.from_numpy(a)
+
+    step = pipe.scheduler.step
+
+    def recording_step(model_output, timestep, sample, *args, **kwargs):
+        state["t"] = int(timestep)
+        return step(model_output, timestep, sample, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "randn_tensor", randn_tensor)
+    monkeypatch.setattr(scheduler_module, "randn_tensor", randn_tensor)
+    monkeypatch.setattr(pipe.scheduler, "step", recording_step)
+    return state
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_pipeline_run_matches_with_the_same_noise(tmp_path, monkeypatch, kind):
+    """A 20-step DDPMPipeline run (and a 10-step DDIMPipeline, eta = 0, clip_sample False: see
+    test_ddim_step_equals_ddimscheduler_step for why) equals samplers.sample on the converted folder."""
+    import diffusers.pipelines.ddim.pipeline_ddim as ddim_pipeline
+    import diffusers.pipelines.ddpm.pipeline_ddpm as ddpm_pipeline
+    import diffusers.schedulers.scheduling_ddim as ddim_scheduler
+    import diffusers.schedulers.scheduling_ddpm as ddpm_scheduler
+    unet = _diffusers_unet("ddpm", seed=2)
+    if kind == "ddpm":
+        pipe = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler())
+        modules, steps = (ddpm_pipeline, ddpm_scheduler), 20
+    else:
+        pipe = diffusers.DDIMPipeline(unet=unet, scheduler=diffusers.DDIMScheduler(clip_sample=False))
+        modules, steps = (ddim_pipeline, ddim_scheduler), 10
+    pipe.save_pretrained(tmp_path)
+    model, params, schedule, settings = interop.load_diffusers(tmp_path)
+    assert settings["sampler"] == kind and settings["shape"] == (3, 8, 8)
+    seed, n = 7, 2
+    state = _inject_our_noise(monkeypatch, pipe, *modules, seed=seed, n=n)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        expected = pipe(batch_size=n, num_inference_steps=steps, output_type="pt").images.numpy()
+    assert state["draws"] == (1 + steps - 1 if kind == "ddpm" else 1)   # x_T + one per step with t > 0
+    ours = samplers.sample(model.denoiser(params), schedule, n=n, seed=seed,
+                           **{**settings, "num_steps": steps})
+    ours = np.clip(ours / 2 + 0.5, 0, 1)                  # the pipeline's output mapping (NCHW, "pt")
+    # 1e-4 absolute on [0, 1] images: per-step float32 differences (~1e-6 relative in the U-Net,
+    # ~1e-6 in the tables) accumulated over the chain.
+    assert np.max(np.abs(ours - expected)) < 1e-4
+    assert np.std(expected) > 0.05                         # a non-trivial image, not all clipped
