@@ -476,7 +476,8 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimisation step. Raises :class:`NonFiniteLossError` (nothing updated) on NaN/inf."""
         s = self.step
-        loss, grad, info = self.loss_and_grad(self.params, s, grad_out=self._grad)
+        with np.errstate(over="ignore", invalid="ignore"):   # non-finite results are caught below
+            loss, grad, info = self.loss_and_grad(self.params, s, grad_out=self._grad)
         if not math.isfinite(loss):
             raise NonFiniteLossError(f"loss is {loss} at step {s + 1} (of {self.cfg.steps}); training stopped "
                                      "before applying it")

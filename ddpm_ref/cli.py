@@ -1,0 +1,614 @@
+"""The ``ddpm`` command line (also ``python -m ddpm_ref``): train, sample, forward, eval, demo.
+
+What it is: a thin argparse front end over ``train.py`` (the loop and run directories),
+``samplers.py`` (the reverse process, DDPM algorithm 2 and DDIM), ``diffusion.py`` (the forward
+process, eq. 4, and the variational bound in bits/dim, sec. 3.3), ``metrics.py`` (sample quality)
+and ``image.py`` (PNG, GIF/APNG, plots). What it is not: a place for maths; every number it prints
+comes from those modules.
+
+    ddpm train  --data digits --preset digits --steps 3000 --batch 128 --out runs/x [--resume|--force]
+    ddpm sample --ckpt runs/x/checkpoint.npz -n 64 --sampler ddim --steps 100 [--animate gif]
+    ddpm forward --data digits                      # one image noised at increasing t, as a strip
+    ddpm eval   --ckpt runs/x/checkpoint.npz        # bits/dim on the test split + sample quality
+    ddpm demo                                       # train digits for a few minutes, sample, plot
+
+Conventions: ``--help`` everywhere; usage errors print one line and exit with code 2; unusable
+files (a corrupt checkpoint, unreadable data) and refused actions (a non-empty ``--out`` without
+``--resume`` or ``--force``) print one line and exit with code 1; a run stopped by a non-finite
+loss exits with code 1 naming the step. Set ``DDPM_DEBUG=1`` for full tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+__all__ = ["main", "build_parser"]
+
+# ------------------------------------------------------------------------------------ argparse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit code 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _positive_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _nonneg_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}")
+    return v
+
+
+def _float(s):
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not np.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return v
+
+
+def _bpd_timesteps(s):
+    if s == "all":
+        return None
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'all' or an integer >= 2, got {s!r}") from None
+    if v < 2:
+        raise argparse.ArgumentTypeError(f"expected 'all' or an integer >= 2, got {s!r}")
+    return v
+
+
+TOY_NAMES = ("swiss_roll", "moons", "8gaussians", "checkerboard", "rings")
+
+
+def _add_train_args(p, demo=False):
+    from .train import TrainConfig
+
+    d = TrainConfig()
+    g = p.add_argument_group("data and model")
+    if not demo:
+        g.add_argument("--data", default="digits",
+                       help="'digits' (embedded), a 2-D toy (" + ", ".join(TOY_NAMES) + "), an IDX file, "
+                            "an image folder or a .npy/.npz file (default: digits)")
+        g.add_argument("--model", choices=("unet", "mlp"), default=None,
+                       help="network (default: mlp for 2-D data, unet for images)")
+        g.add_argument("--preset", default=None,
+                       help="model preset: unet tiny|digits|small|cifar, mlp tiny|toy "
+                            "(default: digits for images, toy for 2-D data)")
+        g.add_argument("--dropout", type=_float, default=None, help="override the preset's dropout")
+        g.add_argument("--class-cond", action="store_true",
+                       help="condition on the data set's labels (for --label/--guidance at sampling)")
+        g.add_argument("--p-uncond", type=_float, default=d.p_uncond,
+                       help=f"label-drop probability for classifier-free guidance (default {d.p_uncond})")
+        g.add_argument("--hflip", action="store_true", help="random horizontal flips (images)")
+        g = p.add_argument_group("objective")
+        g.add_argument("--schedule", choices=("linear", "cosine", "sigmoid"), default=d.schedule)
+        g.add_argument("--T", type=_positive_int, default=d.T, help=f"diffusion steps (default {d.T})")
+        g.add_argument("--prediction", choices=("epsilon", "sample", "v"), default=d.prediction)
+        g.add_argument("--loss", choices=("simple", "hybrid"), default=d.loss,
+                       help="L_simple, or improved-diffusion's hybrid loss (learned-range variance)")
+        g.add_argument("--weighting", choices=("uniform", "min_snr"), default=d.weighting)
+        g.add_argument("--timestep-sampler", choices=("uniform", "loss_aware"), default=d.timestep_sampler)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=_positive_int, default=None,
+                   help=f"total training steps (default {d.steps}{'; the demo stops at --minutes' if demo else ''})")
+    g.add_argument("--batch", type=_positive_int, default=d.batch, help=f"batch size (default {d.batch})")
+    g.add_argument("--lr", type=_float, default=d.lr, help=f"AdamW learning rate (default {d.lr})")
+    g.add_argument("--warmup", type=_nonneg_int, default=d.warmup, help=f"warmup steps (default {d.warmup})")
+    g.add_argument("--grad-clip", type=_float, default=d.grad_clip,
+                   help=f"global-norm clip, 0 for none (default {d.grad_clip})")
+    g.add_argument("--weight-decay", type=_float, default=d.weight_decay)
+    g.add_argument("--ema", type=_float, default=d.ema_decay, help=f"EMA decay, 0 for none (default {d.ema_decay})")
+    g.add_argument("--seed", type=_nonneg_int, default=0, help="seed of every random stream (default 0)")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default="runs/demo" if demo else None, required=not demo,
+                   help="run directory (checkpoint.npz, metrics.jsonl, config.json)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    g.add_argument("--force", action="store_true", help="start over in a non-empty --out (replaces its run)")
+    g.add_argument("--minutes", type=_float, default=8.0 if demo else None,
+                   help="stop (with a checkpoint) after this much training time" +
+                        (" (default 8)" if demo else ""))
+    g.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every)
+    g.add_argument("--log-every", type=_positive_int, default=d.log_every)
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_sample_args(p, n_default, sampler_default, steps_help):
+    p.add_argument("-n", type=_positive_int, default=n_default, help=f"number of samples (default {n_default})")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default=sampler_default,
+                   help=f"reverse process (default {sampler_default})")
+    p.add_argument("--steps", type=_positive_int, default=None, help=steps_help)
+    p.add_argument("--spacing", choices=("leading", "trailing", "linspace"), default="leading",
+                   help="timestep respacing when --steps < T (default leading)")
+    p.add_argument("--eta", type=_float, default=0.0, help="DDIM eta (0: deterministic; default 0)")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
+    p.add_argument("--batch", type=_positive_int, default=500, help="samples per network call (default 500)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ddpm", description="Denoising diffusion probabilistic models in NumPy "
+                     "(Ho et al. 2020): train, sample, evaluate.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("train", help="train a model into a run directory",
+                       description="Train a DDPM; writes checkpoint.npz, metrics.jsonl and config.json "
+                                   "into --out. A non-empty --out needs --resume or --force.")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="draw samples from a checkpoint",
+                       description="Sample with DDPM ancestral steps or DDIM; writes a PNG (grid, or a "
+                                   "scatter plot for 2-D data) and the raw float32 array (.npy).")
+    p.add_argument("--ckpt", required=True, help="checkpoint.npz (or a run directory)")
+    _add_sample_args(p, 64, "ddpm", "reverse steps (default: T for ddpm, 100 for ddim)")
+    p.add_argument("--label", type=_nonneg_int, default=None, help="class to draw (class-conditional models)")
+    p.add_argument("--guidance", type=_float, default=0.0,
+                   help="classifier-free guidance scale w: (1 + w) eps(x, y) - w eps(x) (default 0)")
+    p.add_argument("--clip", choices=("on", "off", "dynamic"), default="on", help="x0 clipping (default on)")
+    p.add_argument("--animate", choices=("gif", "apng", "strip"), default=None,
+                   help="also write the reverse process: an animation, or a PNG strip")
+    p.add_argument("--frames", type=_positive_int, default=40, help="animation frames (default 40)")
+    p.add_argument("--out", default=None, help="output path prefix (default: next to the checkpoint)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("forward", help="picture the forward process q(x_t | x_0)",
+                       description="One data image noised at increasing t (DDPM eq. 4), as a PNG strip.")
+    p.add_argument("--data", default="digits", help="data set (default digits)")
+    p.add_argument("--index", type=_nonneg_int, default=0, help="which training image (default 0)")
+    p.add_argument("--frames", type=_positive_int, default=11, help="images in the strip (default 11)")
+    p.add_argument("--schedule", choices=("linear", "cosine", "sigmoid"), default="linear")
+    p.add_argument("--T", type=_positive_int, default=1000)
+    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--scale", type=_positive_int, default=8, help="pixel magnification (default 8)")
+    p.add_argument("--out", default="forward.png", help="output PNG (default forward.png)")
+    p.set_defaults(func=cmd_forward)
+
+    p = sub.add_parser("eval", help="bits/dim and sample quality of a checkpoint",
+                       description="Images: the variational bound in bits/dim on the test split (all T "
+                                   "terms unless --bpd-timesteps), k-NN precision/recall (k=3) of samples "
+                                   "against the test split beside the train-vs-test ceiling, near-copy "
+                                   "share, and two likelihood baselines. 2-D data: energy distance of "
+                                   "samples to held-out data beside the floor between two held-out draws.")
+    p.add_argument("--ckpt", required=True, help="checkpoint.npz (or a run directory)")
+    _add_sample_args(p, 1000, "ddim", "reverse steps (default: 100 for ddim, T for ddpm)")
+    p.add_argument("--bpd-timesteps", type=_bpd_timesteps, default=None,
+                   help="'all' (default: the full bound) or K for an unbiased K-term estimate")
+    p.add_argument("--bpd-n", type=_positive_int, default=None, help="test images for bits/dim (default all)")
+    p.add_argument("--no-bpd", action="store_true", help="skip bits/dim")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="train on the embedded digits for a few minutes, then sample",
+                       description="The main job in one command: trains the digits preset on the "
+                                   "embedded 8x8 digits (CPU, a few minutes), then writes samples, the "
+                                   "reverse-process animation and a loss curve into --out.")
+    _add_train_args(p, demo=True)
+    p.add_argument("--samples", type=_positive_int, default=64, help="samples to draw (default 64)")
+    p.add_argument("--sample-steps", type=_positive_int, default=100, help="DDIM steps (default 100)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _train_config(args, demo=False):
+    """TrainConfig from parsed arguments."""
+    from .train import TrainConfig
+
+    if demo:
+        data, model, preset = "digits", "unet", "digits"
+        over, class_cond, p_uncond, hflip = {}, False, 0.1, False
+        schedule, T, prediction, loss, weighting, ts = "linear", 1000, "epsilon", "simple", "uniform", "uniform"
+    else:
+        data = args.data
+        is_toy = data in TOY_NAMES
+        model = args.model or ("mlp" if is_toy else "unet")
+        preset = args.preset or ("toy" if model == "mlp" else "digits")
+        over = {} if args.dropout is None else {"dropout": args.dropout}
+        class_cond, p_uncond, hflip = args.class_cond, args.p_uncond, args.hflip
+        schedule, T, prediction, loss = args.schedule, args.T, args.prediction, args.loss
+        weighting, ts = args.weighting, args.timestep_sampler
+    steps = args.steps if args.steps is not None else (100_000 if demo else TrainConfig().steps)
+    return TrainConfig(
+        data=data, model=model, preset=preset, model_overrides=over, schedule=schedule, T=T,
+        prediction=prediction, variance="learned_range" if loss == "hybrid" else "fixed_small", loss=loss,
+        weighting=weighting, timestep_sampler=ts, steps=steps, batch=args.batch, lr=args.lr,
+        warmup=args.warmup, grad_clip=args.grad_clip if args.grad_clip and args.grad_clip > 0 else None,
+        weight_decay=args.weight_decay, ema_decay=args.ema, class_cond=class_cond, p_uncond=p_uncond,
+        hflip=hflip, seed=args.seed, checkpoint_every=args.checkpoint_every, log_every=args.log_every)
+
+
+def _run_training(args, cfg):
+    from .train import train
+
+    time_limit = None if args.minutes is None else 60.0 * args.minutes
+    t0 = time.monotonic()
+    if args.resume and args.force:
+        raise ValueError("--resume and --force contradict each other: pick one")
+    # On --resume the saved configuration rules; only the total --steps may be raised.
+    tr = train(None if args.resume else cfg, args.out, resume=args.resume, force=args.force,
+               progress=not args.quiet, time_limit=time_limit, steps=args.steps if args.resume else None)
+    dt = time.monotonic() - t0
+    loss = tr.metrics.get("loss_ema")
+    _say(f"trained to step {tr.step}/{tr.cfg.steps} in {dt:.0f} s "
+         f"({tr.model.__class__.__name__}, {tr.params.size:,} parameters"
+         + (f", smoothed loss {loss:.4f}" if loss is not None else "") + ")")
+    _say(f"checkpoint: {os.path.join(args.out, 'checkpoint.npz')}")
+    return tr
+
+
+def _load(ckpt_path, no_ema=False):
+    """(checkpoint, model, schedule, params, train config dict) from a checkpoint or run directory."""
+    from .checkpoint import load_checkpoint
+    from .schedule import Schedule
+    from .train import CHECKPOINT_NAME, model_from_config
+
+    if os.path.isdir(ckpt_path):
+        ckpt_path = os.path.join(ckpt_path, CHECKPOINT_NAME)
+    ck = load_checkpoint(ckpt_path)
+    try:
+        model = model_from_config(ck.config["model"])
+        schedule = Schedule.from_dict(ck.config["schedule"])
+        tcfg = dict(ck.config.get("train", {}))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{ckpt_path}: its configuration is unusable ({e})") from None
+    params = ck.params if (no_ema or ck.ema is None) else ck.ema
+    if params.size != model.layout.size:
+        raise ValueError(f"{ckpt_path}: {params.size} parameters, the configured model needs {model.layout.size}")
+    return ckpt_path, ck, model, schedule, params, tcfg
+
+
+def _draw(model, schedule, params, tcfg, n, args, y=None, guidance=0.0, trajectory=False, clip=True,
+          progress=True):
+    """Samples (n, ...) float32 (and the trajectory, if asked) in chunks of args.batch, with
+    index_offset so that sample i's noise is the same whatever the chunking."""
+    from . import samplers
+
+    shape = tuple(int(s) for s in _data_shape(model))
+    num_steps = args.steps
+    if num_steps is None:
+        num_steps = schedule.T if args.sampler == "ddpm" else min(100, schedule.T)
+    if num_steps > schedule.T:
+        raise ValueError(f"--steps {num_steps} exceeds the model's T = {schedule.T}")
+    den = model.denoiser(params)
+    outs, trajs = [], []
+    t0 = time.monotonic()
+    for start in range(0, n, args.batch):
+        m = min(args.batch, n - start)
+        yy = None if y is None else y[start:start + m]
+        res = samplers.sample(den, schedule, shape, m, args.seed, sampler=args.sampler, num_steps=num_steps,
+                              spacing=args.spacing, eta=args.eta, prediction=tcfg.get("prediction", "epsilon"),
+                              variance=tcfg.get("variance", "fixed_small"), clip=clip, y=yy, guidance=guidance,
+                              return_trajectory=trajectory, index_offset=start)
+        if trajectory:
+            x, traj = res
+            trajs.append(traj.states() if hasattr(traj, "states") else np.asarray(traj))
+        else:
+            x = res
+        outs.append(np.asarray(x, dtype=np.float32))
+        if progress:
+            sys.stderr.write(f"\rsampled {start + m}/{n} ({args.sampler}, {num_steps} steps, "
+                             f"{time.monotonic() - t0:.0f} s)   ")
+            sys.stderr.flush()
+    if progress:
+        sys.stderr.write("\n")
+    x = np.concatenate(outs)
+    if trajectory:
+        return x, np.concatenate(trajs, axis=1)
+    return x
+
+
+def _data_shape(model):
+    c = model.config
+    if hasattr(c, "image_size"):
+        return (c.in_channels, c.image_size, c.image_size)
+    return (c.dim,)
+
+
+def _labels(model, n, label):
+    nc = getattr(model.config, "num_classes", None)
+    if label is None:
+        return None
+    if not nc:
+        raise ValueError(f"--label {label}: this model is not class-conditional (train with --class-cond)")
+    if label >= nc:
+        raise ValueError(f"--label must be in [0, {nc}), got {label}")
+    return np.full(n, label, dtype=np.int64)
+
+
+def _grid_png(path, x, scale=4):
+    """Write images (N, C, H, W) in [-1, 1] as a grid PNG."""
+    from . import image
+
+    image.write_png(path, image.make_grid(np.clip(x, -1, 1), scale=scale))
+
+
+def _scatter(x, size=256, lim=None):
+    """A 2-D point cloud (N, 2) rendered as a density raster: uint8 (size, size), dark = many points.
+
+    The view is [-lim, lim]^2 with lim the 99.5th percentile of |x| (times 1.1) unless given.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != 2:
+        raise ValueError(f"scatter needs points of shape (N, 2), got {x.shape}")
+    fin = x[np.all(np.isfinite(x), axis=1)]
+    if lim is None:
+        lim = 1.1 * float(np.percentile(np.abs(fin), 99.5)) if fin.size else 1.0
+        lim = lim if lim > 0 else 1.0
+    ij = np.floor((fin + lim) / (2 * lim) * size).astype(np.int64)
+    ok = np.all((ij >= 0) & (ij < size), axis=1)
+    counts = np.zeros((size, size))
+    np.add.at(counts, (size - 1 - ij[ok, 1], ij[ok, 0]), 1.0)    # row = -y (up is up)
+    dens = np.log1p(counts) / max(np.log1p(counts.max()), 1e-12)
+    return (255 - np.round(235 * dens)).astype(np.uint8)
+
+
+def _scatter_png(path, x, lim=None):
+    from . import image
+
+    image.write_png(path, _scatter(x, lim=lim))
+
+
+def _frames_from_trajectory(traj, frames):
+    """Pick ``frames`` evenly spaced states (first: x_T, last: the sample) from (S+1, N, ...)."""
+    k = np.unique(np.round(np.linspace(0, traj.shape[0] - 1, min(frames, traj.shape[0]))).astype(int))
+    return traj[k]
+
+
+# ------------------------------------------------------------------------------------ commands
+
+def cmd_train(args):
+    cfg = _train_config(args)
+    _run_training(args, cfg)
+    return 0
+
+
+def cmd_sample(args):
+    from . import image
+
+    ckpt_path, ck, model, schedule, params, tcfg = _load(args.ckpt, args.no_ema)
+    y = _labels(model, args.n, args.label)
+    if args.guidance and y is None:
+        raise ValueError("--guidance needs --label (and a class-conditional model)")
+    clip = {"on": True, "off": False, "dynamic": "dynamic"}[args.clip]
+    want_traj = args.animate is not None
+    res = _draw(model, schedule, params, tcfg, args.n, args, y=y, guidance=args.guidance, trajectory=want_traj,
+                clip=clip)
+    x, traj = res if want_traj else (res, None)
+    steps = args.steps or (schedule.T if args.sampler == "ddpm" else min(100, schedule.T))
+    prefix = args.out or os.path.join(os.path.dirname(os.path.abspath(ckpt_path)),
+                                      f"samples_{args.sampler}{steps}_seed{args.seed}")
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    np.save(prefix + ".npy", x)
+    if x.ndim == 4:
+        _grid_png(prefix + ".png", x)
+    else:
+        _scatter_png(prefix + ".png", x)
+    written = [prefix + ".png", prefix + ".npy"]
+    if want_traj:
+        written.append(_write_reverse(prefix, traj, args.animate, args.frames))
+    for w in written:
+        _say(f"wrote {w}")
+    return 0
+
+
+def _write_reverse(prefix, traj, kind, frames):
+    """The reverse process as an animation (gif/apng) or a PNG strip; returns the path."""
+    from . import image
+    from .data import to_uint8
+
+    traj = np.asarray(traj)                 # (S+1, N, ...) from x_T to x_0
+    if traj.ndim == 3:                      # 2-D data: scatter plots
+        sel = _frames_from_trajectory(traj, frames if kind != "strip" else 8)
+        lim = 1.1 * float(np.percentile(np.abs(sel[-1]), 99.5)) or 1.0
+        pics = [_scatter(f, size=192, lim=lim) for f in sel]
+        if kind == "strip":
+            path = prefix + "_reverse.png"
+            image.write_png(path, np.concatenate(pics, axis=1))
+            return path
+    else:
+        nshow = min(traj.shape[1], 16)
+        if kind == "strip":
+            sel = _frames_from_trajectory(traj[:, :nshow], 10)        # (F, n, C, H, W)
+            # rows: samples; columns: time from x_T (left) to x_0 (right)
+            u8 = to_uint8(np.clip(np.swapaxes(sel, 0, 1).reshape((-1,) + sel.shape[2:]), -1, 1))
+            path = prefix + "_reverse.png"
+            image.write_png(path, image.make_grid(u8, nrow=sel.shape[0], scale=4))
+            return path
+        sel = _frames_from_trajectory(traj[:, :nshow], frames)
+        pics = [image.make_grid(to_uint8(np.clip(f, -1, 1)), scale=4) for f in sel]
+    path = prefix + ("_reverse.gif" if kind == "gif" else "_reverse_anim.png")
+    delays = [80] * (len(pics) - 1) + [1500]      # hold the final samples
+    if kind == "gif":
+        image.write_gif(path, pics, delay_ms=delays)
+    else:
+        image.write_apng(path, pics, delay_ms=delays)
+    return path
+
+
+def cmd_forward(args):
+    from . import diffusion, image, rng
+    from .data import load_dataset, to_uint8
+    from .schedule import Schedule
+
+    ds = load_dataset(args.data, split="train")
+    if args.index >= len(ds):
+        raise ValueError(f"--index must be < {len(ds)} (the training set's size), got {args.index}")
+    schedule = getattr(Schedule, args.schedule)(T=args.T)
+    k = max(args.frames, 2)
+    t = np.unique(np.round(np.linspace(0, args.T - 1, k - 1)).astype(np.int64))   # x0, then x_t
+    x0 = np.repeat(ds.x[args.index:args.index + 1], t.size, axis=0)                 # (K, ...)
+    noise = rng.normal(args.seed, rng.Stream.EVAL, np.full(t.size, args.index), 0, x0.shape[1:])
+    xt = diffusion.q_sample(schedule, x0, t, noise).astype(np.float32)
+    seq = np.concatenate([ds.x[args.index:args.index + 1], xt])                       # (K, ...)
+    if ds.x.ndim == 4:
+        image.write_png(args.out, image.make_strip(to_uint8(np.clip(seq, -1, 1)), scale=args.scale))
+    else:
+        raise ValueError(f"ddpm forward pictures images; {args.data!r} holds {ds.x.shape[1]}-D points")
+    _say(f"wrote {args.out}: {args.data} image {args.index} at t = 0 (data), "
+         + ", ".join(str(int(v) + 1) for v in t) + f" of T = {args.T}")
+    return 0
+
+
+def cmd_eval(args):
+    from . import diffusion, metrics
+    from .data import load_dataset, to_uint8
+
+    ckpt_path, ck, model, schedule, params, tcfg = _load(args.ckpt, args.no_ema)
+    data_name = tcfg.get("data", "digits")
+    data_seed = int(tcfg.get("data_seed", 0))
+    results = {"checkpoint": ckpt_path, "step": ck.step, "data": data_name, "sampler": args.sampler,
+               "steps": args.steps or (schedule.T if args.sampler == "ddpm" else min(100, schedule.T)),
+               "n": args.n, "seed": args.seed, "ema": not args.no_ema and ck.ema is not None}
+    test = load_dataset(data_name, split="test", seed=data_seed)
+    if test.x.ndim == 2:
+        n = args.n
+        floor_a = load_dataset(data_name, split="test", seed=data_seed, n=n).x
+        floor_b = load_dataset(data_name, split="test", seed=(data_seed + 1) % 2**32, n=n).x
+        x = _draw(model, schedule, params, tcfg, n, args)
+        results["energy_distance"] = metrics.energy_distance(x, floor_a)
+        results["energy_floor"] = metrics.energy_distance(floor_b, floor_a)
+        results["ratio_to_floor"] = results["energy_distance"] / max(results["energy_floor"], 1e-300)
+        _say(f"energy distance, {n} samples vs held-out: {results['energy_distance']:.5f}  "
+             f"(floor, two held-out draws: {results['energy_floor']:.5f}; ratio "
+             f"{results['ratio_to_floor']:.2f})")
+    else:
+        train = load_dataset(data_name, split="train", seed=data_seed)
+        if not args.no_bpd:
+            xb = test.x if args.bpd_n is None else test.x[:args.bpd_n]
+            t0 = time.monotonic()
+            k = "all" if args.bpd_timesteps is None else args.bpd_timesteps
+
+            def prog(done, total):
+                sys.stderr.write(f"\rbits/dim: {done}/{total} denoiser calls   ")
+                sys.stderr.flush()
+
+            bpd = diffusion.bits_per_dim(schedule, model.denoiser(params), xb,
+                                         prediction=tcfg.get("prediction", "epsilon"),
+                                         variance=tcfg.get("variance", "fixed_small"), seed=args.seed,
+                                         timesteps=args.bpd_timesteps, batch_size=args.batch, progress=prog)
+            sys.stderr.write("\n")
+            total = np.asarray(bpd["total"])
+            results["bpd"] = float(total.mean())
+            results["bpd_stderr"] = float(total.std(ddof=1) / np.sqrt(total.size)) if total.size > 1 else 0.0
+            results["bpd_terms"] = k
+            results["bpd_n"] = int(total.size)
+            results["bpd_prior"] = float(np.mean(bpd["prior"]))
+            results["bpd_decoder"] = float(np.mean(bpd["decoder"]))
+            _say(f"bits/dim on {total.size} test images ({k} terms): {results['bpd']:.3f} "
+                 f"+- {results['bpd_stderr']:.3f}  ({time.monotonic() - t0:.0f} s)")
+            train_u8, test_u8 = to_uint8(train.x), to_uint8(test.x)
+            levels = getattr(train, "levels", None)
+            results["gaussian_bpd"] = metrics.gaussian_bpd(train_u8, test_u8, levels, seed=args.seed)
+            results["histogram_bpd"] = metrics.histogram_bpd(train_u8, test_u8, levels)
+            _say(f"baselines: dequantised full-covariance Gaussian {results['gaussian_bpd']:.3f}, "
+                 f"per-pixel histograms {results['histogram_bpd']:.3f} bits/dim")
+        x = _draw(model, schedule, params, tcfg, args.n, args)
+        pr = metrics.precision_recall(test.x, x, k=3)
+        ceil = metrics.precision_recall(test.x, train.x, k=3)
+        nc = metrics.near_copy_share(x, train.x)
+        results.update(precision=pr.precision, recall=pr.recall, ceiling_precision=ceil.precision,
+                       ceiling_recall=ceil.recall, near_copy_share=nc.share)
+        _say(f"precision {pr.precision:.3f}  recall {pr.recall:.3f}  ({args.n} samples vs {len(test)} test "
+             f"images, k = 3)")
+        _say(f"real-vs-real ceiling (train vs test): precision {ceil.precision:.3f}  recall {ceil.recall:.3f}")
+        _say(f"near-copies of training images: {100 * nc.share:.1f}%")
+    if args.json:
+        text = json.dumps(results, indent=1)
+        with open(args.json, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+        _say(f"wrote {args.json}")
+    return 0
+
+
+def _loss_curve(run_dir, path):
+    from . import image
+    from .train import METRICS_NAME, read_metrics
+
+    recs = read_metrics(os.path.join(run_dir, METRICS_NAME))
+    if not recs:
+        return None
+    steps = np.array([r["step"] for r in recs], dtype=np.float64)
+    loss = np.array([r["loss"] for r in recs], dtype=np.float64)
+    image.write_loss_curve(path, loss, steps=steps, log_y=True, smooth=10 if loss.size > 30 else 0)
+    return path
+
+
+def cmd_demo(args):
+    cfg = _train_config(args, demo=True)
+    _say(f"ddpm demo: training the '{cfg.preset}' U-Net on the embedded 8x8 digits for up to "
+         f"{args.minutes:g} minutes (batch {cfg.batch}, lr {cfg.lr:g}, EMA {cfg.ema_decay:g}) into {args.out}")
+    tr = _run_training(args, cfg)
+    model, schedule = tr.model, tr.schedule
+    params = tr.ema if tr.ema is not None else tr.params
+    sargs = argparse.Namespace(steps=args.sample_steps, sampler="ddim", spacing="leading", eta=0.0,
+                               seed=args.seed, batch=500)
+    x, traj = _draw(model, schedule, params, tr.cfg.to_dict(), args.samples, sargs, trajectory=True)
+    out = args.out
+    np.save(os.path.join(out, "samples.npy"), x)
+    paths = [os.path.join(out, "samples.png")]
+    _grid_png(paths[0], x)
+    paths.append(_write_reverse(os.path.join(out, "samples"), traj, "gif", 40))
+    paths.append(_write_reverse(os.path.join(out, "samples"), traj, "strip", 10))
+    lc = _loss_curve(out, os.path.join(out, "loss.png"))
+    if lc:
+        paths.append(lc)
+    _say("wrote:")
+    for p in paths:
+        _say(f"  {p}")
+    _say(f"next: ddpm eval --ckpt {os.path.join(out, 'checkpoint.npz')}   (bits/dim, precision/recall)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ main
+
+def main(argv=None) -> int:
+    """Entry point of ``ddpm``; returns the exit code (0 ok, 1 failure, 2 usage error)."""
+    from .train import NonFiniteLossError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError, NonFiniteLossError, ImportError) as e:
+        if os.environ.get("DDPM_DEBUG"):
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        sys.stderr.write(f"ddpm {args.command}: error: {msg}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write(f"ddpm {args.command}: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Tests for ddpm_ref/cli.py: the ``ddpm`` command end to end at toy size, and its error contract
+(usage errors: one line, exit code 2; unusable files and refused actions: one line, exit code 1)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ddpm_ref.checkpoint import load_checkpoint
+from ddpm_ref.cli import main
+from ddpm_ref.image import read_png
+
+
+def _run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _usage_error(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return e.value.code, err
+
+
+@pytest.mark.parametrize("cmd", ["train", "sample", "forward", "eval", "demo"])
+def test_help_everywhere(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    assert f"usage: ddpm {cmd}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [[], ["bogus"], ["train"], ["train", "--out", "x", "--steps", "0"],
+                                  ["sample", "--ckpt", "c.npz", "-n", "-3"], ["sample"],
+                                  ["eval", "--ckpt", "c", "--bpd-timesteps", "1"],
+                                  ["sample", "--ckpt", "c", "--sampler", "euler"]])
+def test_usage_errors_are_one_line_exit_2(argv, capsys):
+    code, err = _usage_error(capsys, *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and "error:" in err
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    """A tiny U-Net trained 3 steps on the digits (T = 20), shared by the image tests."""
+    d = tmp_path_factory.mktemp("img") / "run"
+    rc = main(["train", "--data", "digits", "--preset", "tiny", "--steps", "3", "--batch", "8", "--T", "20",
+               "--out", str(d), "--quiet", "--checkpoint-every", "2", "--log-every", "1", "--class-cond"])
+    assert rc == 0
+    return d
+
+
+def test_train_writes_run_and_refuses_nonempty_out(image_run, capsys):
+    d = image_run
+    c = load_checkpoint(d / "checkpoint.npz")
+    assert c.step == 3 and c.config["train"]["preset"] == "tiny" and c.config["model"]["kind"] == "unet"
+    assert c.config["model"]["config"]["num_classes"] == 10
+    rc, out, err = _run(capsys, "train", "--data", "digits", "--preset", "tiny", "--steps", "3", "--out", d,
+                        "--quiet")
+    assert rc == 1 and "not empty" in err and err.count("\n") == 1
+    assert load_checkpoint(d / "checkpoint.npz").step == 3            # untouched
+
+
+def test_resume_continues(tmp_path, capsys):
+    d = tmp_path / "r"
+    assert _run(capsys, "train", "--data", "moons", "--preset", "tiny", "--steps", "2", "--batch", "8",
+                "--T", "10", "--out", d, "--quiet")[0] == 0
+    rc, out, err = _run(capsys, "train", "--out", d, "--resume", "--steps", "4", "--quiet")
+    assert rc == 0 and "step 4/4" in out
+    assert load_checkpoint(d / "checkpoint.npz").step == 4
+
+
+def test_sample_images_with_animation(image_run, tmp_path, capsys):
+    prefix = tmp_path / "s"
+    rc, out, err = _run(capsys, "sample", "--ckpt", image_run, "-n", "6", "--sampler", "ddim", "--steps", "5",
+                        "--seed", "3", "--label", "7", "--guidance", "1.5", "--animate", "strip", "--out", prefix)
+    assert rc == 0, err
+    x = np.load(f"{prefix}.npy")
+    assert x.shape == (6, 1, 8, 8) and x.dtype == np.float32
+    assert np.all(np.abs(x) <= 1.0)                                  # clipped x0 -> data range
+    grid = read_png(f"{prefix}.png")
+    # make_grid: 3 per row (ceil sqrt 6), scale 4, padding 1: 2 * (32 + 1) + 1 by 3 * (32 + 1) + 1
+    assert grid.shape[:2] == (67, 100)
+    strip = read_png(f"{prefix}_reverse.png")
+    assert strip.shape[0] == 6 * 33 + 1                               # one row per sample
+    # the same seed gives the same samples (counter-based noise), a different batch size too
+    rc = main(["sample", "--ckpt", str(image_run), "-n", "6", "--sampler", "ddim", "--steps", "5", "--seed", "3",
+               "--label", "7", "--guidance", "1.5", "--batch", "4", "--out", str(tmp_path / "s2")])
+    assert rc == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "s2.npy"), x)
+    rc, out, err = _run(capsys, "sample", "--ckpt", image_run, "-n", "4", "--steps", "4", "--animate", "apng",
+                        "--out", tmp_path / "a")
+    assert rc == 0 and read_png(tmp_path / "a_reverse_anim.png").ndim >= 2
+    rc, out, err = _run(capsys, "sample", "--ckpt", image_run, "-n", "2", "--label", "10")
+    assert rc == 1 and "--label" in err
+
+
+def test_eval_images(image_run, tmp_path, capsys):
+    js = tmp_path / "e.json"
+    rc, out, err = _run(capsys, "eval", "--ckpt", image_run / "checkpoint.npz", "-n", "30", "--steps", "4",
+                        "--bpd-n", "6", "--bpd-timesteps", "4", "--json", js)
+    assert rc == 0, err
+    r = json.loads(js.read_text())
+    assert r["bpd_n"] == 6 and np.isfinite(r["bpd"]) and r["bpd"] > 0
+    for k in ("precision", "recall", "ceiling_precision", "ceiling_recall", "near_copy_share"):
+        assert 0.0 <= r[k] <= 1.0
+    # the train-vs-test ceiling of the digits is high (metrics.py measures ~0.9); an untrained model is not
+    assert r["ceiling_precision"] > 0.8 and r["precision"] < r["ceiling_precision"]
+    assert 1.0 < r["histogram_bpd"] < 8.0 and 1.0 < r["gaussian_bpd"] < 8.0
+    assert "bits/dim" in out and "precision" in out
+
+
+def test_toy_train_sample_eval(tmp_path, capsys):
+    d = tmp_path / "toy"
+    rc, out, err = _run(capsys, "train", "--data", "moons", "--preset", "tiny", "--steps", "3", "--batch", "16",
+                        "--T", "20", "--out", d, "--quiet")
+    assert rc == 0, err
+    assert load_checkpoint(d / "checkpoint.npz").config["model"]["kind"] == "mlp"
+    rc, out, err = _run(capsys, "sample", "--ckpt", d, "-n", "50", "--animate", "strip", "--out", d / "s")
+    assert rc == 0, err
+    assert np.load(d / "s.npy").shape == (50, 2)
+    assert read_png(d / "s.png").shape[:2] == (256, 256)
+    js = d / "e.json"
+    rc, out, err = _run(capsys, "eval", "--ckpt", d, "-n", "200", "--steps", "5", "--json", js)
+    assert rc == 0, err
+    r = json.loads(js.read_text())
+    assert r["energy_distance"] > 0 and r["energy_floor"] > 0
+    # 3 training steps are far from the data: much worse than two held-out draws
+    assert r["ratio_to_floor"] > 1.2 and "energy distance" in out
+
+
+def test_forward_strip(tmp_path, capsys):
+    out_png = tmp_path / "f.png"
+    rc, out, err = _run(capsys, "forward", "--data", "digits", "--frames", "5", "--out", out_png)
+    assert rc == 0, err
+    img = read_png(out_png)
+    assert img.shape[:2] == (8 * 8 + 2, 5 * (64 + 1) + 1)             # make_strip, scale 8, padding 1
+    assert "t = 0" in out
+    rc, out, err = _run(capsys, "forward", "--data", "moons", "--out", out_png)
+    assert rc == 1 and "images" in err
+
+
+def test_bad_files_one_line_exit_1(tmp_path, capsys):
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"\x00" * 100)
+    for argv in (["sample", "--ckpt", junk], ["eval", "--ckpt", junk], ["sample", "--ckpt", tmp_path / "none.npz"],
+                 ["train", "--data", tmp_path / "nodata.npy", "--out", tmp_path / "o", "--quiet"]):
+        rc, out, err = _run(capsys, *argv)
+        assert rc == 1, argv
+        assert err.count("\n") == 1 and "Traceback" not in err
+    assert str(junk) in _run(capsys, "sample", "--ckpt", junk)[2]
+
+
+def test_nan_stop_exit_1(tmp_path, capsys):
+    # an absurd learning rate drives the weights to overflow within a few steps
+    rc, out, err = _run(capsys, "train", "--data", "moons", "--preset", "tiny", "--lr", "1e30", "--warmup", "0",
+                        "--steps", "10", "--batch", "8", "--T", "10", "--out", tmp_path / "n", "--quiet",
+                        "--checkpoint-every", "1")
+    assert rc == 1 and "at step" in err and err.count("\n") == 1
+    c = load_checkpoint(tmp_path / "n" / "checkpoint.npz")          # the last good state remains
+    assert np.all(np.isfinite(c.params)) and f"at step {c.step + 1} " in err
+
+
+def test_demo_tiny(tmp_path, capsys):
+    d = tmp_path / "demo"
+    rc, out, err = _run(capsys, "demo", "--out", d, "--steps", "2", "--batch", "8", "--samples", "4",
+                        "--sample-steps", "3", "--quiet")
+    assert rc == 0, err
+    for name in ("samples.png", "samples.npy", "samples_reverse.png", "loss.png", "checkpoint.npz"):
+        assert (d / name).exists(), name
+        assert str(d / name) in out or name == "checkpoint.npz" or name == "samples.npy"
+    pytest.importorskip("PIL")
+    assert (d / "samples_reverse.gif").read_bytes()[:6] in (b"GIF87a", b"GIF89a")
+    rc, out, err = _run(capsys, "demo", "--out", d, "--steps", "2")  # never overwrite silently
+    assert rc == 1 and "--force" in err
+
+
+def test_python_dash_m(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "ddpm_ref", "forward", "--frames", "3", "--out",
+                        str(tmp_path / "f.png")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert os.path.exists(tmp_path / "f.png")
+    r = subprocess.run([sys.executable, "-m", "ddpm_ref", "sample"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
