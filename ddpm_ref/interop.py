@@ -26,8 +26,10 @@ DDPM layout), activations other than SiLU, Fourier/learned timestep embeddings, 
 other than a plain table, ``resnet_time_scale_shift`` other than "default", ``mid_block_scale_factor``
 other than 1, ``center_input_sample``, block widths that are not multiples of the first; scheduler
 classes other than DDPMScheduler/DDIMScheduler, beta schedules we cannot reproduce, variance types
-``learned`` and ``fixed_large_log``, ``clip_sample_range`` other than 1, thresholding, non-zero
-``steps_offset`` with "leading" spacing, DDIM's ``set_alpha_to_one=False``. Unknown configuration
+``learned`` and ``fixed_large_log``, ``clip_sample_range`` other than 1, thresholding other than
+``sample_max_value=1`` (which is exactly clipping) or an uncapped 0.995 percentile (which is our
+``clip="dynamic"``), non-zero ``steps_offset`` with "leading" spacing (``samplers.sample`` has no
+offset), DDIM's ``set_alpha_to_one=False``. Unknown configuration
 keys (other than diffusers' ``_class_name``-style bookkeeping) are reported with a warning, as
 diffusers' own ``from_config`` does.
 
@@ -46,6 +48,10 @@ Differences from diffusers' schedulers, each deliberate (see also the tests, whi
   for "trailing" and "linspace" diffusers' DDIM sampler visits other alpha_bar values than its own
   timestep list says. The step formula itself is identical (tests: our ``ddim_step`` with diffusers'
   ``t_prev`` equals ``DDIMScheduler.step``).
+* With clipping, our DDIM step recomputes eps from the clipped x0 (improved-diffusion; diffusers'
+  ``use_clipped_model_output=True``), while DDIMPipeline's default keeps the model's raw eps. The two
+  agree whenever x0_hat stays inside [-1, 1] and always with ``clip_sample=False``; otherwise a
+  DDIMPipeline with ``clip_sample=True`` and ours sample slightly different chains.
 * DDPMScheduler adds noise whenever ``t > 0``, even at the last step of a spaced chain (trailing
   spacing ends at ``t = T/S - 1``); with ``fixed_large`` that last noise has variance ``1 -
   alpha_bar_t``. Ours adds none at the last step (DDPM Algorithm 2, "z = 0 if t = 1").

@@ -478,3 +478,74 @@ def test_pipeline_run_matches_with_the_same_noise(tmp_path, monkeypatch, kind):
     # ~1e-6 in the tables) accumulated over the chain.
     assert np.max(np.abs(ours - expected)) < 1e-4
     assert np.std(expected) > 0.05                         # a non-trivial image, not all clipped
+
+
+# ------------------------------------------------------- documented differences, pinned down
+
+def test_released_cifar10_config_maps_to_the_35_7m_network():
+    """The configuration of google/ddpm-cifar10-32 (diffusers 0.0.4 era keys) gives our cifar
+    network: the same 35,746,307 parameters under the same names and shapes as UNet2DModel's."""
+    config = {"_class_name": "UNet2DModel", "_diffusers_version": "0.0.4", "act_fn": "silu",
+              "attention_head_dim": None, "block_out_channels": [128, 256, 256, 256],
+              "center_input_sample": False,
+              "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+              "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3,
+              "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-06,
+              "norm_num_groups": 32, "out_channels": 3, "sample_size": 32,
+              "time_embedding_type": "positional",
+              "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]}
+    from ddpm_ref.models.unet import UNet
+    ours = UNet(interop.unet_config_from_diffusers(config))
+    assert ours.num_params == 35_746_307
+    assert ours.config.attn_resolutions == (16,) and ours.config.dropout == 0.0
+    with torch.device("meta"):                                  # shapes only, no memory
+        ref = diffusers.UNet2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    assert {k: tuple(v.shape) for k, v in ref.state_dict().items()} == dict(iter(ours.layout))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_weights_widen_exactly(tmp_path, dtype):
+    ref = _diffusers_unet("classes").to(getattr(torch, dtype))
+    ref.save_pretrained(tmp_path)
+    model, params = interop.load_unet(tmp_path, learned_variance=True)
+    named = model.named(params)
+    for key, value in ref.state_dict().items():                 # F16/BF16 -> F32 is exact
+        np.testing.assert_array_equal(named[key], value.float().numpy(), err_msg=key)
+
+
+def test_diffusers_last_step_noise_differs_as_documented(monkeypatch):
+    """DDPMScheduler adds noise at the last step of a trailing chain (t = 99 > 0): with fixed_large
+    its variance is 1 - alpha_bar_99. Ours adds none there (Algorithm 2: z = 0 at the final step)."""
+    import diffusers.schedulers.scheduling_ddpm as ddpm_module
+    ref = diffusers.DDPMScheduler(variance_type="fixed_large", timestep_spacing="trailing")
+    ref.set_timesteps(10)
+    t = int(ref.timesteps[-1])
+    assert t == 99
+    schedule, settings = interop.schedule_from_diffusers(dict(ref.config))
+    g = np.random.default_rng(3)
+    xt, out = (g.standard_normal((1, 1, 4, 4)).astype(np.float32) for _ in range(2))
+    noise = g.standard_normal(xt.shape).astype(np.float32)
+    _feed_noise(monkeypatch, ddpm_module, [noise])
+    theirs = ref.step(torch.from_numpy(out), t, torch.from_numpy(xt)).prev_sample.numpy()
+    ours, _ = samplers.ddpm_step(schedule, out, xt, t, -1, None, variance="fixed_large")
+    added = (theirs - ours) / noise
+    # float32 vs float64 tables: 1e-5 relative on the recovered standard deviation
+    np.testing.assert_allclose(added, np.sqrt(1 - schedule.alpha_bar[t]), rtol=1e-5)
+
+
+def test_diffusers_ddim_previous_timestep_and_raw_eps_differ_as_documented():
+    """DDIMScheduler steps to t - T // S (not the next listed timestep) and, in DDIMPipeline's
+    default (use_clipped_model_output False), keeps the raw eps after clipping x0."""
+    ref = diffusers.DDIMScheduler(timestep_spacing="trailing")
+    ref.set_timesteps(7)
+    listed = ref.timesteps.numpy()
+    assert np.any(listed[:-1] - 1000 // 7 != listed[1:])        # 1000 / 7 is not an integer
+    ref = diffusers.DDIMScheduler(clip_sample=True)
+    ref.set_timesteps(10)
+    schedule, settings = interop.schedule_from_diffusers(dict(ref.config))
+    g = np.random.default_rng(4)
+    xt = g.standard_normal((1, 1, 4, 4)).astype(np.float32)
+    out = (3 * g.standard_normal((1, 1, 4, 4))).astype(np.float32)   # x0_hat far outside [-1, 1]
+    raw = ref.step(torch.from_numpy(out), 900, torch.from_numpy(xt)).prev_sample.numpy()
+    ours, _ = samplers.ddim_step(schedule, out, xt, 900, 800, 0.0, None, clip=True)
+    assert np.max(np.abs(ours - raw)) > 1e-2                    # a real difference, not rounding
