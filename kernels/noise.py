@@ -271,10 +271,11 @@ def q_sample_target(schedule, x0, t, seed, index, step=0, prediction="epsilon",
 # ---------------------------------------------------------------------------------------------
 
 @kernel(f"void({_F32_2D}, {_F32_2D}, {_F32_1D}, {_F32_1D}, {_F32_1D}, {_U32_1D}, {_U32_1D}, "
-        f"{_U32_1D}, uint32, uint32, int32, float32, {_F32_2D}, float64[::1])")
-def mse_noise_kernel(pred, x0, a, b, w, index, step, sub, seed, stream, mode, scale, dpred, sq_sum):
+        f"{_U32_1D}, uint32, uint32, int32, {_F32_2D}, float64[::1])")
+def mse_noise_kernel(pred, x0, a, b, coef, index, step, sub, seed, stream, mode, dpred, sq_sum):
     """One block per sample: sq_sum[i] = sum_e (pred - target)^2 (float64 accumulation) and
-    dpred = scale * w[i] * 2 (pred - target), target rebuilt from the regenerated eps."""
+    dpred = coef[i] (pred - target), coef = dloss 2 w / (N D) (float64, cast once, as the
+    reference's mse_backward); target rebuilt from the regenerated eps."""
     partial = cuda.shared.array(_RED_THREADS, dtype=np.float64)
     n = pred.shape[0]
     size = pred.shape[1]
@@ -284,7 +285,7 @@ def mse_noise_kernel(pred, x0, a, b, w, index, step, sub, seed, stream, mode, sc
     for i in range(cuda.blockIdx.x, n, cuda.gridDim.x):
         ai = a[i]
         bi = b[i]
-        gi = scale * w[i] * np.float32(2.0)
+        gi = coef[i]
         acc = 0.0
         for blk in range(tid, nb, nthreads):
             z0, z1, z2, z3 = philox_normal4(blk, index[i], step[i], sub[i], seed, stream)
@@ -356,11 +357,11 @@ def mse_noise_loss(schedule, pred, x0, t, seed, index, step=0, prediction="epsil
         raise ValueError(f"pred must be non-empty, got shape {tuple(pred.shape)}")
     dpred = xp.empty_like(p2)
     sq_sum = xp.zeros(n, dtype=xp.float64)
-    scale = np.float32(float(dloss) / (n * size))
+    coef = ((float(dloss) * 2.0 / (n * size)) * w.astype(np.float64)).astype(np.float32)
     blocks, threads = _row_launch(n)
     mse_noise_kernel[blocks, threads](p2, x0.reshape(n, -1), _b.to_device(a), _b.to_device(b),
-                                      _b.to_device(w), _b.to_device(index), _b.to_device(step),
-                                      _b.to_device(sub), seed, stream, mode, scale, dpred, sq_sum)
+                                      _b.to_device(coef), _b.to_device(index), _b.to_device(step),
+                                      _b.to_device(sub), seed, stream, mode, dpred, sq_sum)
     per_sample = sq_sum / size                                     # (N,) float64
     loss = float(_b.to_host((per_sample * xp.asarray(w, dtype=xp.float64)).mean()))
     return loss, per_sample.astype(xp.float32), dpred.reshape(pred.shape)

@@ -12,6 +12,7 @@ K * 6e-8 * sum |terms|; with standard-normal data the terms are O(1), so we allo
 atol = 2e-7 * K * max(1, max|ref|) and rtol 1e-5.
 """
 import os
+import sys
 
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
@@ -33,6 +34,15 @@ from ddpm_ref.ops import conv as ref  # noqa: E402
 
 SIM = kb.is_simulator()
 FULL = os.environ.get("DDPM_KERNELS_FULL", "0") == "1" and not SIM
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_simulator_barriers():
+    old = sys.getswitchinterval()   # cheaper simulated syncthreads() (see test_kernels_norm.py)
+    if SIM:
+        sys.setswitchinterval(1e-4)
+    yield
+    sys.setswitchinterval(old)
 
 
 def _close(got, want, k, what):

@@ -15,6 +15,7 @@ Tolerance table (why each number is what it is):
   reference is the less accurate one by ~D * 6e-8 relative.
 """
 import os
+import sys
 
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
@@ -37,6 +38,15 @@ from ddpm_ref.schedule import Schedule  # noqa: E402
 
 SIM = kb.is_simulator()
 FULL = os.environ.get("DDPM_KERNELS_FULL", "0") == "1" and not SIM
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_simulator_barriers():
+    old = sys.getswitchinterval()   # cheaper simulated syncthreads() (see test_kernels_norm.py)
+    if SIM:
+        sys.setswitchinterval(1e-4)
+    yield
+    sys.setswitchinterval(old)
 
 shapes = st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple)
 indices = st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=3)

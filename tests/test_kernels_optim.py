@@ -10,6 +10,7 @@ Tolerance table:
 - the global norm: float64 sums in a different order: rtol 1e-12.
 """
 import os
+import sys
 
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
@@ -31,6 +32,15 @@ from ddpm_ref.kernels import optim  # noqa: E402
 
 SIM = kb.is_simulator()
 TOL = dict(rtol=1e-6, atol=1e-9) if SIM else dict(rtol=1e-5, atol=1e-8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_simulator_barriers():
+    old = sys.getswitchinterval()   # cheaper simulated syncthreads() (see test_kernels_norm.py)
+    if SIM:
+        sys.setswitchinterval(1e-4)
+    yield
+    sys.setswitchinterval(old)
 
 
 @settings(max_examples=6)
