@@ -686,7 +686,7 @@ def load_unet(model_dir, image_size=None, learned_variance=None, num_timesteps=N
     return model, params
 
 
-def load_diffusers(path, image_size=None, sampler=None):
+def load_diffusers(path, image_size=None, sampler=None, variant=None):
     """Load a diffusers DDPM folder -> ``(model, params, schedule, sampler_settings)``.
 
     ``path`` is a pipeline folder (``model_index.json``, ``unet/``, ``scheduler/``) or a model folder
@@ -698,7 +698,8 @@ def load_diffusers(path, image_size=None, sampler=None):
         model, params, schedule, settings = load_diffusers("ddpm-cifar10-32")
         x = samplers.sample(model.denoiser(params), schedule, n=16, seed=0, **settings)
 
-    ``sampler`` ("ddpm" or "ddim") overrides the pipeline's choice.
+    ``sampler`` ("ddpm" or "ddim") overrides the pipeline's choice; ``variant`` picks
+    ``diffusion_pytorch_model.{variant}.safetensors`` (e.g. "fp16"; widened to float32).
     """
     unet_dir, sched_path, pipe_sampler = _pipeline_parts(path)
     if sched_path is not None:
@@ -710,7 +711,7 @@ def load_diffusers(path, image_size=None, sampler=None):
                                                      sampler=sampler)
     model, params = load_unet(unet_dir, image_size=image_size,
                               learned_variance=settings["variance"] == "learned_range",
-                              num_timesteps=schedule.T)
+                              num_timesteps=schedule.T, variant=variant)
     cfg = model.config
     settings["shape"] = (cfg.in_channels, cfg.image_size, cfg.image_size)
     return model, params, schedule, settings

@@ -107,6 +107,21 @@ def test_pickle_weights_through_torch(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def test_sharded_and_variant_weights(tmp_path):
+    ref = _diffusers_unet("heads")
+    ref.save_pretrained(tmp_path / "one")
+    ref.save_pretrained(tmp_path / "sharded", max_shard_size="400KB")
+    assert (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    ref.save_pretrained(tmp_path / "variant", variant="v2")
+    _, a = interop.load_unet(tmp_path / "one")
+    _, b = interop.load_unet(tmp_path / "sharded")
+    _, c = interop.load_unet(tmp_path / "variant", variant="v2")
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
+    with pytest.raises(ValueError, match="no weights found"):
+        interop.load_unet(tmp_path / "variant")
+
+
 @pytest.mark.parametrize("key, value, named", [
     ("down_block_types", ("SkipDownBlock2D", "AttnDownBlock2D"), "SkipDownBlock2D"),
     ("up_block_types", ("UpBlock2D", "AttnUpBlock2D"), "up_block_types"),   # not mirrored
