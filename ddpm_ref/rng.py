@@ -48,6 +48,7 @@ three array operations; see ``_philox_lanes``), working in per-thread scratch ar
 """
 from __future__ import annotations
 
+import math
 import sys
 import threading
 
@@ -114,10 +115,14 @@ _M = np.array([[PHILOX_M0], [PHILOX_M1]], dtype=np.uint64)     # (2, 1) round mu
 _LITTLE = sys.byteorder == "little"
 
 
-def _round_keys(key: np.ndarray, rounds: int) -> list:
-    """The key of each round, uint32 (2, K): ``(k0 + r W0, k1 + r W1) mod 2**32``."""
+def _round_keys(key: np.ndarray, rounds: int):
+    """The key of each round, uint32 (rounds, 2, K): ``(k0 + r W0, k1 + r W1) mod 2**32``."""
+    if key.shape[1] == 1:          # one key for all counters (the common case): plain integers
+        k0, k1 = int(key[0, 0]), int(key[1, 0])
+        return np.array([[[(k0 + r * PHILOX_W0) & 0xFFFFFFFF], [(k1 + r * PHILOX_W1) & 0xFFFFFFFF]]
+                         for r in range(rounds)], dtype=np.uint32)
     key = key.astype(np.uint64)
-    return [((key + np.uint64(r) * _W) & _MASK32).astype(np.uint32) for r in range(rounds)]
+    return np.stack([((key + np.uint64(r) * _W) & _MASK32).astype(np.uint32) for r in range(rounds)])
 
 
 def _philox_lanes(c02: np.ndarray, c13: np.ndarray, key: np.ndarray, rounds: int = PHILOX_ROUNDS,
@@ -260,7 +265,7 @@ def _chunks(n: int, n_blocks: int):
 
 def _view(ws: dict, name: str, shape: tuple) -> np.ndarray:
     """A C-contiguous view of shape ``shape`` at the start of scratch array ``name``."""
-    return ws[name][: int(np.prod(shape))].reshape(shape)
+    return ws[name][: math.prod(shape)].reshape(shape)
 
 
 def _block_lanes(ws, seed, stream, index, step, sub, i0, i1, b0, b1):
@@ -340,9 +345,9 @@ def _box_muller_lanes(w0: np.ndarray, w1: np.ndarray, ws: dict | None = None) ->
     np.right_shift(w1, np.uint32(8), out=k)
     k |= np.uint32(1)                                  # u1 = k 2**-24
     np.right_shift(k, np.uint32(12), out=j, casting="same_kind")
-    np.take(_ANGLE_HI, j, out=z)                       # exp(2 pi i kh / 2**12)
+    np.take(_ANGLE_HI, j, out=z, mode="clip")          # exp(2 pi i kh / 2**12); j < 4096 always
     np.bitwise_and(k, np.uint32(4095), out=j, casting="same_kind")
-    np.take(_ANGLE_LO, j, out=e)                       # exp(2 pi i kl / 2**24)
+    np.take(_ANGLE_LO, j, out=e, mode="clip")          # exp(2 pi i kl / 2**24)
     z *= e                                             # exp(2 pi i u1)
     z *= r
     return z
