@@ -23,16 +23,18 @@ handed to the kernel as float32, exactly once; the kernels do the per-element wo
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import runtime as _b
 from ._jit import cuda, device, kernel
-from numba import float64  # noqa: E402  (numba is importable once ._jit imported)
+from numba import float32, float64, uint32  # noqa: E402  (numba is importable once ._jit imported)
 from .rng import philox4x32_10, philox_normal4, word_to_uniform
 
 __all__ = [
     "random_bits", "uniform", "normal", "q_sample_target", "mse_noise_loss", "PREDICTIONS",
-    "ddpm_step", "ddim_step",
+    "ddpm_step", "ddim_step", "sample",
 ]
 
 PREDICTIONS = {"epsilon": 0, "sample": 1, "v": 2}
@@ -365,3 +367,228 @@ def mse_noise_loss(schedule, pred, x0, t, seed, index, step=0, prediction="epsil
     per_sample = sq_sum / size                                     # (N,) float64
     loss = float(_b.to_host((per_sample * xp.asarray(w, dtype=xp.float64)).mean()))
     return loss, per_sample.astype(xp.float32), dpred.reshape(pred.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reverse process, fused: one kernel per DDPM or DDIM step (eq. 11 / Algorithm 2; DDIM eq. 12)
+# ---------------------------------------------------------------------------------------------
+
+# Per-sample float64 coefficient columns handed to the step kernel.
+_C_SAB, _C_S1AB, _C_A, _C_B, _C_SIGMA, _C_LOGBETA, _C_LOGTILDE, _C_NOISE = range(8)
+_F_DDIM, _F_CLIP, _F_LEARNED, _F_GEN, _F_ARRAY = 1, 8, 16, 32, 64
+
+
+@device
+def _step_one(mo, xt, xprev, x0out, noise, coef, i, e, z, size, flags, pred_mode):
+    """One element of a reverse step, in float64 like the reference; one rounding to float32."""
+    sab = coef[i, 0]
+    s1ab = coef[i, 1]
+    out = float64(mo[i, e])
+    x = float64(xt[i, e])
+    if pred_mode == 0:                     # epsilon: x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab)
+        x0 = (x - s1ab * out) / sab
+        eps = out
+    elif pred_mode == 1:                   # sample: eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab)
+        x0 = out
+        eps = (x - sab * x0) / s1ab
+    else:                                  # v: x0 = sqrt(ab) x_t - sqrt(1 - ab) v, eps = sqrt(1-ab) x_t + sqrt(ab) v
+        x0 = sab * x - s1ab * out
+        eps = s1ab * x + sab * out
+    if flags & 8:                          # clip to the data range, eps made consistent again
+        x0 = min(max(x0, -1.0), 1.0)
+        eps = (x - sab * x0) / s1ab
+    if flags & 1:                          # DDIM: sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps
+        xn = coef[i, 2] * x0 + coef[i, 3] * eps
+    else:                                  # DDPM: posterior mean (eq. 7) at x0_hat
+        xn = coef[i, 2] * x0 + coef[i, 3] * x
+    if coef[i, 7] != 0.0:                  # this sample adds noise
+        if flags & 16:                     # learned range (Nichol & Dhariwal eq. 15)
+            frac = (float64(mo[i, size + e]) + 1.0) / 2.0
+            sigma = math.exp(0.5 * (frac * coef[i, 5] + (1.0 - frac) * coef[i, 6]))
+        else:
+            sigma = coef[i, 4]
+        if flags & 64:
+            zz = float64(noise[i, e])
+        else:
+            zz = float64(z)
+        xn = xn + sigma * zz
+    xprev[i, e] = float32(xn)
+    x0out[i, e] = float32(x0)
+
+
+@kernel(f"void({_F32_2D}, {_F32_2D}, {_F32_2D}, {_F32_2D}, {_F32_2D}, float64[:, ::1], {_U32_1D}, "
+        f"{_U32_1D}, uint32, uint32, int32, int32)")
+def reverse_step_kernel(mo, xt, xprev, x0out, noise, coef, index, step, seed, stream, flags, pred_mode):
+    """mo (N, D) or (N, 2D) with learned variance; xt, xprev, x0out (N, D); coef (N, 8) float64.
+
+    The fresh noise z is generated in registers (flags & 32) from ``rng.normal(seed, stream,
+    index, step)`` or read from ``noise`` (flags & 64)."""
+    n = xt.shape[0]
+    size = xt.shape[1]
+    nb = (size + 3) // 4
+    for g in range(cuda.grid(1), n * nb, cuda.gridsize(1)):
+        i = g // nb
+        blk = g - i * nb
+        z0 = float32(0.0)
+        z1 = float32(0.0)
+        z2 = float32(0.0)
+        z3 = float32(0.0)
+        if (flags & 32) != 0 and coef[i, 7] != 0.0:
+            z0, z1, z2, z3 = philox_normal4(blk, index[i], step[i], uint32(0), seed, stream)
+        e = blk * 4
+        _step_one(mo, xt, xprev, x0out, noise, coef, i, e, z0, size, flags, pred_mode)
+        if e + 1 < size:
+            _step_one(mo, xt, xprev, x0out, noise, coef, i, e + 1, z1, size, flags, pred_mode)
+        if e + 2 < size:
+            _step_one(mo, xt, xprev, x0out, noise, coef, i, e + 2, z2, size, flags, pred_mode)
+        if e + 3 < size:
+            _step_one(mo, xt, xprev, x0out, noise, coef, i, e + 3, z3, size, flags, pred_mode)
+
+
+_VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+
+
+def _step_common(schedule, model_output, xt, t, t_prev, prediction, clip):
+    from ddpm_ref import samplers
+    pred_mode = _check_prediction(prediction)
+    if clip == "dynamic":
+        raise ValueError("clip='dynamic' (a per-sample percentile) is not fused into the GPU step; "
+                         "use clip=True or False here, or ddpm_ref.samplers on the host")
+    if clip not in (True, False):
+        raise ValueError(f"clip must be True or False for the fused GPU step, got {clip!r}")
+    _b.check_array(xt, "xt")
+    _b.check_array(model_output, "model_output")
+    n = int(xt.shape[0])
+    t_arr = np.broadcast_to(np.asarray(t), (n,)) if np.ndim(t) == 0 else np.asarray(t)
+    tp_arr = np.broadcast_to(np.asarray(t_prev), (n,)) if np.ndim(t_prev) == 0 else np.asarray(t_prev)
+    c = samplers.step_coefficients(schedule, t_arr, tp_arr)        # validates t, t_prev (float64)
+    t_arr = t_arr.astype(np.int64)
+    tp_arr = tp_arr.astype(np.int64)
+    coef = np.zeros((n, 8), dtype=np.float64)
+    coef[:, _C_SAB] = schedule.sqrt_alpha_bar[t_arr]
+    coef[:, _C_S1AB] = schedule.sqrt_one_minus_alpha_bar[t_arr]
+    return pred_mode, c, coef, t_arr, tp_arr, n
+
+
+def _launch_step(schedule, model_output, xt, coef, flags, pred_mode, noise, seed, index, t_arr, n):
+    xp = _b.xp()
+    size = int(xt.size // max(n, 1))
+    needs_noise = bool(np.any(coef[:, _C_NOISE] != 0.0))
+    noise_arr = xp.zeros((1, 1), dtype=xp.float32)
+    seed32, stream32 = np.uint32(0), np.uint32(0)
+    idx = np.zeros(n, np.uint32)
+    if noise is not None:
+        _b.check_array(noise, "noise", shape=xt.shape)
+        noise_arr = noise.reshape(n, size)
+        flags |= _F_ARRAY
+    elif needs_noise:
+        if seed is None or index is None:
+            raise ValueError("noise is required: this step adds noise; pass a noise array, or seed and "
+                             "index to draw z = rng.normal(seed, Stream.SAMPLE_STEP, index, t) in the kernel")
+        from ddpm_ref.rng import Stream
+        seed32, stream32, idx, _, _ = _address(seed, Stream.SAMPLE_STEP, index, 0, 0)
+        if idx.shape[0] != n:
+            raise ValueError(f"index must have one entry per sample ({n}), got {idx.shape[0]}")
+        flags |= _F_GEN
+    mo2 = model_output.reshape(n, -1)
+    x_prev = xp.empty((n, size), dtype=xp.float32)
+    x0_hat = xp.empty((n, size), dtype=xp.float32)
+    if n and size:
+        blocks, threads = _b.launch_1d(n * ((size + 3) // 4), _THREADS)
+        reverse_step_kernel[blocks, threads](mo2, xt.reshape(n, size), x_prev, x0_hat, noise_arr,
+                                             _b.to_device(coef), _b.to_device(idx),
+                                             _b.to_device(t_arr.astype(np.uint32)), seed32, stream32,
+                                             np.int32(flags), pred_mode)
+    return x_prev.reshape(xt.shape), x0_hat.reshape(xt.shape)
+
+
+def ddpm_step(schedule, model_output, xt, t, t_prev, noise=None, prediction="epsilon",
+              variance="fixed_small", clip=True, seed=None, index=None):
+    """``ddpm_ref.samplers.ddpm_step`` in one kernel: returns device ``(x_prev, x0_hat)``.
+
+    The same arguments, on device arrays; the fresh noise is either ``noise`` (a device array) or,
+    with ``noise=None`` and ``seed``/``index`` given, drawn in registers as
+    ``rng.normal(seed, Stream.SAMPLE_STEP, index, t, xt.shape[1:])`` (the sampler's contract).
+    Per element, in float64 as the reference: x0_hat from the model output, clip, posterior mean
+    ``coef_x0 x0_hat + coef_xt x_t`` (eq. 7), ``+ sigma z`` unless t_prev = -1.
+    """
+    if variance not in _VARIANCES:
+        raise ValueError(f"variance must be one of {_VARIANCES}, got {variance!r}")
+    pred_mode, c, coef, t_arr, tp_arr, n = _step_common(schedule, model_output, xt, t, t_prev,
+                                                        prediction, clip)
+    channels_out = xt.shape[1] * (2 if variance == "learned_range" else 1) if xt.ndim > 1 else None
+    want = (n, channels_out) + tuple(xt.shape[2:]) if channels_out else tuple(xt.shape)
+    if tuple(model_output.shape) != want:
+        raise ValueError(f"the model output must have shape {want} (variance={variance!r}), "
+                         f"got {tuple(model_output.shape)}")
+    final = tp_arr < 0
+    safe_beta = np.where(final, 1.0, c["beta"])
+    safe_tilde = np.where(final, 1.0, c["posterior_variance"])
+    coef[:, _C_A] = c["coef_x0"]
+    coef[:, _C_B] = c["coef_xt"]
+    coef[:, _C_SIGMA] = np.sqrt(safe_tilde) if variance == "fixed_small" else np.sqrt(safe_beta)
+    coef[:, _C_LOGBETA] = np.log(safe_beta)
+    coef[:, _C_LOGTILDE] = np.log(safe_tilde)
+    coef[:, _C_NOISE] = (~final).astype(np.float64)
+    # With learned_range the kernel reads the variance half at offset D of each (N, 2C * S) row.
+    flags = (_F_CLIP if clip else 0) | (_F_LEARNED if variance == "learned_range" else 0)
+    return _launch_step(schedule, model_output, xt, coef, flags, pred_mode, noise, seed, index, t_arr, n)
+
+
+def ddim_step(schedule, model_output, xt, t, t_prev, eta, noise=None, prediction="epsilon", clip=True,
+              seed=None, index=None):
+    """``ddpm_ref.samplers.ddim_step`` in one kernel: returns device ``(x_prev, x0_hat)``.
+
+    ``x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps_hat + sigma z`` (eq. 12),
+    ``sigma = eta sqrt(beta~)`` (eq. 16); noise as in :func:`ddpm_step`.
+    """
+    try:
+        eta = float(eta)
+    except (TypeError, ValueError):
+        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}") from None
+    if not (math.isfinite(eta) and 0.0 <= eta <= 1.0):
+        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+    pred_mode, c, coef, t_arr, tp_arr, n = _step_common(schedule, model_output, xt, t, t_prev,
+                                                        prediction, clip)
+    if tuple(model_output.shape) != tuple(xt.shape):
+        raise ValueError(f"model_output must have xt's shape {tuple(xt.shape)}, got {tuple(model_output.shape)}")
+    ab_prev = c["alpha_bar_prev"]
+    sigma = eta * np.sqrt(c["posterior_variance"])
+    coef[:, _C_A] = np.sqrt(ab_prev)
+    coef[:, _C_B] = np.sqrt(np.maximum(1.0 - ab_prev - sigma ** 2, 0.0))
+    coef[:, _C_SIGMA] = sigma
+    coef[:, _C_NOISE] = (sigma > 0).astype(np.float64)
+    flags = _F_DDIM | (_F_CLIP if clip else 0)
+    return _launch_step(schedule, model_output, xt, coef, flags, pred_mode, noise, seed, index, t_arr, n)
+
+
+def sample(denoiser, schedule, shape, n, seed, sampler="ddpm", num_steps=None, spacing="leading",
+           eta=0.0, prediction="epsilon", variance="fixed_small", clip=True, index_offset=0):
+    """``ddpm_ref.samplers.sample`` on the GPU (no guidance, no trajectory): device float32 (n, *shape).
+
+    ``denoiser(x, t)`` takes and returns device arrays (x (n, *shape) float32, t int64 (n,) on the
+    host). x_T is drawn by :func:`normal` with ``Stream.SAMPLE_INIT`` and every step's noise in the
+    step kernel, both following the sampler's noise contract, so a sample equals the reference's.
+    """
+    from ddpm_ref import samplers
+    from ddpm_ref.rng import Stream
+    if sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(s) for s in shape)
+    ts = samplers.timesteps(schedule.T, schedule.T if num_steps is None else num_steps, spacing)
+    ts_prev = samplers.previous_timesteps(ts)
+    index = int(index_offset) + np.arange(n, dtype=np.int64)
+    x = normal(seed, Stream.SAMPLE_INIT, index, 0, shape)
+    for t, t_prev in zip(ts.tolist(), ts_prev.tolist()):
+        tt = np.full(n, t, dtype=np.int64)
+        out = denoiser(x, tt)
+        if sampler == "ddpm":
+            x, _ = ddpm_step(schedule, out, x, tt, t_prev, None, prediction, variance, clip, seed, index)
+        else:
+            if variance == "learned_range":
+                out = _b.xp().ascontiguousarray(out[:, : out.shape[1] // 2])
+            x, _ = ddim_step(schedule, out, x, tt, t_prev, eta, None, prediction, clip, seed, index)
+    return x
