@@ -573,7 +573,10 @@ def scheduler_config_to_diffusers(schedule, settings=None):
     if spacing not in ("leading", "trailing", "linspace"):
         raise ValueError(f"settings['spacing'] must be 'leading', 'trailing' or 'linspace', got {spacing!r}")
 
-    out = {"_class_name": "DDIMScheduler" if sampler == "ddim" else "DDPMScheduler",
+    # DDIMScheduler has no variance_type: a learned-variance model keeps a DDPMScheduler config
+    # (a DDIMPipeline folder then records the sampler, see save_diffusers).
+    ddim_class = sampler == "ddim" and variance != "learned_range"
+    out = {"_class_name": "DDIMScheduler" if ddim_class else "DDPMScheduler",
            "_diffusers_version": _DIFFUSERS_VERSION, "num_train_timesteps": int(schedule.T),
            "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear", "trained_betas": None,
            "rescale_betas_zero_snr": False, "prediction_type": _PREDICTION_TO[prediction],
@@ -582,7 +585,7 @@ def scheduler_config_to_diffusers(schedule, settings=None):
            "timestep_spacing": spacing, "steps_offset": 0}
     if clip == "dynamic":
         out.update(thresholding=True, sample_max_value=_NO_CAP)
-    if sampler == "ddim":
+    if ddim_class:
         out["set_alpha_to_one"] = True
     else:
         out["variance_type"] = variance
@@ -724,7 +727,9 @@ def save_diffusers(path, model, params, schedule=None, settings=None):
     safetensors``). With one: a DDPMPipeline folder (``model_index.json``, ``unet/``,
     ``scheduler/scheduler_config.json``; a DDIMPipeline when ``settings["sampler"] == "ddim"``).
     The weights are float32 safetensors; our UNetConfig rides along in the file's metadata so that
-    fields diffusers has no key for (``learned_variance``) survive the round trip.
+    fields diffusers has no key for (``learned_variance``) survive the round trip. ``num_steps`` and
+    ``eta`` are call-time arguments of diffusers' pipelines, not stored: they come back as the
+    pipeline's defaults (all T steps for DDPM, 50 for DDIM; eta 0).
     """
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
@@ -734,7 +739,8 @@ def save_diffusers(path, model, params, schedule=None, settings=None):
         unet_dir = path
     else:
         sched = scheduler_config_to_diffusers(schedule, settings)
-        pipeline = "DDIMPipeline" if sched["_class_name"] == "DDIMScheduler" else "DDPMPipeline"
+        ddim = (settings or {}).get("sampler", "ddpm") == "ddim"
+        pipeline = "DDIMPipeline" if ddim else "DDPMPipeline"
         unet_dir = os.path.join(path, "unet")
         os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
         os.makedirs(unet_dir, exist_ok=True)

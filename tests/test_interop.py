@@ -307,6 +307,11 @@ def test_export_then_import_is_exact_and_diffusers_reads_it(tmp_path):
     assert params2.dtype == np.float32 and np.array_equal(params2, params)
     assert np.array_equal(schedule2.betas, schedule.betas)
     assert settings2 == {**settings, "shape": (1, 8, 8)}
+    # DDIM with a learned-variance model: a DDIMPipeline folder around a DDPMScheduler config
+    ddim_settings = {**settings, "sampler": "ddim", "num_steps": 50}
+    interop.save_diffusers(tmp_path / "ddim", model, params, schedule, ddim_settings)
+    assert json.loads((tmp_path / "ddim" / "model_index.json").read_text())["_class_name"] == "DDIMPipeline"
+    assert interop.load_diffusers(tmp_path / "ddim")[3] == {**ddim_settings, "shape": (1, 8, 8)}
     # model-only layout: the same network back
     interop.save_diffusers(tmp_path / "model", model, params)
     model3, params3 = interop.load_unet(tmp_path / "model")
@@ -564,3 +569,30 @@ def test_diffusers_ddim_previous_timestep_and_raw_eps_differ_as_documented():
     raw = ref.step(torch.from_numpy(out), 900, torch.from_numpy(xt)).prev_sample.numpy()
     ours, _ = samplers.ddim_step(schedule, out, xt, 900, 800, 0.0, None, clip=True)
     assert np.max(np.abs(ours - raw)) > 1e-2                    # a real difference, not rounding
+
+
+def test_folder_layouts_and_their_refusals(tmp_path):
+    ref = _diffusers_unet("ddpm")
+    ref.save_pretrained(tmp_path / "model")
+    # a bare model folder: the DDPM paper's schedule and DDPMPipeline's defaults
+    model, params, schedule, settings = interop.load_diffusers(tmp_path / "model")
+    assert schedule == Schedule.linear(1000) and settings["sampler"] == "ddpm"
+    assert settings["num_steps"] is None and settings["shape"] == (3, 8, 8)
+    pipe = tmp_path / "pipe"
+    diffusers.DDPMPipeline(unet=ref, scheduler=diffusers.DDPMScheduler()).save_pretrained(pipe)
+    index = json.loads((pipe / "model_index.json").read_text())
+    for change, named in [({"_class_name": "StableDiffusionPipeline"}, "StableDiffusionPipeline"),
+                          ({"vae": ["diffusers", "AutoencoderKL"]}, "vae")]:
+        (pipe / "model_index.json").write_text(json.dumps({**index, **change}))
+        with pytest.raises(ValueError, match=named):
+            interop.load_diffusers(pipe)
+    (pipe / "model_index.json").write_text(json.dumps(index))
+    (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "PNDMScheduler"}))
+    with pytest.raises(ValueError, match="PNDMScheduler"):
+        interop.load_diffusers(pipe)
+    with pytest.raises(ValueError, match="not a directory"):
+        interop.load_diffusers(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither a diffusers model folder"):
+        interop.load_diffusers(tmp_path / "empty")
