@@ -255,6 +255,10 @@ def _predict(schedule, model_output, xt, t, prediction, variance, clip):
         raise ValueError(f"the model output must have xt's shape {xt.shape}"
                          f"{' with 2C channels on axis 1' if variance == 'learned_range' else ''}, "
                          f"got {np.shape(model_output)} (variance={variance!r})")
+    if prediction == "epsilon" and np.any(schedule.alpha_bar[t] == 0.0):
+        bad = int(t[np.flatnonzero(schedule.alpha_bar[t] == 0.0)[0]])
+        raise ValueError(f"eps-prediction cannot recover x0 at t = {bad}, where alpha_bar = 0 (a zero-terminal-"
+                         "SNR schedule): use v-prediction there (Lin et al. 2023)")
     xt64 = xt.astype(np.float64)
     x0_hat, eps_hat = diffusion.to_x0_eps(schedule, pred.astype(np.float64), xt64, t, prediction)
     if clip is not False:
@@ -470,6 +474,10 @@ def sample(denoiser: Callable, schedule: Schedule, shape, n: int, seed: int, sam
         out = denoiser(x, tt, y)
         if w != 0.0:
             out = guided_output(out, denoiser(x, tt, None), w, variance)
+        out = np.asarray(out)
+        if out.dtype.kind != "f" or not np.all(np.isfinite(out)):
+            raise ValueError(f"the denoiser returned {'non-float' if out.dtype.kind != 'f' else 'non-finite'} "
+                             f"values at t = {t} (step {i} of {len(ts)}): stopping instead of sampling NaNs")
         adds_noise = t_prev >= 0 and (sampler == "ddpm" or eta > 0.0)
         z = rng.normal(seed, Stream.SAMPLE_STEP, index, t, shape) if adds_noise else None
         if sampler == "ddpm":

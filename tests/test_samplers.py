@@ -450,6 +450,38 @@ def test_sample_with_image_shape_and_clipping():
     assert np.abs(xd).max() <= 1.0
 
 
+def test_zero_terminal_snr_with_v_prediction():
+    # Lin et al. 2023: alpha_bar_T = 0, so x_T is pure noise and x0 must come from v (eps cannot
+    # give it). Same bounds as the respaced runs above (100 trailing steps, starting at t = T - 1).
+    sch = Schedule.linear(1000).rescale_zero_terminal_snr()
+    assert sch.alpha_bar[-1] == 0.0
+    den = diffusion.gaussian_oracle_denoiser(sch, MU, S, "v")
+    for sampler, variance, key in [("ddim", "fixed_small", "ddim-0.0"), ("ddpm", "fixed_large", "ddpm-fixed_large")]:
+        x = sample(den, sch, (4,), N, 16, sampler=sampler, variance=variance, prediction="v", num_steps=100,
+                   spacing="trailing", clip=False)
+        z = (x.astype(np.float64) - MU) / S
+        assert abs(z.mean()) < 5 * SE_MEAN
+        assert abs(z.std() - 1.0) < 5 * SE_STD + ALLOWANCE[key]
+    with pytest.raises(ValueError, match="alpha_bar = 0"):
+        sample(diffusion.gaussian_oracle_denoiser(sch, MU, S, "epsilon"), sch, (4,), 4, 0, num_steps=10,
+               spacing="trailing")
+
+
+def test_non_finite_denoiser_output_stops_the_run():
+    calls = []
+
+    def bad(x, t, y=None):
+        calls.append(int(t[0]))
+        out = np.zeros_like(x)
+        if t[0] < 500:
+            out[0, 0] = np.nan
+        return out
+
+    with pytest.raises(ValueError, match="non-finite values at t = 499"):
+        sample(bad, SCHEDULE, (4,), 3, 0, num_steps=10, spacing="trailing")     # 999, 899, ..., 99
+    assert calls == [999, 899, 799, 699, 599, 499]                 # stopped at the first bad output
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input
 
