@@ -7,7 +7,24 @@ from gradcheck import check_op
 from ddpm_ref.ops import conv as conv_mod
 from ddpm_ref.ops.conv import conv2d_backward, conv2d_forward
 
-PATHS = {"shift": 0, "im2col": 1 << 40}   # _IM2COL_MAX_ELEMENTS values forcing each stride-1 path
+PATHS = {"shift": (0, 0, 0), "im2col": (1 << 40, 1 << 40, 1 << 40)}   # forcing each stride-1 path
+
+
+class force_path:
+    """Set conv's path thresholds so stride-1 convs take the named path (restored on exit)."""
+    NAMES = ("_IM2COL_TINY", "_IM2COL_MAX_PIXELS", "_IM2COL_MAX_ELEMENTS")
+
+    def __init__(self, path):
+        self.values = PATHS[path]
+
+    def __enter__(self):
+        self.old = [getattr(conv_mod, n) for n in self.NAMES]
+        for n, v in zip(self.NAMES, self.values):
+            setattr(conv_mod, n, v)
+
+    def __exit__(self, *exc):
+        for n, v in zip(self.NAMES, self.old):
+            setattr(conv_mod, n, v)
 
 
 def naive_conv2d(x, w, b, stride, pads):
@@ -55,15 +72,11 @@ def make(case, dtype=np.float64):
 @settings(max_examples=12)
 def test_conv_gradients(path, case):
     x, w, b = make(case)
-    old = conv_mod._IM2COL_MAX_ELEMENTS
-    conv_mod._IM2COL_MAX_ELEMENTS = PATHS[path]
-    try:
+    with force_path(path):
         fwd = lambda x, w, b: conv2d_forward(x, w, b, stride=case["stride"], padding=case["pad"])
         args, wrt = ([x, w, b], (0, 1, 2)) if b is not None else ([x, w, None], (0, 1, None))
         # float64 centred differences: see gradcheck.py for why 1e-6 relative is a safe margin.
         check_op(fwd, conv2d_backward, args, wrt, rtol=1e-6)
-    finally:
-        conv_mod._IM2COL_MAX_ELEMENTS = old
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -71,16 +84,29 @@ def test_conv_gradients(path, case):
 @settings(max_examples=12)
 def test_conv_forward_matches_naive_loop(path, case):
     x, w, b = make(case)
-    old = conv_mod._IM2COL_MAX_ELEMENTS
-    conv_mod._IM2COL_MAX_ELEMENTS = PATHS[path]
-    try:
+    with force_path(path):
         y, cache = conv2d_forward(x, w, b, stride=case["stride"], padding=case["pad"])
-    finally:
-        conv_mod._IM2COL_MAX_ELEMENTS = old
     assert cache["path"] == (path if case["stride"] == 1 else "im2col")
     ref = naive_conv2d(x, w, b, case["stride"], case["pads"])
     # Same sums in a different order, float64: agreement to ~1e-15 relative; 1e-12 leaves margin.
     np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("C,O,k", [(1, 10, 3), (10, 1, 3), (2, 19, 3), (1, 4, 2), (3, 3, 1)])
+def test_conv_gradients_channel_extremes(path, C, O, k):
+    """Few input channels (conv_in: stacked-shift forward) and few output channels (conv_out:
+    input gradient as one GEMM over shifted copies of dy), and 1x1 kernels, on both paths."""
+    rng = np.random.default_rng(C * 100 + O)
+    x = rng.standard_normal((2, C, 5, 6))
+    w = rng.standard_normal((O, C, k, k))
+    b = rng.standard_normal(O)
+    with force_path(path):
+        y, _ = conv2d_forward(x, w, b, padding=k // 2)
+        # Naive-loop oracle, float64: 1e-12 (see test_conv_forward_matches_naive_loop).
+        np.testing.assert_allclose(y, naive_conv2d(x, w, b, 1, (k // 2,) * 4), rtol=1e-12, atol=1e-12)
+        fwd = lambda x, w, b: conv2d_forward(x, w, b, padding=k // 2)
+        check_op(fwd, conv2d_backward, [x, w, b], (0, 1, 2), rtol=1e-6)
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -97,14 +123,10 @@ def test_conv_matches_torch_float32(path, shape, k, stride, pad):
     x = rng.standard_normal(shape).astype(np.float32)
     w = (rng.standard_normal((4, shape[1], k, k)) * 0.3).astype(np.float32)
     b = rng.standard_normal(4).astype(np.float32)
-    old = conv_mod._IM2COL_MAX_ELEMENTS
-    conv_mod._IM2COL_MAX_ELEMENTS = PATHS[path]
-    try:
+    with force_path(path):
         y, cache = conv2d_forward(x, w, b, stride=stride, padding=pad)
         dy = rng.standard_normal(y.shape).astype(np.float32)
         dx, dw, db = conv2d_backward(dy, cache)
-    finally:
-        conv_mod._IM2COL_MAX_ELEMENTS = old
     assert y.dtype == dx.dtype == dw.dtype == db.dtype == np.float32
     pads = pad if isinstance(pad, tuple) else (pad,) * 4
     xt = torch.tensor(x, requires_grad=True)
@@ -127,16 +149,12 @@ def test_conv_paths_agree_on_a_large_float32_case():
     w = (rng.standard_normal((8, 16, 3, 3)) * 0.1).astype(np.float32)
     b = rng.standard_normal(8).astype(np.float32)
     outs = {}
-    old = conv_mod._IM2COL_MAX_ELEMENTS
-    try:
-        for path, thr in PATHS.items():
-            conv_mod._IM2COL_MAX_ELEMENTS = thr
+    for path in PATHS:
+        with force_path(path):
             y, cache = conv2d_forward(x, w, b)
             assert cache["path"] == path
             dy = np.cos(y)                          # any fixed dy
             outs[path] = (y,) + conv2d_backward(dy, cache)
-    finally:
-        conv_mod._IM2COL_MAX_ELEMENTS = old
     # 144-term float32 dot products (forward, dx) and 512-term sums (dw, db) in different orders:
     # a few ulps of the magnitudes involved; 1e-4 absolute covers it.
     for a, c in zip(outs["shift"], outs["im2col"]):

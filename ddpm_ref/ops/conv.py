@@ -41,9 +41,12 @@ import numpy as np
 
 __all__ = ["conv2d_forward", "conv2d_backward", "conv_output_size"]
 
-# Use the im2col path for stride 1 when the im2col buffer would hold at most this many elements
-# (small images: one large-K GEMM beats kh*kw small-K GEMMs there, and the buffer is cheap).
-_IM2COL_MAX_ELEMENTS = 1 << 20
+# Path choice for stride 1 (see _choose_path): im2col when the output is at most this many pixels
+# per image (the shift method's thrown-away border is >= 56% extra work at 8x8 with a 3x3 kernel)
+# and its buffer stays below _IM2COL_MAX_ELEMENTS; always im2col below _IM2COL_TINY elements.
+_IM2COL_MAX_PIXELS = 100
+_IM2COL_MAX_ELEMENTS = 1 << 23        # 8M elements: 32 MB in float32
+_IM2COL_TINY = 1 << 18
 
 
 def _normalize_padding(padding):
@@ -78,9 +81,13 @@ def _check_float(name, a):
 
 
 def _choose_path(N, C, Ho, Wo, kh, kw, stride):
+    """"im2col" for strided convs and small images, "shift" for stride 1 on larger ones."""
     if stride != 1:
         return "im2col"
-    if kh * kw * C * N * Ho * Wo <= _IM2COL_MAX_ELEMENTS:
+    col_elements = kh * kw * C * N * Ho * Wo
+    if col_elements <= _IM2COL_TINY:
+        return "im2col"
+    if Ho * Wo <= _IM2COL_MAX_PIXELS and col_elements <= _IM2COL_MAX_ELEMENTS:
         return "im2col"
     return "shift"
 
@@ -126,18 +133,29 @@ def conv2d_forward(x, w, b=None, stride=1, padding=1):
         tail = (kh - 1) * Wp + (kw - 1)         # zeros after the last image, read by the last shifts
         xr = np.zeros((C, M + tail), dtype=dt)  # (C, M + tail) padded input, one row per channel
         xr[:, :M].reshape(C, N, Hp, Wp)[:, :, pt:pt + H, pl:pl + W] = x.transpose(1, 0, 2, 3)
-        yr = np.empty((O, M), dtype=dt)         # (O, M) output on the padded grid
-        tmp = np.empty((O, M), dtype=dt) if kh * kw > 1 else None
-        wk = np.ascontiguousarray(w.transpose(2, 3, 0, 1))               # (kh, kw, O, C)
-        for i in range(kh):
-            for j in range(kw):
-                off = i * Wp + j
-                if i == 0 and j == 0:
-                    np.matmul(wk[0, 0], xr[:, 0:M], out=yr)               # (O, C) @ (C, M)
-                else:
-                    np.matmul(wk[i, j], xr[:, off:off + M], out=tmp)    # (O, C) @ (C, M)
-                    yr += tmp
-        del tmp
+        if kh * kw * C <= O and kh * kw > 1:
+            # Few input channels (conv_in): stack the kh*kw shifted rows (a buffer no larger than
+            # the output) and do one GEMM, instead of kh*kw thin GEMMs each writing O x M.
+            col = np.empty((kh * kw * C, M), dtype=dt)                   # (K, M), K ordered (i, j, c)
+            for i in range(kh):
+                for j in range(kw):
+                    off, kk = i * Wp + j, i * kw + j
+                    col[kk * C:(kk + 1) * C] = xr[:, off:off + M]        # contiguous row copies
+            yr = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C) @ col   # (O, K) @ (K, M)
+            del col
+        else:
+            yr = np.empty((O, M), dtype=dt)                              # (O, M) output on the grid
+            tmp = np.empty((O, M), dtype=dt) if kh * kw > 1 else None
+            wk = np.ascontiguousarray(w.transpose(2, 3, 0, 1))          # (kh, kw, O, C)
+            for i in range(kh):
+                for j in range(kw):
+                    off = i * Wp + j
+                    if off == 0:
+                        np.matmul(wk[0, 0], xr[:, 0:M], out=yr)          # (O, C) @ (C, M)
+                    else:
+                        np.matmul(wk[i, j], xr[:, off:off + M], out=tmp)  # (O, C) @ (C, M)
+                        yr += tmp
+            del tmp
         y_grid = yr.reshape(O, N, Hp, Wp)[:, :, :Ho, :Wo]                 # (O, N, Ho, Wo) view
         cache = {"path": path, "xr": xr}
     else:
@@ -206,17 +224,35 @@ def conv2d_backward(dy, cache):
                 off = i * Wp + j
                 np.matmul(dyr, xr[:, off:off + M].T, out=dw_k[i, j])       # (O, M) @ (M, C)
         dw = np.ascontiguousarray(dw_k.transpose(2, 3, 0, 1))             # (O, C, kh, kw)
-        # dxr[c, q + off(i, j)] += sum_o w[o, c, i, j] * dy[o, q]: the transpose of the forward
-        # shift, one GEMM and one shifted add per offset.
-        dxr = np.zeros((C, M + (kh - 1) * Wp + (kw - 1)), dtype=dt)       # (C, M + tail)
-        tmp = np.empty((C, M), dtype=dt)
-        wkt = np.ascontiguousarray(w.transpose(2, 3, 1, 0))              # (kh, kw, C, O)
-        for i in range(kh):
-            for j in range(kw):
-                off = i * Wp + j
-                np.matmul(wkt[i, j], dyr, out=tmp)                          # (C, O) @ (O, M)
-                dxr[:, off:off + M] += tmp
-        del tmp
+        tail = (kh - 1) * Wp + (kw - 1)
+        if kh * kw * O <= C and kh * kw > 1:
+            # Few output channels (conv_out): the input gradient as a convolution of dy, i.e.
+            # dxr[c, p] = sum_{i, j, o} w[o, c, i, j] dy[o, p - off(i, j)]: stack the kh*kw shifted
+            # copies of dy (no larger than dx) and do one GEMM, with no scatter-adds over C x M.
+            dye = np.zeros((O, tail + M), dtype=dt)                     # (O, tail + M), front margin
+            dye[:, tail:] = dyr
+            dcol = np.empty((kh * kw * O, M), dtype=dt)                 # (K', M), K' ordered (i, j, o)
+            for i in range(kh):
+                for j in range(kw):
+                    off, kk = i * Wp + j, i * kw + j
+                    dcol[kk * O:(kk + 1) * O] = dye[:, tail - off:tail - off + M]
+            del dye
+            dxr = w.transpose(1, 2, 3, 0).reshape(C, kh * kw * O) @ dcol   # (C, K') @ (K', M)
+            del dcol
+        elif kh * kw == 1:
+            dxr = w[:, :, 0, 0].T @ dyr                                 # (C, O) @ (O, M)
+        else:
+            # dxr[c, q + off(i, j)] += sum_o w[o, c, i, j] * dy[o, q]: the transpose of the forward
+            # shift, one GEMM and one shifted add per offset.
+            dxr = np.zeros((C, M + tail), dtype=dt)                     # (C, M + tail)
+            tmp = np.empty((C, M), dtype=dt)
+            wkt = np.ascontiguousarray(w.transpose(2, 3, 1, 0))        # (kh, kw, C, O)
+            for i in range(kh):
+                for j in range(kw):
+                    off = i * Wp + j
+                    np.matmul(wkt[i, j], dyr, out=tmp)                  # (C, O) @ (O, M)
+                    dxr[:, off:off + M] += tmp
+            del tmp
         dxp = dxr[:, :M].reshape(C, N, Hp, Wp)                            # (C, N, Hp, Wp)
     else:
         xp = cache["xp"].astype(dt, copy=False)                           # (C, N, Hp, Wp)
