@@ -349,7 +349,7 @@ def _grid_png(path, x, scale=4):
     """Write images (N, C, H, W) in [-1, 1] as a grid PNG."""
     from . import image
 
-    image.write_png(path, image.make_grid(np.clip(x, -1, 1), scale=scale))
+    image.write_png(path, image.make_grid(np.clip(x, -1, 1), scale=scale, pad_value=96))
 
 
 def _scatter(x, size=256, lim=None):
@@ -442,10 +442,10 @@ def _write_reverse(prefix, traj, kind, frames):
             # rows: samples; columns: time from x_T (left) to x_0 (right)
             u8 = to_uint8(np.clip(np.swapaxes(sel, 0, 1).reshape((-1,) + sel.shape[2:]), -1, 1))
             path = prefix + "_reverse.png"
-            image.write_png(path, image.make_grid(u8, nrow=sel.shape[0], scale=4))
+            image.write_png(path, image.make_grid(u8, nrow=sel.shape[0], scale=4, pad_value=96))
             return path
         sel = _frames_from_trajectory(traj[:, :nshow], frames)
-        pics = [image.make_grid(to_uint8(np.clip(f, -1, 1)), scale=4) for f in sel]
+        pics = [image.make_grid(to_uint8(np.clip(f, -1, 1)), scale=4, pad_value=96) for f in sel]
     path = prefix + ("_reverse.gif" if kind == "gif" else "_reverse_anim.png")
     delays = [80] * (len(pics) - 1) + [1500]      # hold the final samples
     if kind == "gif":
@@ -471,7 +471,7 @@ def cmd_forward(args):
     xt = diffusion.q_sample(schedule, x0, t, noise).astype(np.float32)
     seq = np.concatenate([ds.x[args.index:args.index + 1], xt])                       # (K, ...)
     if ds.x.ndim == 4:
-        image.write_png(args.out, image.make_strip(to_uint8(np.clip(seq, -1, 1)), scale=args.scale))
+        image.write_png(args.out, image.make_strip(to_uint8(np.clip(seq, -1, 1)), scale=args.scale, pad_value=96))
     else:
         raise ValueError(f"ddpm forward pictures images; {args.data!r} holds {ds.x.shape[1]}-D points")
     _say(f"wrote {args.out}: {args.data} image {args.index} at t = 0 (data), "
