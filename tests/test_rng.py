@@ -341,3 +341,15 @@ def test_bad_philox_and_conversion_input():
         rng.randint(0, Stream.TIMESTEP, [0], 0)
     with pytest.raises(ValueError, match="n must"):
         rng.permutation(0, Stream.DATA_ORDER, -1)
+
+
+def test_speed_benchmark_runs_at_toy_size(capsys):
+    # Keeps benchmarks/rng_speed.py working; no time is asserted (machines differ and are shared).
+    import pathlib
+    import runpy
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "rng_speed.py"
+    medians = runpy.run_path(str(script), run_name="rng_speed")["main"](["--runs", "2", "--shape", "2", "3", "5"])
+    assert set(medians) == {"ddpm_ref.rng.normal", "ddpm_ref.rng.random_bits", "numpy Generator.standard_normal"}
+    assert all(ms > 0.0 for ms in medians.values())
+    assert "(2, 3, 5)" in capsys.readouterr().out

@@ -225,6 +225,10 @@ def test_ddim_eq_12_and_eta_one_is_ddpm_fixed_small():
     ddim1, _ = ddim_step(SCHEDULE, eps, xt, t, s, 1.0, z, "epsilon", clip=False)
     ddpm, _ = ddpm_step(SCHEDULE, eps, xt, t, s, z, "epsilon", "fixed_small", clip=False)
     np.testing.assert_allclose(ddim1, ddpm, rtol=1e-10, atol=1e-10)
+    # eta = 0: sigma = 0, the noise is not used at all (None or any array give the same numbers).
+    a, _ = ddim_step(SCHEDULE, eps, xt, t, s, 0.0, None, "epsilon", clip=False)
+    b, _ = ddim_step(SCHEDULE, eps, xt, t, s, 0.0, 100.0 * z, "epsilon", clip=False)
+    np.testing.assert_array_equal(a, b)
 
 
 def test_learned_range_endpoints_are_the_fixed_variances():
