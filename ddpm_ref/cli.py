@@ -393,8 +393,6 @@ def cmd_train(args):
 
 
 def cmd_sample(args):
-    from . import image
-
     ckpt_path, ck, model, schedule, params, tcfg = _load(args.ckpt, args.no_ema)
     y = _labels(model, args.n, args.label)
     if args.guidance and y is None:

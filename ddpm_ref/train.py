@@ -49,6 +49,7 @@ from typing import Optional
 import numpy as np
 
 from . import diffusion, rng
+from .ops import loss as _loss
 from .checkpoint import Checkpoint, CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from .optim import AdamW, ema_decay, ema_update
 from .schedule import Schedule
@@ -442,22 +443,18 @@ class Trainer:
         target = diffusion.training_target(sch, x0, t, noise, cfg.prediction)
         lw = diffusion.loss_weights(sch, t, cfg.prediction, cfg.weighting, cfg.min_snr_gamma)  # (B,)
         isw = np.asarray(is_weights, dtype=np.float64)                                  # (B,)
-        # L_simple (eq. 14): per sample the mean over elements, times its weight, then the batch mean.
-        b = x0.shape[0]
-        diff = pred - target                                                            # (B, ...)
-        per_mse = np.mean(np.square(diff.reshape(b, -1), dtype=np.float64), axis=1)     # (B,)
-        objective = lw * per_mse                        # per-sample loss before importance weights
-        mse = float(np.mean(isw * objective))
-        n_el = int(np.prod(diff.shape[1:]))
-        coef = (isw * lw * (2.0 / (b * n_el))).astype(dtype)                            # (B,)
-        dpred = diff * coef.reshape((b,) + (1,) * (diff.ndim - 1))                      # d mse / d pred
+        # L_simple (eq. 14): per sample the mean over elements, times its weight, then the batch mean
+        # (ops.loss.mse_forward; weights = loss weighting x importance weights).
+        mse, mcache = _loss.mse_forward(pred, target, weights=lw * isw)
+        objective = lw * mcache["per_sample"]          # per-sample loss before importance weights
+        dpred = _loss.mse_backward(mcache)             # d mse / d pred, (B, ...)
         info = {"t": t, "mse": mse}
         if cfg.loss == "hybrid":
             # + lam T L_t per sample (improved-diffusion eq. 16, diffusion.hybrid_vb_scale); its
             # gradient reaches the variance channels only (the mean half is a stop-gradient there).
             scale = diffusion.hybrid_vb_scale(sch)
             vb, dout = diffusion.hybrid_vb_loss(sch, out, x0, xt, t, prediction=cfg.prediction,
-                                                dvb=scale * isw / b)
+                                                dvb=scale * isw / x0.shape[0])
             vb_loss = float(np.mean(isw * scale * vb))
             loss = mse + vb_loss
             dout = dout.astype(dtype, copy=False)

@@ -1,7 +1,6 @@
 """Tests for ddpm_ref/train.py: data order, exact resume, gradients of the objectives, NaN stop,
 run directories, progress and metrics, and a fixed-seed run against recorded losses."""
 import json
-import os
 import sys
 
 import numpy as np
