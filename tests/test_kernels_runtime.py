@@ -1,0 +1,82 @@
+"""Choosing the GPU backend: one clear message naming what is missing, and nothing else breaks.
+
+Each case runs in its own Python process, with the missing piece hidden from the import system
+(``sys.modules[name] = None`` makes ``import name`` raise ImportError), because Numba fixes the
+simulator setting at import time and CuPy is not installed on CI machines anyway.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("numba_cuda", reason="the GPU kernel tests need numba-cuda (the `test` extra)")
+
+
+def _run(code, sim="0"):
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM=sim)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+_PROBE = """
+import json
+import ddpm_ref, ddpm_ref.kernels as k
+from ddpm_ref import diffusion, rng, samplers, schedule, ops   # the package works without the GPU stack
+try:
+    name = k.backend()
+    msg = None
+except k.GPUUnavailableError as exc:
+    name, msg = None, str(exc)
+try:
+    import ddpm_ref.kernels.conv
+    conv_import = "ok"
+except k.GPUUnavailableError as exc:
+    conv_import = str(exc)
+print(json.dumps({"backend": name, "message": msg, "conv_import": conv_import}))
+"""
+
+
+def test_no_cupy_and_no_driver():
+    out = _run("import sys; sys.modules['cupy'] = None\n" + _PROBE)
+    assert out["backend"] is None
+    msg = out["message"]
+    assert msg.startswith("the GPU backend is unavailable: ")
+    assert "CuPy is not installed" in msg and "no usable CUDA driver or GPU" in msg
+    assert "numba-cuda (the Numba CUDA target) is not installed" not in msg
+    assert "pip install 'ddpm-ref[gpu]'" in msg and msg.count("\n") == 0     # one line, one message
+    assert out["conv_import"] == "ok"          # the kernels import; only running them needs a GPU
+
+
+def test_no_numba_cuda():
+    out = _run("import sys; sys.modules['numba_cuda'] = None; sys.modules['numba.cuda'] = None\n"
+               "sys.modules['cupy'] = None\n" + _PROBE)
+    msg = out["message"]
+    assert "numba-cuda (the Numba CUDA target) is not installed" in msg and "CuPy is not installed" in msg
+    assert "numba-cuda" in out["conv_import"] and "pip install 'ddpm-ref[gpu]'" in out["conv_import"]
+
+
+def test_cupy_without_driver():
+    fake = """
+import sys, types
+cupy = types.ModuleType("cupy"); cupy.cuda = types.SimpleNamespace()
+class CUDARuntimeError(RuntimeError):
+    pass
+def _count():
+    raise CUDARuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
+cupy.cuda.runtime = types.SimpleNamespace(getDeviceCount=_count)
+sys.modules["cupy"] = cupy
+"""
+    out = _run(fake + _PROBE)
+    msg = out["message"]
+    assert "CuPy is not installed" not in msg
+    assert "no usable CUDA driver or GPU (CUDARuntimeError: cudaErrorInsufficientDriver" in msg
+
+
+def test_simulator_backend():
+    out = _run("import sys; sys.modules['cupy'] = None\n" + _PROBE, sim="1")
+    assert out == {"backend": "simulator", "message": None, "conv_import": "ok"}
