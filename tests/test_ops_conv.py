@@ -69,7 +69,7 @@ def make(case, dtype=np.float64):
 
 @pytest.mark.parametrize("path", list(PATHS))
 @given(case=conv_cases())
-@settings(max_examples=12)
+@settings(max_examples=25)
 def test_conv_gradients(path, case):
     x, w, b = make(case)
     with force_path(path):
@@ -81,7 +81,7 @@ def test_conv_gradients(path, case):
 
 @pytest.mark.parametrize("path", list(PATHS))
 @given(case=conv_cases())
-@settings(max_examples=12)
+@settings(max_examples=25)
 def test_conv_forward_matches_naive_loop(path, case):
     x, w, b = make(case)
     with force_path(path):

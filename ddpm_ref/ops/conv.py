@@ -18,17 +18,22 @@ and its gradients, each a sum over the same index set:
 Two GEMM formulations, picked per call by ``_choose_path`` (both give the same numbers to rounding;
 the choice was measured on the CIFAR and `small` preset shapes in float32, benchmarks/ops_speed.py):
 
-* "shift" (stride 1): the padded input is laid out channel-major as one long row per channel,
-  ``xr[c, q]`` with ``q = n*Hp*Wp + r*Wp + col`` (images one after another, a zero tail after the
-  last). Output pixel ``(n, h, w)`` is computed at ``q = n*Hp*Wp + h*Wp + w`` on the same padded
-  grid, and for kernel offset ``(i, j)`` it reads ``xr[c, q + i*Wp + j]``: a *contiguous shift* of
-  the whole row. So each offset is one GEMM ``w[:, :, i, j] (O, C) @ xr[:, off:off + M] (C, M)``
-  on a strided view, no im2col copy at all, and the kh*kw partial products are summed. Grid
-  positions with ``h >= Ho`` or ``w >= Wo`` are computed and thrown away (extra work
-  ``Hp*Wp / (Ho*Wo)``: 1.13x at 32x32, 2.25x at 4x4). The weight gradient is kh*kw GEMMs with the
-  long axis ``M`` as the reduction (``dy (O, M) @ xr[:, off:off+M]^T``), and the input gradient
-  kh*kw GEMMs ``w[:, :, i, j]^T @ dy`` scatter-added at the same shifts. The zero dy at the thrown-away
-  positions keeps those sums exact.
+* "shift" (stride 1): the zero-padded input is laid out channel-major as one long row per
+  channel, ``xr[c, q]``, images one after another on a grid of pitch ``Ws`` (see _shift_layout:
+  the zero columns right of one image row double as the left padding of the next row, so a 3x3
+  "same" conv at 32x32 uses a 33x33 grid per image). Output pixel ``(n, h, w)`` is computed at
+  grid position ``q`` and for kernel offset ``(i, j)`` it reads ``xr[c, q + i*Ws + j]``: a
+  *contiguous shift* of the whole row. So each offset is one GEMM
+  ``w[:, :, i, j] (O, C) @ xr[:, off:off + M] (C, M)`` on a strided view, no im2col copy at all,
+  and the kh*kw partial products are summed. Grid positions that are not output pixels are
+  computed and thrown away (extra work ``Hs*Ws / (Ho*Wo)``: 1.06x at 32x32, 1.13x at 16x16). The
+  weight gradient is kh*kw GEMMs with the long axis ``M`` as the reduction
+  (``dy (O, M) @ xr[:, off:off+M]^T``), and the input gradient kh*kw GEMMs ``w[:, :, i, j]^T @ dy``
+  scatter-added at the same shifts; the zero dy at the thrown-away positions keeps those sums
+  exact. Two variants avoid thin GEMMs: with few input channels (conv_in) the forward stacks the
+  kh*kw shifted rows into one K = kh*kw*C GEMM, and with few output channels (conv_out) the input
+  gradient is one GEMM over kh*kw shifted copies of dy (a convolution of dy with the transposed
+  kernel), each buffer no larger than the op's output.
 * "im2col" (any stride; chosen for stride > 1 and for small images, where the shift method's
   thrown-away border dominates): ``col[(i, j, c), (n, h, w)] = xp[n, c, s*h + i, s*w + j]`` copied
   from a strided view of the padded input, then one GEMM ``w2 (O, K) @ col (K, N*Ho*Wo)``. The
@@ -129,17 +134,16 @@ def conv2d_forward(x, w, b=None, stride=1, padding=1):
     path = _choose_path(N, C, Ho, Wo, kh, kw, stride)
 
     if path == "shift":
-        M = N * Hp * Wp                         # positions of the padded grid, all images
-        tail = (kh - 1) * Wp + (kw - 1)         # zeros after the last image, read by the last shifts
-        xr = np.zeros((C, M + tail), dtype=dt)  # (C, M + tail) padded input, one row per channel
-        xr[:, :M].reshape(C, N, Hp, Wp)[:, :, pt:pt + H, pl:pl + W] = x.transpose(1, 0, 2, 3)
+        Hs, Ws, base, M, L = _shift_layout(H, W, Ho, Wo, kh, kw, pt, pb, pl, pr, N)
+        xr = np.zeros((C, L), dtype=dt)         # (C, L) zero-padded input, one row per channel
+        xr[:, base:base + M].reshape(C, N, Hs, Ws)[:, :, :H, :W] = x.transpose(1, 0, 2, 3)
         if kh * kw * C <= O and kh * kw > 1:
             # Few input channels (conv_in): stack the kh*kw shifted rows (a buffer no larger than
             # the output) and do one GEMM, instead of kh*kw thin GEMMs each writing O x M.
             col = np.empty((kh * kw * C, M), dtype=dt)                   # (K, M), K ordered (i, j, c)
             for i in range(kh):
                 for j in range(kw):
-                    off, kk = i * Wp + j, i * kw + j
+                    off, kk = i * Ws + j, i * kw + j
                     col[kk * C:(kk + 1) * C] = xr[:, off:off + M]        # contiguous row copies
             yr = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C) @ col   # (O, K) @ (K, M)
             del col
@@ -149,14 +153,14 @@ def conv2d_forward(x, w, b=None, stride=1, padding=1):
             wk = np.ascontiguousarray(w.transpose(2, 3, 0, 1))          # (kh, kw, O, C)
             for i in range(kh):
                 for j in range(kw):
-                    off = i * Wp + j
+                    off = i * Ws + j
                     if off == 0:
                         np.matmul(wk[0, 0], xr[:, 0:M], out=yr)          # (O, C) @ (C, M)
                     else:
                         np.matmul(wk[i, j], xr[:, off:off + M], out=tmp)  # (O, C) @ (C, M)
                         yr += tmp
             del tmp
-        y_grid = yr.reshape(O, N, Hp, Wp)[:, :, :Ho, :Wo]                 # (O, N, Ho, Wo) view
+        y_grid = yr.reshape(O, N, Hs, Ws)[:, :, :Ho, :Wo]                 # (O, N, Ho, Wo) view
         cache = {"path": path, "xr": xr}
     else:
         xp = np.zeros((C, N, Hp, Wp), dtype=dt)                           # (C, N, Hp, Wp)
@@ -176,6 +180,26 @@ def conv2d_forward(x, w, b=None, stride=1, padding=1):
     cache.update(w=w, has_bias=b is not None, x_shape=x.shape, stride=stride,
                  padding=(pt, pb, pl, pr), out_hw=(Ho, Wo))
     return y, cache
+
+
+def _shift_layout(H, W, Ho, Wo, kh, kw, pt, pb, pl, pr, N):
+    """Geometry of the "shift" path's flattened grid, shared by forward and backward.
+
+    Image n's pixel (r, c) sits at ``base + n*Hs*Ws + r*Ws + c`` of a zero row of length L, with
+    row pitch ``Ws = max(W + max(pl, pr), Wo)`` and ``Hs = max(H + max(pt, pb), Ho)`` rows per
+    image: the zero columns W..Ws-1 of one row serve as the right padding of that row *and* the
+    left padding of the next (likewise the zero rows between images), so a 3x3 "same" conv at
+    32x32 works on a 33x33 grid per image rather than 34x34. Output (n, h, w) is computed at
+    ``q = n*Hs*Ws + h*Ws + w`` and reads offset (i, j) at ``q + i*Ws + j``; ``base = pt*Ws + pl``
+    puts the top-left padding before the first image.
+    Returns (Hs, Ws, base, M, L) with M = N*Hs*Ws grid positions.
+    """
+    Ws = max(W + max(pl, pr), Wo)
+    Hs = max(H + max(pt, pb), Ho)
+    M = N * Hs * Ws
+    base = pt * Ws + pl
+    L = max(M + (kh - 1) * Ws + (kw - 1), base + M)
+    return Hs, Ws, base, M, L
 
 
 def _im2col(xp, kh, kw, stride, Ho, Wo):
@@ -208,11 +232,11 @@ def conv2d_backward(dy, cache):
     w = w.astype(dt, copy=False)
 
     if cache["path"] == "shift":
-        xr = cache["xr"].astype(dt, copy=False)                           # (C, M + tail)
-        M = N * Hp * Wp
-        # dy on the padded output grid, zero where the forward threw positions away, so the sums
-        # below run over real outputs only.
-        dyr = np.zeros((O, N, Hp, Wp), dtype=dt)                          # (O, N, Hp, Wp)
+        xr = cache["xr"].astype(dt, copy=False)                           # (C, L)
+        Hs, Ws, base, M, L = _shift_layout(H, W, Ho, Wo, kh, kw, pt, pb, pl, pr, N)
+        # dy on the output grid, zero where the forward threw positions away, so the sums below
+        # run over real outputs only.
+        dyr = np.zeros((O, N, Hs, Ws), dtype=dt)                          # (O, N, Hs, Ws)
         dyr[:, :, :Ho, :Wo] = dy.transpose(1, 0, 2, 3)
         dyr = dyr.reshape(O, M)                                           # (O, M)
         db = dyr.sum(axis=1) if cache["has_bias"] else None               # (O,)
@@ -221,56 +245,58 @@ def conv2d_backward(dy, cache):
         dw_k = np.empty((kh, kw, O, C), dtype=dt)                         # (kh, kw, O, C)
         for i in range(kh):
             for j in range(kw):
-                off = i * Wp + j
+                off = i * Ws + j
                 np.matmul(dyr, xr[:, off:off + M].T, out=dw_k[i, j])       # (O, M) @ (M, C)
         dw = np.ascontiguousarray(dw_k.transpose(2, 3, 0, 1))             # (O, C, kh, kw)
-        tail = (kh - 1) * Wp + (kw - 1)
         if kh * kw * O <= C and kh * kw > 1:
-            # Few output channels (conv_out): the input gradient as a convolution of dy, i.e.
+            # Few output channels (conv_out): the input gradient as a convolution of dy,
             # dxr[c, p] = sum_{i, j, o} w[o, c, i, j] dy[o, p - off(i, j)]: stack the kh*kw shifted
             # copies of dy (no larger than dx) and do one GEMM, with no scatter-adds over C x M.
-            dye = np.zeros((O, tail + M), dtype=dt)                     # (O, tail + M), front margin
-            dye[:, tail:] = dyr
+            # Only the M positions from `base` on hold input pixels, so only those are computed.
+            F = (kh - 1) * Ws + (kw - 1)                                # largest offset
+            dye = np.zeros((O, F + base + M), dtype=dt)                 # (O, F + base + M) front margin
+            dye[:, F:F + M] = dyr
             dcol = np.empty((kh * kw * O, M), dtype=dt)                 # (K', M), K' ordered (i, j, o)
             for i in range(kh):
                 for j in range(kw):
-                    off, kk = i * Wp + j, i * kw + j
-                    dcol[kk * O:(kk + 1) * O] = dye[:, tail - off:tail - off + M]
+                    off, kk = i * Ws + j, i * kw + j
+                    dcol[kk * O:(kk + 1) * O] = dye[:, F + base - off:F + base - off + M]
             del dye
-            dxr = w.transpose(1, 2, 3, 0).reshape(C, kh * kw * O) @ dcol   # (C, K') @ (K', M)
+            dx_grid = w.transpose(1, 2, 3, 0).reshape(C, kh * kw * O) @ dcol   # (C, K') @ (K', M)
             del dcol
-        elif kh * kw == 1:
-            dxr = w[:, :, 0, 0].T @ dyr                                 # (C, O) @ (O, M)
+        elif kh * kw == 1 and base == 0:
+            dx_grid = w[:, :, 0, 0].T @ dyr                             # (C, O) @ (O, M)
         else:
             # dxr[c, q + off(i, j)] += sum_o w[o, c, i, j] * dy[o, q]: the transpose of the forward
             # shift, one GEMM and one shifted add per offset.
-            dxr = np.zeros((C, M + tail), dtype=dt)                     # (C, M + tail)
+            dxr = np.zeros((C, L), dtype=dt)                            # (C, L)
             tmp = np.empty((C, M), dtype=dt)
             wkt = np.ascontiguousarray(w.transpose(2, 3, 1, 0))        # (kh, kw, C, O)
             for i in range(kh):
                 for j in range(kw):
-                    off = i * Wp + j
+                    off = i * Ws + j
                     np.matmul(wkt[i, j], dyr, out=tmp)                  # (C, O) @ (O, M)
                     dxr[:, off:off + M] += tmp
             del tmp
-        dxp = dxr[:, :M].reshape(C, N, Hp, Wp)                            # (C, N, Hp, Wp)
-    else:
-        xp = cache["xp"].astype(dt, copy=False)                           # (C, N, Hp, Wp)
-        dy2 = np.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(O, N * Ho * Wo)  # (O, P)
-        db = dy2.sum(axis=1) if cache["has_bias"] else None               # (O,)
-        col = _im2col(xp, kh, kw, stride, Ho, Wo)                         # (K, P), rebuilt
-        dw2 = dy2 @ col.T                                                 # (O, K), K = (i, j, c)
-        del col
-        dw = np.ascontiguousarray(dw2.reshape(O, kh, kw, C).transpose(0, 3, 1, 2))  # (O, C, kh, kw)
-        w2 = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C)              # (O, K)
-        dcol = (w2.T @ dy2).reshape(kh, kw, C, N, Ho, Wo)                 # (kh, kw, C, N, Ho, Wo)
-        # col2im: each kernel offset owns a strided sub-grid of the padded input; add its slab.
-        dxp = np.zeros((C, N, Hp, Wp), dtype=dt)                          # (C, N, Hp, Wp)
-        hs, ws = stride * (Ho - 1) + 1, stride * (Wo - 1) + 1
-        for i in range(kh):
-            for j in range(kw):
-                dxp[:, :, i:i + hs:stride, j:j + ws:stride] += dcol[i, j]
-        del dcol
+            dx_grid = dxr[:, base:base + M]                             # (C, M) the input pixels' slots
+        dx = dx_grid.reshape(C, N, Hs, Ws)[:, :, :H, :W]                  # (C, N, H, W) view
+        return np.ascontiguousarray(dx.transpose(1, 0, 2, 3)), dw, db     # (N, C, H, W)
 
+    xp = cache["xp"].astype(dt, copy=False)                               # (C, N, Hp, Wp)
+    dy2 = np.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(O, N * Ho * Wo)  # (O, P)
+    db = dy2.sum(axis=1) if cache["has_bias"] else None                   # (O,)
+    col = _im2col(xp, kh, kw, stride, Ho, Wo)                             # (K, P), rebuilt
+    dw2 = dy2 @ col.T                                                     # (O, K), K = (i, j, c)
+    del col
+    dw = np.ascontiguousarray(dw2.reshape(O, kh, kw, C).transpose(0, 3, 1, 2))  # (O, C, kh, kw)
+    w2 = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C)                  # (O, K)
+    dcol = (w2.T @ dy2).reshape(kh, kw, C, N, Ho, Wo)                     # (kh, kw, C, N, Ho, Wo)
+    # col2im: each kernel offset owns a strided sub-grid of the padded input; add its slab.
+    dxp = np.zeros((C, N, Hp, Wp), dtype=dt)                              # (C, N, Hp, Wp)
+    hs, ws = stride * (Ho - 1) + 1, stride * (Wo - 1) + 1
+    for i in range(kh):
+        for j in range(kw):
+            dxp[:, :, i:i + hs:stride, j:j + ws:stride] += dcol[i, j]
+    del dcol
     dx = np.ascontiguousarray(dxp[:, :, pt:pt + H, pl:pl + W].transpose(1, 0, 2, 3))  # (N, C, H, W)
     return dx, dw, db
