@@ -596,3 +596,20 @@ def test_folder_layouts_and_their_refusals(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="neither a diffusers model folder"):
         interop.load_diffusers(tmp_path / "empty")
+
+
+def test_no_torch_needed_and_pickle_refused_without_it(tmp_path, monkeypatch):
+    """Loading safetensors folders imports neither torch nor diffusers; a .bin file without torch
+    is refused with a message, never unpickled by us."""
+    import subprocess
+    import sys
+    ref = _diffusers_unet("ddpm")
+    ref.save_pretrained(tmp_path / "st")
+    ref.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    code = ("import sys; from ddpm_ref import interop; interop.load_diffusers(sys.argv[1]); "
+            "bad = [m for m in ('torch', 'diffusers', 'safetensors.torch') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "st")], check=True)
+    monkeypatch.setitem(sys.modules, "torch", None)               # `import torch` now fails
+    with pytest.raises(ImportError, match="never unpickles"):
+        interop.load_unet(tmp_path / "bin")
