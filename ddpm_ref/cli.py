@@ -89,7 +89,10 @@ def _add_train_args(p, demo=False):
 
     d = TrainConfig()
     g = p.add_argument_group("data and model")
-    if not demo:
+    if demo:
+        g.add_argument("--preset", default="digits", choices=("tiny", "digits", "small"),
+                       help="U-Net preset for the 8x8 digits (default digits)")
+    else:
         g.add_argument("--data", default="digits",
                        help="'digits' (embedded), a 2-D toy (" + ", ".join(TOY_NAMES) + "), an IDX file, "
                             "an image folder or a .npy/.npz file (default: digits)")
@@ -114,7 +117,7 @@ def _add_train_args(p, demo=False):
         g.add_argument("--timestep-sampler", choices=("uniform", "loss_aware"), default=d.timestep_sampler)
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=_positive_int, default=None,
-                   help=f"total training steps (default {d.steps}{'; the demo stops at --minutes' if demo else ''})")
+                   help=f"total training steps (default {d.steps}{'; the demo also stops at --minutes' if demo else ''})")
     g.add_argument("--batch", type=_positive_int, default=d.batch, help=f"batch size (default {d.batch})")
     g.add_argument("--lr", type=_float, default=d.lr, help=f"AdamW learning rate (default {d.lr})")
     g.add_argument("--warmup", type=_nonneg_int, default=d.warmup, help=f"warmup steps (default {d.warmup})")
@@ -225,7 +228,7 @@ def _train_config(args, demo=False):
     from .train import TrainConfig
 
     if demo:
-        data, model, preset = "digits", "unet", "digits"
+        data, model, preset = "digits", "unet", args.preset
         over, class_cond, p_uncond, hflip = {}, False, 0.1, False
         schedule, T, prediction, loss, weighting, ts = "linear", 1000, "epsilon", "simple", "uniform", "uniform"
     else:
@@ -237,7 +240,7 @@ def _train_config(args, demo=False):
         class_cond, p_uncond, hflip = args.class_cond, args.p_uncond, args.hflip
         schedule, T, prediction, loss = args.schedule, args.T, args.prediction, args.loss
         weighting, ts = args.weighting, args.timestep_sampler
-    steps = args.steps if args.steps is not None else (100_000 if demo else TrainConfig().steps)
+    steps = args.steps if args.steps is not None else TrainConfig().steps
     return TrainConfig(
         data=data, model=model, preset=preset, model_overrides=over, schedule=schedule, T=T,
         prediction=prediction, variance="learned_range" if loss == "hybrid" else "fixed_small", loss=loss,
@@ -302,23 +305,29 @@ def _draw(model, schedule, params, tcfg, n, args, y=None, guidance=0.0, trajecto
     den = model.denoiser(params)
     outs, trajs = [], []
     t0 = time.monotonic()
+    last = [0.0]
     for start in range(0, n, args.batch):
         m = min(args.batch, n - start)
         yy = None if y is None else y[start:start + m]
+
+        def report(i, total, t, start=start, m=m):
+            now = time.monotonic()
+            if progress and (now - last[0] >= 0.5 or i + 1 == total):
+                last[0] = now
+                sys.stderr.write(f"\rsampling {start + m}/{n}: step {i + 1}/{total} ({args.sampler}, "
+                                 f"{now - t0:.0f} s)   ")
+                sys.stderr.flush()
+
         res = samplers.sample(den, schedule, shape, m, args.seed, sampler=args.sampler, num_steps=num_steps,
                               spacing=args.spacing, eta=args.eta, prediction=tcfg.get("prediction", "epsilon"),
                               variance=tcfg.get("variance", "fixed_small"), clip=clip, y=yy, guidance=guidance,
-                              return_trajectory=trajectory, index_offset=start)
+                              return_trajectory=trajectory, index_offset=start, progress=report)
         if trajectory:
             x, traj = res
             trajs.append(traj.states() if hasattr(traj, "states") else np.asarray(traj))
         else:
             x = res
         outs.append(np.asarray(x, dtype=np.float32))
-        if progress:
-            sys.stderr.write(f"\rsampled {start + m}/{n} ({args.sampler}, {num_steps} steps, "
-                             f"{time.monotonic() - t0:.0f} s)   ")
-            sys.stderr.flush()
     if progress:
         sys.stderr.write("\n")
     x = np.concatenate(outs)
@@ -465,6 +474,7 @@ def cmd_forward(args):
     k = max(args.frames, 2)
     t = np.unique(np.round(np.linspace(0, args.T - 1, k - 1)).astype(np.int64))   # x0, then x_t
     x0 = np.repeat(ds.x[args.index:args.index + 1], t.size, axis=0)                 # (K, ...)
+    # one eps for every frame (same index and step), so the strip shows the same noise growing
     noise = rng.normal(args.seed, rng.Stream.EVAL, np.full(t.size, args.index), 0, x0.shape[1:])
     xt = diffusion.q_sample(schedule, x0, t, noise).astype(np.float32)
     seq = np.concatenate([ds.x[args.index:args.index + 1], xt])                       # (K, ...)
@@ -492,7 +502,9 @@ def cmd_eval(args):
         n = args.n
         floor_a = load_dataset(data_name, split="test", seed=data_seed, n=n).x
         floor_b = load_dataset(data_name, split="test", seed=(data_seed + 1) % 2**32, n=n).x
-        x = _draw(model, schedule, params, tcfg, n, args)
+        nc = getattr(model.config, "num_classes", None)
+        x = _draw(model, schedule, params, tcfg, n, args,
+                  y=(np.arange(n) % nc).astype(np.int64) if nc else None)
         results["energy_distance"] = metrics.energy_distance(x, floor_a)
         results["energy_floor"] = metrics.energy_distance(floor_b, floor_a)
         results["ratio_to_floor"] = results["energy_distance"] / max(results["energy_floor"], 1e-300)
@@ -530,16 +542,18 @@ def cmd_eval(args):
             results["histogram_bpd"] = metrics.histogram_bpd(train_u8, test_u8, levels)
             _say(f"baselines: dequantised full-covariance Gaussian {results['gaussian_bpd']:.3f}, "
                  f"per-pixel histograms {results['histogram_bpd']:.3f} bits/dim")
-        x = _draw(model, schedule, params, tcfg, args.n, args)
+        nc = getattr(model.config, "num_classes", None)
+        y = (np.arange(args.n) % nc).astype(np.int64) if nc else None   # balanced classes if conditional
+        x = _draw(model, schedule, params, tcfg, args.n, args, y=y)
         pr = metrics.precision_recall(test.x, x, k=3)
         ceil = metrics.precision_recall(test.x, train.x, k=3)
-        nc = metrics.near_copy_share(x, train.x)
+        copies = metrics.near_copy_share(x, train.x)
         results.update(precision=pr.precision, recall=pr.recall, ceiling_precision=ceil.precision,
-                       ceiling_recall=ceil.recall, near_copy_share=nc.share)
+                       ceiling_recall=ceil.recall, near_copy_share=copies.share)
         _say(f"precision {pr.precision:.3f}  recall {pr.recall:.3f}  ({args.n} samples vs {len(test)} test "
              f"images, k = 3)")
         _say(f"real-vs-real ceiling (train vs test): precision {ceil.precision:.3f}  recall {ceil.recall:.3f}")
-        _say(f"near-copies of training images: {100 * nc.share:.1f}%")
+        _say(f"near-copies of training images: {100 * copies.share:.1f}%")
     if args.json:
         text = json.dumps(results, indent=1)
         with open(args.json, "w", encoding="utf-8") as f:
