@@ -436,13 +436,17 @@ def reverse_step_kernel(mo, xt, xprev, x0out, noise, coef, index, step, seed, st
         if (flags & 32) != 0 and coef[i, 7] != 0.0:
             z0, z1, z2, z3 = philox_normal4(blk, index[i], step[i], uint32(0), seed, stream)
         e = blk * 4
-        _step_one(mo, xt, xprev, x0out, noise, coef, i, e, z0, size, flags, pred_mode)
-        if e + 1 < size:
-            _step_one(mo, xt, xprev, x0out, noise, coef, i, e + 1, z1, size, flags, pred_mode)
-        if e + 2 < size:
-            _step_one(mo, xt, xprev, x0out, noise, coef, i, e + 2, z2, size, flags, pred_mode)
-        if e + 3 < size:
-            _step_one(mo, xt, xprev, x0out, noise, coef, i, e + 3, z3, size, flags, pred_mode)
+        for j in range(4):                 # one element per Philox word (j is unrolled by the compiler)
+            if e + j < size:
+                if j == 0:
+                    z = z0
+                elif j == 1:
+                    z = z1
+                elif j == 2:
+                    z = z2
+                else:
+                    z = z3
+                _step_one(mo, xt, xprev, x0out, noise, coef, i, e + j, z, size, flags, pred_mode)
 
 
 _VARIANCES = ("fixed_small", "fixed_large", "learned_range")
