@@ -125,7 +125,8 @@ def test_respaced_run_takes_t_prev_from_the_list(monkeypatch):
 # One step, checked against independent formulations
 
 
-def _state(n=64, d=4, seed=0, t=500):
+def _state(n=64, d=4, seed=0):
+    """Test inputs (x_t, eps, z), float64 (n, d)."""
     g = np.random.default_rng(seed)
     xt = g.standard_normal((n, d))
     eps = g.standard_normal((n, d))
