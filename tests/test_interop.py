@@ -23,7 +23,6 @@ from ddpm_ref.schedule import Schedule
 torch = pytest.importorskip("torch", reason="torch (setup.py extra `test`) runs the diffusers oracle")
 diffusers = pytest.importorskip("diffusers", reason="diffusers (setup.py extra `test`) is the oracle "
                                 "for the conversion")
-torch.set_num_threads(1)
 
 # Several UNet2DModel configurations, each small (a few thousand to ~100k parameters, 8x8 images).
 CONFIGS = {
