@@ -222,7 +222,11 @@ def load_file(path, mmap_mode=False, raw_float=False):
             if os.fstat(f.fileno()).st_size == 0:
                 _fail(path, "file is 0 bytes, too short for the 8-byte header length")
             buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        entries, _, start = _parse_header(buffer, path)
+        try:
+            entries, _, start = _parse_header(buffer, path)
+        except SafetensorsError:
+            buffer.close()
+            raise
         return _decode(buffer, entries, start, raw_float, copy=False)
     with open(path, "rb") as f:
         buffer = bytearray(f.read())
