@@ -3,10 +3,12 @@
 A step is: forward on x_t (train mode, dropout on), the L_simple MSE against eps (DDPM eq. 14),
 backward to every parameter, and (unless --no-optim) the AdamW update (ddpm_ref.optim.AdamW vs
 torch.optim.AdamW). Both sides run the same configuration (``UNetConfig.diffusers_kwargs()``), batch
-and thread count. Each (framework, preset) runs in its own subprocess so that neither the timings nor
-the peak resident memory of one contaminate the other: the worker builds the model, reads its RSS
-(the baseline: interpreter, libraries, parameters, inputs), runs warm-up steps and timed steps, and
-reports the median step time and the peak RSS (VmHWM) and the peak above the baseline.
+and thread count. Timing: one subprocess builds both networks and alternates their steps (ours,
+torch, ours, torch, ...), so that both see the same machine load (this matters on a shared machine);
+the median of the timed steps is reported. Memory: each (framework, preset) runs in a subprocess of
+its own, so that neither contaminates the other's peak: the worker builds the model, reads its RSS
+(the baseline: interpreter, libraries, parameters, inputs), runs two steps and reports the peak RSS
+(VmHWM) and the peak above the baseline (the step's own working memory).
 
     python benchmarks/train_step.py                       # small@64 and cifar@8, 1 thread, 5 steps
     python benchmarks/train_step.py --threads 2 --repeats 7
@@ -108,20 +110,28 @@ def _torch(preset, batch, steps, warmup, optim):
 
 
 def worker(spec):
-    kind, preset, batch = spec.split(":")
-    batch = int(batch)
-    build = _ours if kind == "ours" else _torch
-    step, nparams = build(preset, batch, ARGS.repeats, ARGS.warmup, not ARGS.no_optim)
-    base = _rss_kib()
-    for k in range(ARGS.warmup):
-        step(k)
-    times = []
-    for k in range(ARGS.repeats):
-        t0 = time.perf_counter()
-        loss = step(ARGS.warmup + k)
-        times.append(time.perf_counter() - t0)
-    print(json.dumps(dict(kind=kind, preset=preset, batch=batch, params=nparams, median_s=float(np.median(times)),
-                          times=times, base_mib=base / 1024, peak_mib=_rss_kib("VmHWM") / 1024, loss=loss)))
+    what, rest = spec.split(":", 1)
+    optim = not ARGS.no_optim
+    if what == "mem":                                  # mem:KIND:PRESET:BATCH, one framework alone
+        kind, preset, batch = rest.split(":")
+        build = _ours if kind == "ours" else _torch
+        step, nparams = build(preset, int(batch), ARGS.repeats, ARGS.warmup, optim)
+        base = _rss_kib()
+        for k in range(2):
+            step(k)
+        print(json.dumps(dict(params=nparams, base_mib=base / 1024, peak_mib=_rss_kib("VmHWM") / 1024)))
+        return
+    preset, batch = rest.split(":")                    # time:PRESET:BATCH, both, steps alternating
+    steps = {"ours": _ours(preset, int(batch), ARGS.repeats, ARGS.warmup, optim)[0],
+             "torch": _torch(preset, int(batch), ARGS.repeats, ARGS.warmup, optim)[0]}
+    times = {"ours": [], "torch": []}
+    for k in range(ARGS.warmup + ARGS.repeats):
+        for kind, step in steps.items():
+            t0 = time.perf_counter()
+            step(k)
+            if k >= ARGS.warmup:
+                times[kind].append(time.perf_counter() - t0)
+    print(json.dumps({kind: dict(median_s=float(np.median(v)), times=v) for kind, v in times.items()}))
 
 
 def profile(spec):
@@ -189,18 +199,20 @@ def main():
     for item in ARGS.presets.split(","):
         preset, batch = item.split(":")
         res = {}
-        for kind in ("ours", "torch"):
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{kind}:{preset}:{batch}",
+        for spec in (f"time:{preset}:{batch}", f"mem:ours:{preset}:{batch}", f"mem:torch:{preset}:{batch}"):
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", spec,
                    "--threads", str(ARGS.threads), "--repeats", str(ARGS.repeats), "--warmup", str(ARGS.warmup)]
             if ARGS.no_optim:
                 cmd.append("--no-optim")
             outp = subprocess.run(cmd, capture_output=True, text=True)
             if outp.returncode:
-                sys.exit(f"worker {kind}:{preset}:{batch} failed:\n{outp.stderr}")
-            res[kind] = json.loads(outp.stdout.strip().splitlines()[-1])
-        o, p = res["ours"], res["torch"]
-        print(f"{preset:<8}{int(batch):>6}{o['params']:>12,}{o['median_s'] * 1e3:>10.1f}{p['median_s'] * 1e3:>10.1f}"
-              f"{o['median_s'] / p['median_s']:>7.2f}{o['peak_mib']:>15.0f}{p['peak_mib']:>16.0f}"
+                sys.exit(f"worker {spec} failed:\n{outp.stderr}")
+            res[spec.split(":")[0] + (":" + spec.split(":")[1] if spec.startswith("mem") else "")] = \
+                json.loads(outp.stdout.strip().splitlines()[-1])
+        tm, o, p = res["time"], res["mem:ours"], res["mem:torch"]
+        to, tt = tm["ours"]["median_s"], tm["torch"]["median_s"]
+        print(f"{preset:<8}{int(batch):>6}{o['params']:>12,}{to * 1e3:>10.1f}{tt * 1e3:>10.1f}"
+              f"{to / tt:>7.2f}{o['peak_mib']:>15.0f}{p['peak_mib']:>16.0f}"
               f"{o['peak_mib'] / p['peak_mib']:>7.2f}{o['peak_mib'] - o['base_mib']:>11.0f}"
               f"{p['peak_mib'] - p['base_mib']:>12.0f}")
     print("peak = VmHWM of the worker process; +MiB = peak minus the RSS after building the model "

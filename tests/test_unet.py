@@ -104,8 +104,10 @@ def _loss(model, p, x, t, y, R):
 
 
 def test_whole_unet_gradient_check_float64():
-    """Centred differences on a random projection L = sum(R * out), for the input and a random subset
-    of entries of EVERY parameter tensor, with attention (4 heads), dropout on and class labels."""
+    """Centred differences on a random projection L = sum(R * out), with attention (4 heads), dropout
+    on and class labels: for EVERY parameter tensor, the derivative along a random direction confined
+    to that tensor (it weighs all of the tensor's entries at once), plus one random single entry of
+    every third tensor; for the input, a random direction and single entries."""
     model = _tiny_full()
     rs = np.random.default_rng(1)
     p = _perturbed(model)
@@ -117,34 +119,36 @@ def test_whole_unet_gradient_check_float64():
     R = rs.standard_normal(out.shape)
     g, dx = model.backward(R, cache, return_dx=True)
     eps = 1e-5
-    # float64 centred differences: truncation ~eps^2 * |L'''| ~ 1e-10, round-off ~1e-16 * |L| / eps
-    # ~ 1e-10; 1e-6 absolute + 1e-5 relative leaves two orders of margin and still catches any
-    # wrong term (those show up at the 1e-2..1 level).
+    # float64 centred differences: truncation ~eps^2 * |third derivative| ~ 1e-10, round-off
+    # ~1e-16 * |L| / eps ~ 1e-10; 1e-6 absolute + 1e-5 relative leaves two orders of margin and still
+    # catches any wrong term (those show up at the 1e-2..1 level).
 
     def check(analytic, numeric, what):
         assert abs(analytic - numeric) <= 1e-6 + 1e-5 * abs(numeric), (what, analytic, numeric)
 
-    # the input: 6 random entries
-    for flat_i in rs.choice(x.size, 6, replace=False):
-        xp, xm = x.copy(), x.copy()
-        xp.flat[flat_i] += eps
-        xm.flat[flat_i] -= eps
-        num = (_loss(model, p, xp, t, y, R) - _loss(model, p, xm, t, y, R)) / (2 * eps)
-        check(dx.flat[flat_i], num, f"x[{flat_i}]")
-    # every parameter tensor: 2 random entries each
-    for name in model.layout.names:
+    def num_x(v):
+        return (_loss(model, p, x + eps * v, t, y, R) - _loss(model, p, x - eps * v, t, y, R)) / (2 * eps)
+
+    def num_p(v):
+        return (_loss(model, p + eps * v, x, t, y, R) - _loss(model, p - eps * v, x, t, y, R)) / (2 * eps)
+
+    v = rs.standard_normal(x.shape)
+    check(float(np.sum(dx * v)), num_x(v), "x, random direction")
+    for flat_i in rs.choice(x.size, 3, replace=False):
+        v = np.zeros(x.shape)
+        v.flat[flat_i] = 1.0
+        check(dx.flat[flat_i], num_x(v), f"x[{flat_i}]")
+    for k, name in enumerate(model.layout.names):
         off, size = model.layout.offsets[name], model.layout.numel(name)
-        for j in rs.choice(size, min(2, size), replace=False):
-            i = off + j
-            pp, pm = p.copy(), p.copy()
-            pp[i] += eps
-            pm[i] -= eps
-            num = (_loss(model, pp, x, t, y, R) - _loss(model, pm, x, t, y, R)) / (2 * eps)
-            check(g[i], num, f"{name}[{j}]")
-    # and one random direction through all parameters at once (every entry contributes)
-    v = rs.standard_normal(p.shape)
-    num = (_loss(model, p + eps * v, x, t, y, R) - _loss(model, p - eps * v, x, t, y, R)) / (2 * eps)
-    check(float(g @ v), num, "random direction")
+        v = np.zeros(p.shape)
+        v[off:off + size] = rs.standard_normal(size)
+        check(float(g @ v), num_p(v), f"{name}, random direction")
+        if k % 3 == 0:
+            j = off + int(rs.integers(size))
+            v = np.zeros(p.shape)
+            v[j] = 1.0
+            check(g[j], num_p(v), f"{name}[{j - off}]")
+    assert len(model.layout) > 100                        # every tensor of the tiny U-Net was checked
 
 
 # ---------------------------------------------------------------------------- behaviour

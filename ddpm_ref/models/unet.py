@@ -188,9 +188,10 @@ UNET_PRESETS: Dict[str, dict] = {
     # For tests: two levels, attention at 4x4, every block kind present, a few thousand parameters.
     "tiny": dict(in_channels=1, image_size=8, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                  groups=4, dropout=0.1),
-    # The embedded 8x8 digits: a few-minute CPU run (see the docstring of UNet.from_preset).
-    "digits": dict(in_channels=1, image_size=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-                   groups=8, dropout=0.1),
+    # The embedded 8x8 digits, sized for a ~10-minute CPU run of ~3000 steps at batch 128: 176,849
+    # parameters, 2.9 GFLOP of convolutions per training step at batch 128 (ch 32 would be 11.5).
+    "digits": dict(in_channels=1, image_size=8, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                   groups=4, dropout=0.1),
     # 1x16x16: ch 32, ch_mult (1, 2), 2 blocks per level, attention at 8x8, 8 groups.
     "small": dict(in_channels=1, image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(8,),
                   groups=8, dropout=0.1),
@@ -249,10 +250,10 @@ class UNet:
     def __init__(self, config: Optional[UNetConfig] = None, **kwargs):
         if config is None:
             config = UNetConfig(**kwargs)
-        elif kwargs:
+        elif isinstance(config, dict):
+            config = UNetConfig.from_dict({**config, **kwargs})
+        elif kwargs and isinstance(config, UNetConfig):
             config = UNetConfig.from_dict({**config.to_dict(), **kwargs})
-        if isinstance(config, dict):
-            config = UNetConfig.from_dict(config)
         if not isinstance(config, UNetConfig):
             raise ValueError(f"config must be a UNetConfig or dict, got {type(config).__name__}")
         self.config = config
