@@ -101,7 +101,13 @@ def require_gpu() -> str:
 
 
 def cuda_module():
-    """``numba.cuda``, or GPUUnavailableError naming the missing numba-cuda package."""
+    """``numba.cuda``, or GPUUnavailableError naming the missing numba-cuda package.
+
+    Sets ``NUMBA_CUDA_ARRAY_INTERFACE_SYNC=0`` unless the caller chose otherwise (it only takes
+    effect if Numba is imported here first): CuPy and our kernels share the default stream, so
+    Numba's per-argument synchronisation on the exporter's stream would only stall the GPU.
+    """
+    os.environ.setdefault("NUMBA_CUDA_ARRAY_INTERFACE_SYNC", "0")
     try:
         import numba_cuda  # noqa: F401
         from numba import cuda

@@ -37,7 +37,12 @@ try:
     conv_import = "ok"
 except k.GPUUnavailableError as exc:
     conv_import = str(exc)
-print(json.dumps({"backend": name, "message": msg, "conv_import": conv_import}))
+try:
+    import numba.cuda
+    driver = bool(numba.cuda.is_available()) and not numba.cuda.config.ENABLE_CUDASIM
+except ImportError:
+    driver = None
+print(json.dumps({"backend": name, "message": msg, "conv_import": conv_import, "driver": driver}))
 """
 
 
@@ -46,7 +51,9 @@ def test_no_cupy_and_no_driver():
     assert out["backend"] is None
     msg = out["message"]
     assert msg.startswith("the GPU backend is unavailable: ")
-    assert "CuPy is not installed" in msg and "no usable CUDA driver or GPU" in msg
+    assert "CuPy is not installed" in msg
+    # On a GPU machine the driver is there and only CuPy is named; elsewhere both are.
+    assert ("no usable CUDA driver or GPU" in msg) == (not out["driver"])
     assert "numba-cuda (the Numba CUDA target) is not installed" not in msg
     assert "pip install 'ddpm-ref[gpu]'" in msg and msg.count("\n") == 0     # one line, one message
     assert out["conv_import"] == "ok"          # the kernels import; only running them needs a GPU
@@ -79,4 +86,17 @@ sys.modules["cupy"] = cupy
 
 def test_simulator_backend():
     out = _run("import sys; sys.modules['cupy'] = None\n" + _PROBE, sim="1")
-    assert out == {"backend": "simulator", "message": None, "conv_import": "ok"}
+    assert out == {"backend": "simulator", "message": None, "conv_import": "ok", "driver": False}
+
+
+def test_bench_conv_shapes_cover_the_cifar_unet():
+    # The conv benchmark enumerates the cifar preset's convolutions by hand (diffusers' block
+    # structure); it must list exactly the U-Net's 65 conv weights (31,234,816 parameters).
+    import numpy as np
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks.bench_kernels import cifar_conv_shapes
+    from ddpm_ref.models import UNet
+    convs = [shape for _, shape in UNet.from_preset("cifar").layout.to_list() if len(shape) == 4]
+    rows = cifar_conv_shapes()
+    assert sum(r[0] for r in rows) == len(convs) == 65
+    assert sum(n * o * c * k * k for n, c, o, h, k, st, p in rows) == sum(int(np.prod(s)) for s in convs)

@@ -1,0 +1,269 @@
+"""GPU kernel benchmarks: our Numba CUDA kernels against the GPU's own copy bandwidth and cuDNN.
+
+What it measures (on a real NVIDIA GPU, CuPy arrays; refuses to run in the simulator):
+
+1. Noise kernels vs a device-to-device copy. Bandwidth = bytes that must move / time:
+   ``q_sample_target`` (read x0, write x_t and the target: 3 arrays), the same without the target
+   (2 arrays), ``normal`` (write 1), ``mse_noise_loss`` (read pred and x0, write dpred: 3), against
+   ``cupy`` copying the same number of bytes (read 1 + write 1). Target: >= 85% of the copy's GB/s.
+2. Convolution forward + backward (dx, dw, db) on every convolution of the ``cifar`` preset U-Net
+   (diffusers UNet2DModel, block_out (128, 256, 256, 256), 2 layers per block) at batch 128, each
+   distinct shape timed once and weighted by how often it occurs, against PyTorch's cuDNN in FP32
+   with TF32 off (``torch.backends.cudnn.allow_tf32 = False``), when torch with CUDA is installed.
+   Target: within 1.25x of cuDNN.
+3. GroupNorm+SiLU forward + backward and attention forward + backward on the CIFAR shapes (ours
+   only, plus torch eager when present), for the record.
+
+Each figure is the median of ``--repeats`` timed runs (CUDA events) after 2 warm-up runs (the first
+also compiles the kernel). Writes a JSON file (``--out``) and prints a table.
+
+Usage: ``python benchmarks/bench_kernels.py --out results.json [--quick]``.
+What it is not: a test (tests/test_kernels_*.py check the numbers) or an end-to-end training
+benchmark (the U-Net on these kernels is not assembled yet).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _timer(cupy):
+    def time_it(fn, repeats):
+        for _ in range(2):
+            fn()
+        cupy.cuda.Device().synchronize()
+        times = []
+        for _ in range(repeats):
+            start, end = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(cupy.cuda.get_elapsed_time(start, end) / 1e3)   # seconds
+        return float(np.median(times))
+    return time_it
+
+
+def cifar_conv_shapes(batch=128):
+    """Every conv of the cifar preset U-Net: list of (count, C, O, H, k, stride, padding)."""
+    shapes = {}
+
+    def add(c, o, h, k=3, stride=1, padding=1):
+        key = (c, o, h, k, stride, padding if isinstance(padding, int) else tuple(padding))
+        shapes[key] = shapes.get(key, 0) + 1
+
+    def resnet(cin, cout, h):
+        add(cin, cout, h)
+        add(cout, cout, h)
+        if cin != cout:
+            add(cin, cout, h, k=1, padding=0)
+
+    chans = (128, 256, 256, 256)
+    res = (32, 16, 8, 4)
+    add(3, 128, 32)                                        # conv_in
+    skips = [128]
+    cin = 128
+    for i, (cout, h) in enumerate(zip(chans, res)):
+        for _ in range(2):
+            resnet(cin, cout, h)
+            cin = cout
+            skips.append(cout)
+        if i < 3:
+            add(cout, cout, h, stride=2, padding=(0, 1, 0, 1))   # downsampler
+            skips.append(cout)
+    resnet(256, 256, 4)                                    # mid block
+    resnet(256, 256, 4)
+    prev = 256
+    for i, (cout, h) in enumerate(zip(reversed(chans), reversed(res))):
+        for _ in range(3):
+            resnet(prev + skips.pop(), cout, h)
+            prev = cout
+        if i < 3:
+            add(cout, cout, h * 2)                         # upsampler conv (after nearest x2)
+    add(128, 3, 32)                                        # conv_out
+    return [(n,) + key for key, n in shapes.items()]
+
+
+def bench_noise(cupy, kn, time_it, repeats, n):
+    from ddpm_ref.schedule import Schedule
+    sched = Schedule.linear()
+    shape = (3, 32, 32)
+    x0 = cupy.random.uniform(-1, 1, (n,) + shape, dtype=cupy.float32)
+    pred = cupy.random.standard_normal((n,) + shape, dtype=cupy.float32)
+    t = np.random.default_rng(0).integers(0, 1000, n)
+    index = np.arange(n)
+    nbytes = x0.nbytes
+    dst = cupy.empty_like(x0)
+    copy_s = time_it(lambda: dst.__setitem__(Ellipsis, x0), repeats)
+    copy_gbs = 2 * nbytes / copy_s / 1e9
+    rows = [{"name": "device-to-device copy", "bytes": 2 * nbytes, "seconds": copy_s, "GB/s": copy_gbs}]
+    cases = [
+        ("q_sample_target (x_t + target)", 3, lambda: kn.q_sample_target(sched, x0, t, 1, index, 5, "v")),
+        ("q_sample_target (x_t only)", 2, lambda: kn.q_sample_target(sched, x0, t, 1, index, 5, store_target=False)),
+        ("normal", 1, lambda: kn.normal(1, 4, index, 5, shape)),
+        ("mse_noise_loss (loss + dpred)", 3, lambda: kn.mse_noise_loss(sched, pred, x0, t, 1, index, 5)),
+    ]
+    for name, arrays, fn in cases:
+        s = time_it(fn, repeats)
+        gbs = arrays * nbytes / s / 1e9
+        rows.append({"name": name, "bytes": arrays * nbytes, "seconds": s, "GB/s": gbs,
+                     "fraction_of_copy": gbs / copy_gbs})
+    return rows
+
+
+def bench_conv(cupy, kc, time_it, repeats, batch, torch):
+    rows = []
+    for count, c, o, h, k, stride, padding in cifar_conv_shapes(batch):
+        x = cupy.random.standard_normal((batch, c, h, h), dtype=cupy.float32)
+        w = cupy.random.standard_normal((o, c, k, k), dtype=cupy.float32) * (1.0 / np.sqrt(c * k * k))
+        w = w.astype(cupy.float32)
+        b = cupy.zeros(o, dtype=cupy.float32)
+        y, cache = kc.conv2d_forward(x, w, b, stride, padding)
+        dy = cupy.random.standard_normal(y.shape, dtype=cupy.float32)
+
+        def ours():
+            _, cch = kc.conv2d_forward(x, w, b, stride, padding)
+            kc.conv2d_backward(dy, cch)
+
+        fwd_s = time_it(lambda: kc.conv2d_forward(x, w, b, stride, padding), repeats)
+        tot_s = time_it(ours, repeats)
+        p, q = y.shape[2], y.shape[3]
+        flops = 2.0 * batch * o * p * q * c * k * k * 3          # fwd + dx + dw GEMMs
+        row = {"count": count, "C": c, "O": o, "H": h, "k": k, "stride": stride, "padding": padding,
+               "ours_fwd_s": fwd_s, "ours_fwd_bwd_s": tot_s, "ours_TFLOPS": flops / tot_s / 1e12}
+        if torch is not None:
+            import torch.nn.functional as F
+            xt = torch.as_tensor(x, device="cuda").requires_grad_(True)
+            wt = torch.as_tensor(w, device="cuda").requires_grad_(True)
+            bt = torch.as_tensor(b, device="cuda").requires_grad_(True)
+            dyt = torch.as_tensor(dy, device="cuda")
+            pad = padding if isinstance(padding, int) else None
+
+            def peer():
+                xin = xt if pad is not None else F.pad(xt, (padding[2], padding[3], padding[0], padding[1]))
+                yt = F.conv2d(xin, wt, bt, stride=stride, padding=pad if pad is not None else 0)
+                xt.grad = wt.grad = bt.grad = None
+                yt.backward(dyt)
+
+            def peer_fwd():
+                with torch.no_grad():
+                    xin = xt if pad is not None else F.pad(xt, (padding[2], padding[3], padding[0], padding[1]))
+                    F.conv2d(xin, wt, bt, stride=stride, padding=pad if pad is not None else 0)
+
+            row["cudnn_fwd_s"] = time_it(peer_fwd, repeats)
+            row["cudnn_fwd_bwd_s"] = time_it(peer, repeats)
+            row["ratio_fwd_bwd"] = tot_s / row["cudnn_fwd_bwd_s"]
+        rows.append(row)
+    summary = {"ours_weighted_s": sum(r["count"] * r["ours_fwd_bwd_s"] for r in rows)}
+    if torch is not None:
+        summary["cudnn_weighted_s"] = sum(r["count"] * r["cudnn_fwd_bwd_s"] for r in rows)
+        summary["ratio"] = summary["ours_weighted_s"] / summary["cudnn_weighted_s"]
+    return rows, summary
+
+
+def bench_norm_attention(cupy, knorm, katt, time_it, repeats, batch, torch):
+    rows = []
+    for c, h in ((128, 32), (256, 16), (256, 8), (256, 4)):
+        x = cupy.random.standard_normal((batch, c, h, h), dtype=cupy.float32)
+        g = cupy.ones(c, dtype=cupy.float32)
+        bta = cupy.zeros(c, dtype=cupy.float32)
+        dy = cupy.random.standard_normal(x.shape, dtype=cupy.float32)
+
+        def ours():
+            _, cache = knorm.group_norm_silu_forward(x, g, bta, 32, 1e-6)
+            knorm.group_norm_silu_backward(dy, cache)
+
+        row = {"op": "group_norm_silu fwd+bwd", "shape": [batch, c, h, h], "ours_s": time_it(ours, repeats)}
+        if torch is not None:
+            import torch.nn.functional as F
+            xt = torch.as_tensor(x, device="cuda").requires_grad_(True)
+            gt = torch.as_tensor(g, device="cuda").requires_grad_(True)
+            bt = torch.as_tensor(bta, device="cuda").requires_grad_(True)
+            dyt = torch.as_tensor(dy, device="cuda")
+
+            def peer():
+                xt.grad = gt.grad = bt.grad = None
+                F.silu(F.group_norm(xt, 32, gt, bt, 1e-6)).backward(dyt)
+
+            row["torch_s"] = time_it(peer, repeats)
+            row["ratio"] = row["ours_s"] / row["torch_s"]
+        rows.append(row)
+    q = cupy.random.standard_normal((batch, 256, 256), dtype=cupy.float32)
+    dout = cupy.random.standard_normal((batch, 256, 256), dtype=cupy.float32)
+
+    def att():
+        _, cache = katt.attention_forward(q, q, q)
+        katt.attention_backward(dout, cache)
+
+    rows.append({"op": "attention fwd+bwd (cuBLAS matmuls + our softmax)", "shape": [batch, 256, 256],
+                 "ours_s": time_it(att, repeats)})
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="GPU kernel benchmarks (needs a real GPU and CuPy)")
+    parser.add_argument("--out", default=None, help="JSON file to write")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--noise-batch", type=int, default=8192, help="samples of 3x32x32 for the bandwidth runs")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (5)")
+    args = parser.parse_args(argv)
+    from ddpm_ref.kernels import runtime
+    if runtime.backend() != "cuda":
+        raise SystemExit("bench_kernels.py needs a real GPU (the simulator would take days)")
+    import cupy
+    import numba
+    from ddpm_ref.kernels import attention, conv, noise, norm
+    repeats = 5 if args.quick else args.repeats
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            torch = None
+        else:
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.benchmark = True
+    except ImportError:
+        torch = None
+    time_it = _timer(cupy)
+    props = cupy.cuda.runtime.getDeviceProperties(0)
+    result = {"machine": {"gpu": props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
+                          "sms": props["multiProcessorCount"], "python": platform.python_version(),
+                          "cupy": cupy.__version__, "numba": numba.__version__,
+                          "numba_cuda": __import__("numba_cuda").__version__,
+                          "torch": None if torch is None else torch.__version__,
+                          "cuda_driver": cupy.cuda.runtime.driverGetVersion()},
+              "repeats": repeats, "batch": args.batch}
+    t0 = time.time()
+    result["noise"] = bench_noise(cupy, noise, time_it, repeats, args.noise_batch)
+    print(f"{'noise kernel':36s} {'GB/s':>8s} {'of copy':>8s}")
+    for r in result["noise"]:
+        print(f"{r['name']:36s} {r['GB/s']:8.1f} {r.get('fraction_of_copy', 1.0):8.2%}")
+    rows, summary = bench_conv(cupy, conv, time_it, repeats, args.batch, torch)
+    result["conv"] = {"rows": rows, "summary": summary}
+    print(f"\n{'conv (count x C->O @H, k, s)':34s} {'ours ms':>9s} {'TFLOP/s':>8s} {'cuDNN ms':>9s} {'ratio':>6s}")
+    for r in rows:
+        label = f"{r['count']} x {r['C']}->{r['O']} @{r['H']} k{r['k']} s{r['stride']}"
+        peer = f"{r['cudnn_fwd_bwd_s'] * 1e3:9.3f} {r['ratio_fwd_bwd']:6.2f}" if "cudnn_fwd_bwd_s" in r else ""
+        print(f"{label:34s} {r['ours_fwd_bwd_s'] * 1e3:9.3f} {r['ours_TFLOPS']:8.2f} {peer}")
+    print("conv summary (count-weighted fwd+bwd):", json.dumps(summary))
+    result["norm_attention"] = bench_norm_attention(cupy, norm, attention, time_it, repeats, args.batch, torch)
+    for r in result["norm_attention"]:
+        print(r)
+    result["seconds"] = round(time.time() - t0, 1)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
