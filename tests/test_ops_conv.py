@@ -86,7 +86,10 @@ def test_conv_forward_matches_naive_loop(path, case):
     x, w, b = make(case)
     with force_path(path):
         y, cache = conv2d_forward(x, w, b, stride=case["stride"], padding=case["pad"])
-    assert cache["path"] == (path if case["stride"] == 1 else "im2col")
+    if case["k"] == 1 and case["stride"] == 1 and not any(case["pads"]):
+        assert cache["path"] == "pointwise"          # unpadded 1x1: GEMMs on NCHW directly
+    else:
+        assert cache["path"] == (path if case["stride"] == 1 else "im2col")
     ref = naive_conv2d(x, w, b, case["stride"], case["pads"])
     # Same sums in a different order, float64: agreement to ~1e-15 relative; 1e-12 leaves margin.
     np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
@@ -113,7 +116,8 @@ def test_conv_gradients_channel_extremes(path, C, O, k):
 @pytest.mark.parametrize("shape,k,stride,pad", [
     ((2, 5, 9, 8), 3, 1, 1),               # odd sizes, 3x3 same padding
     ((1, 4, 8, 8), 3, 2, (0, 1, 0, 1)),    # the DDPM downsampler: pad right/bottom, stride 2
-    ((3, 6, 5, 5), 1, 1, 0),               # 1x1 shortcut
+    ((3, 6, 5, 5), 1, 1, 0),               # 1x1 shortcut (the "pointwise" path)
+    ((2, 6, 5, 4), 1, 1, 1),               # padded 1x1 (shift / im2col paths)
     ((2, 3, 7, 6), 3, 2, 1),               # stride 2, symmetric pad
 ])
 def test_conv_matches_torch_float32(path, shape, k, stride, pad):

@@ -15,9 +15,11 @@ and its gradients, each a sum over the same index set:
     dxp[n, c, s*h + i, s*w + j] += sum_o w[o, c, i, j] * dy[n, o, h, w]      (then crop the pad)
     db[o]          = sum_{n, h, w} dy[n, o, h, w]
 
-Two GEMM formulations, picked per call by ``_choose_path`` (both give the same numbers to rounding;
+Three GEMM formulations, picked per call by ``_choose_path`` (both give the same numbers to rounding;
 the choice was measured on the CIFAR and `small` preset shapes in float32, benchmarks/ops_speed.py):
 
+* "pointwise" (1x1 kernel, stride 1, no padding: the residual shortcuts): ``y_n = w x_n`` per image
+  on the NCHW layout, ``dx_n = w^T dy_n``, ``dw = sum_n dy_n x_n^T``; no copies, the cache is x.
 * "shift" (stride 1): the zero-padded input is laid out channel-major as one long row per
   channel, ``xr[c, q]``, images one after another on a grid of pitch ``Ws`` (see _shift_layout:
   the zero columns right of one image row double as the left padding of the next row, so a 3x3
@@ -85,8 +87,10 @@ def _check_float(name, a):
         raise ValueError(f"{name} must be a floating-point array, got dtype {a.dtype} with shape {a.shape}")
 
 
-def _choose_path(N, C, Ho, Wo, kh, kw, stride):
-    """"im2col" for strided convs and small images, "shift" for stride 1 on larger ones."""
+def _choose_path(N, C, Ho, Wo, kh, kw, stride, pads=(0, 0, 0, 0)):
+    """"pointwise" for unpadded 1x1, "im2col" for strided convs and small images, else "shift"."""
+    if kh == kw == 1 and stride == 1 and not any(pads):
+        return "pointwise"
     if stride != 1:
         return "im2col"
     col_elements = kh * kw * C * N * Ho * Wo
@@ -131,8 +135,18 @@ def conv2d_forward(x, w, b=None, stride=1, padding=1):
                          f"{(pt, pb, pl, pr)}")
     dt = x.dtype
     w = w.astype(dt, copy=False)
-    path = _choose_path(N, C, Ho, Wo, kh, kw, stride)
+    path = _choose_path(N, C, Ho, Wo, kh, kw, stride, (pt, pb, pl, pr))
 
+    if path == "pointwise":
+        # 1x1, no padding: a GEMM per image straight on the NCHW layout, no copies at all;
+        # the cache is x itself (which the caller usually holds anyway).
+        y = np.matmul(w[:, :, 0, 0], x.reshape(N, C, H * W))             # (O, C) @ (N, C, HW)
+        if b is not None:
+            y += b.astype(dt, copy=False)[None, :, None]
+        cache = {"path": path, "x": x}
+        cache.update(w=w, has_bias=b is not None, x_shape=x.shape, stride=stride,
+                     padding=(pt, pb, pl, pr), out_hw=(Ho, Wo))
+        return y.reshape(N, O, Ho, Wo), cache
     if path == "shift":
         Hs, Ws, base, M, L = _shift_layout(H, W, Ho, Wo, kh, kw, pt, pb, pl, pr, N)
         xr = np.zeros((C, L), dtype=dt)         # (C, L) zero-padded input, one row per channel
@@ -231,6 +245,14 @@ def conv2d_backward(dy, cache):
     dt = dy.dtype
     w = w.astype(dt, copy=False)
 
+    if cache["path"] == "pointwise":
+        x3 = cache["x"].astype(dt, copy=False).reshape(N, C, H * W)       # (N, C, HW)
+        dy3 = dy.reshape(N, O, H * W)                                     # (N, O, HW)
+        db = dy3.sum(axis=(0, 2)) if cache["has_bias"] else None          # (O,)
+        # dw = sum_n dy_n x_n^T: N GEMMs (O, HW) @ (HW, C), then a sum over the small (N, O, C)
+        dw = np.matmul(dy3, x3.transpose(0, 2, 1)).sum(axis=0).reshape(O, C, 1, 1)
+        dx = np.matmul(w[:, :, 0, 0].T, dy3)                              # (C, O) @ (N, O, HW)
+        return dx.reshape(N, C, H, W), dw, db
     if cache["path"] == "shift":
         xr = cache["xr"].astype(dt, copy=False)                           # (C, L)
         Hs, Ws, base, M, L = _shift_layout(H, W, Ho, Wo, kh, kw, pt, pb, pl, pr, N)
