@@ -1,0 +1,207 @@
+"""End-to-end rows of the benchmark suite: one training step and sampling throughput, ours against
+diffusers' ``UNet2DModel`` (the same configuration, ``UNetConfig.diffusers_kwargs()``, and the same
+weights: our parameter names are its state_dict keys) on PyTorch CPU at the same thread count.
+
+* ``train step``: draw t (uniform) and eps, x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps
+  (DDPM eq. 4), eps_theta(x_t, t) in train mode (dropout on), L_simple = mean ||eps - eps_theta||^2
+  (eq. 14), backward to every parameter, one AdamW update (lr 2e-4, no weight decay, no EMA).
+  Ours: ``rng.randint`` / ``rng.normal``, ``diffusion.q_sample``, ``UNet.forward/backward``,
+  ``ops.mse_forward/backward``, ``optim.AdamW``. Peer: ``torch.randint`` / ``torch.randn``,
+  ``DDPMScheduler.add_noise``, ``UNet2DModel(...).train()``, ``F.mse_loss``, ``torch.optim.AdamW``.
+* ``ddpm 1000`` / ``ddim 50`` sampling: ``samplers.sample`` (Algorithm 2, fixed_small variance,
+  clipped x0; DDIM eta = 0, "leading" spacing) vs the ``DDPMPipeline`` / ``DDIMPipeline`` loop
+  (``unet(x, t).sample`` then ``scheduler.step``) under ``torch.inference_mode()``, reported as
+  images per second. ``quick`` > 0 times that many steps of a respaced chain (each step does the same
+  work as a step of the full chain: one network evaluation and one update) and extrapolates:
+  chain time = median step time x number of steps; the output says so.
+
+Each (row, side) runs in a fresh worker process (:func:`benchmarks.common.run_worker`) so that the
+peak RSS is that of the measurement alone; the figures are medians of ``repeats`` timed runs (steps or
+chains) after ``warmup`` untimed ones.
+
+What it is not: a training-quality or sample-quality benchmark (the weights are an initialisation).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from benchmarks.common import MIB, median, reset_peak, rss_kib, stats
+
+E2E_ROWS = ("train", "ddpm", "ddim")
+SAMPLER_STEPS = {"ddpm": 1000, "ddim": 50}
+
+
+def _params(model, seed=0):
+    """Our initialisation plus small noise everywhere, so that no layer is exactly zero (the paper's
+    zero-initialised output layers would make some products trivially zero)."""
+    params = model.init_params(seed)
+    gen = np.random.default_rng(seed + 1)
+    params += (0.01 * gen.standard_normal(params.shape)).astype(np.float32)
+    return params
+
+
+def _peer_model(model, params, torch, diffusers):
+    net = diffusers.UNet2DModel(**model.config.diffusers_kwargs())
+    sd = {k: torch.from_numpy(np.array(v)) for k, v in model.named(params).items()}
+    net.load_state_dict(sd, strict=True)          # raises on any missing or unexpected key
+    return net
+
+
+def _memory_record(setup_kib, before_kib, ok):
+    peak = rss_kib("VmHWM")
+    if not ok or peak is None or setup_kib is None:
+        return {"peak_mib": None, "delta_mib": None, "setup_mib": None}
+    return {"peak_mib": peak / MIB, "delta_mib": max(peak - setup_kib, 0) / MIB, "setup_mib": setup_kib / MIB,
+            "before_timed_mib": before_kib / MIB if before_kib is not None else None}
+
+
+def build_train_step(spec: dict):
+    """``step(k) -> loss`` doing training step k of ``spec`` (``preset``, ``batch``, ``side`` "ours" or
+    "peer"), with the model, optimizer and data built once here."""
+    from ddpm_ref.models import UNet
+    preset, batch, side = spec["preset"], int(spec["batch"]), spec["side"]
+    model = UNet.from_preset(preset)
+    cfg = model.config
+    params = _params(model)
+    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    x0 = np.random.default_rng(2).uniform(-1, 1, (batch,) + shape).astype(np.float32)    # (N, C, H, W)
+    T = 1000
+    if side == "ours":
+        from ddpm_ref import diffusion, rng
+        from ddpm_ref.ops import loss as L
+        from ddpm_ref.optim import AdamW
+        from ddpm_ref.schedule import Schedule
+        schedule = Schedule.linear(T)
+        opt = AdamW(model.num_params, lr=2e-4)
+        grad = model.layout.zeros(np.float32)
+
+        def step(k):
+            index = np.arange(batch) + k * batch                           # sample ids of this batch
+            t = rng.randint(0, rng.Stream.TIMESTEP, index, T, step=k)      # (N,)
+            eps = rng.normal(0, rng.Stream.TRAIN_NOISE, index, k, shape)   # (N, C, H, W)
+            xt = diffusion.q_sample(schedule, x0, t, eps).astype(np.float32, copy=False)
+            out, cache = model.forward(params, xt, t, train=True, seed=0, index=index, step=k)
+            loss, lc = L.mse_forward(out, eps)
+            dout = L.mse_backward(lc)
+            del out, lc
+            model.backward(dout, cache, out=grad)
+            del cache
+            opt.step(params, grad)
+            return float(loss)
+    elif side == "peer":
+        import torch
+        import diffusers
+        torch.manual_seed(0)
+        net = _peer_model(model, params, torch, diffusers).train()
+        sch = diffusers.DDPMScheduler(num_train_timesteps=T)
+        opt = torch.optim.AdamW(net.parameters(), lr=2e-4, weight_decay=0.0)
+        tx0 = torch.from_numpy(x0)
+
+        def step(k):
+            t = torch.randint(0, T, (batch,))
+            eps = torch.randn(tx0.shape)
+            xt = sch.add_noise(tx0, eps, t)
+            net.zero_grad(set_to_none=True)
+            out = net(xt, t).sample
+            loss = torch.nn.functional.mse_loss(out, eps)
+            loss.backward()
+            opt.step()
+            return float(loss.detach())
+    else:
+        raise ValueError(f"side must be 'ours' or 'peer', got {side!r}")
+    return step
+
+
+def train_step(spec: dict) -> dict:
+    """Time ``spec["repeats"]`` training steps after ``spec["warmup"]`` (ours or the peer, per
+    ``spec["side"]``). Returns stats, memory (see :mod:`benchmarks.common`) and the last loss."""
+    step = build_train_step(spec)
+    setup = rss_kib("VmRSS")
+    ok = reset_peak()
+    for k in range(int(spec["warmup"])):
+        step(k)
+    before = rss_kib("VmRSS")
+    times, loss = [], float("nan")
+    for k in range(int(spec["repeats"])):
+        t0 = time.perf_counter()
+        loss = step(int(spec["warmup"]) + k)
+        times.append(time.perf_counter() - t0)
+    return {**stats(times), **_memory_record(setup, before, ok), "loss": loss}
+
+
+def sample(spec: dict) -> dict:
+    """Sampling throughput (``spec``: preset, batch, side, sampler "ddpm"|"ddim", steps, quick,
+    repeats, warmup). Full mode times ``repeats`` whole chains; quick mode times one respaced chain of
+    ``max(quick, repeats)`` steps and extrapolates from the median step."""
+    from ddpm_ref.models import UNet
+    preset, batch, side, sampler = spec["preset"], int(spec["batch"]), spec["side"], spec["sampler"]
+    steps, quick = int(spec["steps"]), int(spec.get("quick") or 0)
+    if sampler not in SAMPLER_STEPS:
+        raise ValueError(f"sampler must be one of {sorted(SAMPLER_STEPS)}, got {sampler!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    model = UNet.from_preset(preset)
+    cfg = model.config
+    params = _params(model)
+    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    if side == "ours":
+        from ddpm_ref import samplers
+        from ddpm_ref.schedule import Schedule
+        schedule = Schedule.linear(1000)
+        den = model.denoiser(params)
+
+        def chain(n_steps):
+            marks = [time.perf_counter()]
+            num = None if (sampler == "ddpm" and n_steps == 1000) else n_steps
+            x = samplers.sample(den, schedule, shape, batch, seed=0, sampler=sampler, num_steps=num,
+                                eta=0.0, progress=lambda i, n, t: marks.append(time.perf_counter()))
+            return x, np.diff(marks)
+    elif side == "peer":
+        import torch
+        import diffusers
+        torch.manual_seed(0)
+        net = _peer_model(model, params, torch, diffusers).eval()
+        sch = diffusers.DDPMScheduler() if sampler == "ddpm" else diffusers.DDIMScheduler()
+        gen = torch.Generator().manual_seed(0)
+
+        def chain(n_steps):
+            marks = [time.perf_counter()]
+            with torch.inference_mode():
+                sch.set_timesteps(n_steps)
+                x = torch.randn((batch,) + shape, generator=gen)
+                for t in sch.timesteps:
+                    out = net(x, t).sample
+                    x = (sch.step(out, t, x, generator=gen) if sampler == "ddpm" else sch.step(out, t, x, eta=0.0)
+                         ).prev_sample
+                    marks.append(time.perf_counter())
+            return x.numpy(), np.diff(marks)
+    else:
+        raise ValueError(f"side must be 'ours' or 'peer', got {side!r}")
+    setup = rss_kib("VmRSS")
+    ok = reset_peak()
+    for _ in range(int(spec["warmup"])):
+        chain(2)                                                 # warm-up: a short chain
+    before = rss_kib("VmRSS")
+    if quick:
+        n_meas = max(quick, int(spec["repeats"]))
+        x, step_s = chain(n_meas)
+        step_med = median(step_s)
+        chain_s = [step_med * steps]
+        result = {**stats(chain_s), "step": stats(step_s), "extrapolated": True, "measured_steps": n_meas}
+    else:
+        chains, step_s = [], []
+        for _ in range(int(spec["repeats"])):
+            t0 = time.perf_counter()
+            x, st = chain(steps)
+            chains.append(time.perf_counter() - t0)
+            step_s.extend(st)
+        result = {**stats(chains), "step": stats(step_s), "extrapolated": False, "measured_steps": len(step_s)}
+    result["step"].pop("times_ms")
+    result["images_per_s"] = batch / (result["median_ms"] * 1e-3)
+    result["finite_samples"] = bool(np.all(np.isfinite(x)))
+    return {**result, **_memory_record(setup, before, ok)}
+
+
+WORKERS = {"train": train_step, "sample": sample}

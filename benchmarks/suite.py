@@ -1,0 +1,351 @@
+"""The benchmark suite's command line: ``python -m benchmarks [options]``.
+
+    python -m benchmarks                                  # small preset, every row, 1 thread
+    python -m benchmarks --preset cifar --rows ops train --quick 10
+    python -m benchmarks --preset small cifar --threads 2 --json bench_results/run.json
+    python -m benchmarks --profile cifar:8                # where our cifar training step spends its time
+
+Prints the machine, the measured float32 GEMM peak, then one table row per (preset, row, pass):
+our median time, the peer's, the ratio ours / peer (below 1: we are faster), our GFLOP/s, its share
+of the GEMM peak, the peer's GFLOP/s, and memory; writes everything (every run's time included) to a
+JSON file. See :mod:`benchmarks.common` for the conventions, :mod:`benchmarks.bench_ops` and
+:mod:`benchmarks.bench_e2e` for what each row does and which peer it is measured against.
+
+Process layout: the op rows of a preset run in one worker subprocess (ours and the peer interleaved,
+memory as the peak RSS rise of each call); every end-to-end (row, side) runs in its own fresh worker
+so its peak RSS is its own; the GEMM peak is measured in a worker too. Every worker gets the thread
+count through OMP/OPENBLAS/MKL_NUM_THREADS (set before NumPy starts) and torch.set_num_threads.
+``--inline`` runs everything in this process instead (quicker to start; used by the smoke test).
+
+The default thread count is 1: on a machine where other processes compete for the cores, BLAS
+thread pools that spin-wait for a busy core can make a multi-threaded run many times slower than a
+single-threaded one, for both libraries alike, which measures the machine's load and not the code.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from benchmarks.bench_e2e import E2E_ROWS
+from benchmarks.bench_ops import OPS_ROWS
+from benchmarks.common import (gflops, limit_threads, machine_info, machine_lines, run_worker,
+                               table_lines, write_json)
+
+PRESETS = ("tiny", "small", "cifar")
+# Batch of the op rows and of the training step; batch of the sampling rows ("a small batch").
+TRAIN_BATCH = {"tiny": 4, "small": 64, "cifar": 8}
+SAMPLE_BATCH = {"tiny": 2, "small": 16, "cifar": 4}
+ROW_GROUPS = {"ops": OPS_ROWS, "e2e": E2E_ROWS, "all": OPS_ROWS + E2E_ROWS}
+
+
+def _preset_batches(items, default):
+    out = dict(default)
+    for item in items or ():
+        if ":" not in item:
+            raise ValueError(f"expected PRESET:BATCH, got {item!r}")
+        name, n = item.split(":", 1)
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r} in {item!r}; expected one of {list(PRESETS)}")
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"batch must be a positive integer, got {n!r} in {item!r}")
+        out[name] = int(n)
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="rows: groups " + ", ".join(ROW_GROUPS) + "; op rows " + ", ".join(OPS_ROWS)
+                                 + "; end-to-end rows " + ", ".join(E2E_ROWS))
+    ap.add_argument("--preset", nargs="+", default=["small"], choices=PRESETS, help="U-Net presets (default small)")
+    ap.add_argument("--rows", nargs="+", default=["all"], help="row groups or names (default all)")
+    ap.add_argument("--device", default="cpu", choices=["cpu"],
+                    help="cpu (GPU rows: benchmarks/bench_kernels.py and gpu_check.sh)")
+    ap.add_argument("--threads", type=int, default=1, help="BLAS and torch threads, both sides (default 1)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per figure, median reported (default 5)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    ap.add_argument("--batch", nargs="+", metavar="PRESET:N", help="op/train batch (default "
+                    + ", ".join(f"{k}:{v}" for k, v in TRAIN_BATCH.items()) + ")")
+    ap.add_argument("--sample-batch", nargs="+", metavar="PRESET:N", help="sampling batch (default "
+                    + ", ".join(f"{k}:{v}" for k, v in SAMPLE_BATCH.items()) + ")")
+    ap.add_argument("--quick", type=int, default=0, metavar="K",
+                    help="sampling: time K (>= repeats) steps and extrapolate to the full chain")
+    ap.add_argument("--ddpm-steps", type=int, default=1000, help="DDPM chain length (default 1000)")
+    ap.add_argument("--ddim-steps", type=int, default=50, help="DDIM chain length (default 50)")
+    ap.add_argument("--gemm-n", type=int, default=2048, help="matrix size of the GEMM peak (default 2048)")
+    ap.add_argument("--no-peers", action="store_true", help="time ddpm_ref alone (no torch/diffusers)")
+    ap.add_argument("--inline", action="store_true", help="measure in this process (no worker subprocesses)")
+    ap.add_argument("--json", default=None, help="where to write JSON (default bench_results/suite.json, "
+                    "or bench_results/profile.json with --profile; '' = nowhere)")
+    ap.add_argument("--profile", metavar="PRESET:BATCH", help="per-op time of our training step, then exit")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    return ap
+
+
+def _rows_selected(tokens):
+    sel = []
+    for tok in tokens:
+        names = ROW_GROUPS.get(tok, (tok,))
+        for name in names:
+            if name not in OPS_ROWS + E2E_ROWS:
+                raise ValueError(f"unknown row {tok!r}; expected a group {list(ROW_GROUPS)} or one of "
+                                 f"{list(OPS_ROWS + E2E_ROWS)}")
+            if name not in sel:
+                sel.append(name)
+    return sel
+
+
+def check_args(args) -> None:
+    """ValueError naming the first bad option."""
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.quick < 0:
+        raise ValueError(f"--quick must be >= 0 steps, got {args.quick}")
+    for name in ("ddpm_steps", "ddim_steps", "gemm_n"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.ddpm_steps > 1000 or args.ddim_steps > 1000:
+        raise ValueError(f"chains have at most T = 1000 steps, got --ddpm-steps {args.ddpm_steps}, "
+                         f"--ddim-steps {args.ddim_steps}")
+
+
+# ------------------------------------------------------------------------------------ workers
+
+def worker_main(spec: dict) -> dict:
+    """Do one measurement described by ``spec["kind"]`` in this process and return its JSON dict."""
+    kind = spec.get("kind")
+    if kind == "gemm":
+        from benchmarks.common import gemm_peak
+        return gemm_peak(spec["n"], spec["repeats"], spec["warmup"])
+    if kind == "ops":
+        from benchmarks.bench_ops import run_ops
+        return {"rows": run_ops(spec)}
+    if kind in ("train", "sample"):
+        from benchmarks.bench_e2e import WORKERS
+        return WORKERS[kind](spec)
+    raise ValueError(f"unknown worker kind {kind!r}; expected gemm, ops, train or sample")
+
+
+def _measure(spec, args):
+    if args.inline:
+        return json.loads(json.dumps(worker_main(spec)))       # the same JSON round trip as a worker
+    return run_worker(spec, args.threads)
+
+
+# ----------------------------------------------------------------------------------- the run
+
+def _derive(row, peak_gflops):
+    """Ratio (ours / peer time), GFLOP/s and share of the GEMM peak for both sides."""
+    for side in ("ours", "peer"):
+        r = row.get(side)
+        if r:
+            r["gflops"] = gflops(row.get("flops"), r["median_ms"])
+            r["peak_fraction"] = (r["gflops"] / peak_gflops) if (r["gflops"] and peak_gflops) else None
+    if row.get("ours") and row.get("peer"):
+        row["ratio"] = row["ours"]["median_ms"] / row["peer"]["median_ms"]
+    else:
+        row["ratio"] = None
+    return row
+
+
+def run(args, out=print) -> dict:
+    """Run the suite described by parsed ``args``; print with ``out``; return the result dict."""
+    check_args(args)
+    rows_sel = _rows_selected(args.rows)
+    train_b = _preset_batches(args.batch, TRAIN_BATCH)
+    sample_b = _preset_batches(args.sample_batch, SAMPLE_BATCH)
+    if args.inline:
+        limit_threads(args.threads)
+    from benchmarks.bench_ops import discover
+    info = machine_info(args.threads, torch_too=not args.no_peers)
+    t_start = time.time()
+    peak = _measure({"kind": "gemm", "n": args.gemm_n, "repeats": max(args.repeats, 5), "warmup": 1}, args)
+    for line in machine_lines(info, peak):
+        out(line)
+    out(f"# median of {args.repeats} timed runs after {args.warmup} warm-up; FLOPs = 2 x MACs of the GEMMs "
+        "(conv, dense, attention), backward = 2 x forward; ratio = our time / peer time (< 1: we are faster)")
+    out("# ours/peer: ms per call (op rows, train step) or images/s (sampling chains); memory: op rows MiB of "
+        "peak RSS rise during one call (one process for all op rows); end-to-end rows peak/+work MiB = peak RSS "
+        "of a fresh process per measurement / that minus its RSS after building the model"
+        + (" (--inline: this process, not fresh)" if args.inline else ""))
+    result = {"suite": "ddpm_ref benchmarks", "format": 1, "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
+              "machine": info, "gemm_peak": peak,
+              "settings": {"presets": args.preset, "rows": rows_sel, "threads": args.threads, "repeats": args.repeats,
+                           "warmup": args.warmup, "quick": args.quick, "device": args.device,
+                           "peers": not args.no_peers, "inline": args.inline, "ddpm_steps": args.ddpm_steps,
+                           "ddim_steps": args.ddim_steps, "train_batch": train_b, "sample_batch": sample_b},
+              "flop_convention": "2 x multiply-adds of conv/dense/attention GEMMs; backward = 2 x forward; "
+                                 "train step = 3 x forward; sampling = steps x forward",
+              "rows": []}
+    notes = []
+    common = {"repeats": args.repeats, "warmup": args.warmup}
+    for preset in args.preset:
+        disc = discover(preset)
+        fwd_flops = disc["forward_flops_per_image"]
+        result.setdefault("models", {})[preset] = {"num_params": disc["num_params"],
+                                                   "forward_gflop_per_image": fwd_flops / 1e9,
+                                                   "distinct_conv_shapes": len(disc["conv"])}
+        op_rows = [r for r in rows_sel if r in OPS_ROWS]
+        if op_rows:
+            res = _measure({"kind": "ops", "preset": preset, "batch": train_b[preset], "rows": op_rows,
+                            "peers": not args.no_peers, **common}, args)
+            for row in res["rows"]:
+                result["rows"].append(_derive(row, peak["gflops"]))
+        for name in (r for r in rows_sel if r in E2E_ROWS):
+            row = {"preset": preset, "family": "e2e", "unit": "ms"}
+            if name == "train":
+                b = train_b[preset]
+                row.update(name=f"train step (batch {b})", phase="step", batch=b, flops=3 * fwd_flops * b,
+                           peer_name="diffusers UNet2DModel + torch.optim.AdamW")
+                spec = {"kind": "train", "preset": preset, "batch": b, **common}
+            else:
+                b = sample_b[preset]
+                steps = args.ddpm_steps if name == "ddpm" else args.ddim_steps
+                row.update(name=f"{name} {steps} steps (batch {b})", phase="chain", batch=b, unit="images/s",
+                           flops=fwd_flops * b * steps, steps=steps,
+                           peer_name=f"diffusers UNet2DModel + {'DDPM' if name == 'ddpm' else 'DDIM'}Scheduler")
+                spec = {"kind": "sample", "preset": preset, "batch": b, "sampler": name, "steps": steps,
+                        "quick": args.quick, **common}
+                if args.quick:
+                    notes.append(f"{preset} {name}: chain time extrapolated from the median of "
+                                 f"{max(args.quick, args.repeats)} measured steps x {steps} steps (--quick)")
+            sides = ("ours",) if args.no_peers else ("ours", "peer")
+            for side in sides:
+                row[side] = _measure({**spec, "side": side}, args)
+            result["rows"].append(_derive(row, peak["gflops"]))
+    result["seconds"] = time.time() - t_start
+    result["notes"] = notes
+    for line in table_lines(result["rows"]):
+        out(line)
+    for n in notes:
+        out(f"# note: {n}")
+    out(f"# {len(result['rows'])} rows in {result['seconds']:.0f} s")
+    if args.json:
+        d = os.path.dirname(args.json)
+        if d:
+            os.makedirs(d, exist_ok=True)
+        write_json(args.json, result)
+        out(f"# JSON: {args.json}")
+    return result
+
+
+# ----------------------------------------------------------------------------------- profile
+
+def profile(spec_text: str, threads: int, repeats: int, warmup: int, out=print) -> dict:
+    """Per-op wall time of our training step (:func:`benchmarks.bench_e2e.build_train_step`).
+
+    Every public ``*_forward`` / ``*_backward`` function of ``ddpm_ref.ops`` (and the timestep
+    embedding) is wrapped by a timer, as are the step's other parts (``rng.normal`` / ``randint``,
+    ``diffusion.q_sample``, ``AdamW.step``). Only the outermost timed call counts (an op calling
+    another wrapped op is charged once). What no wrapper covers (reshapes, concatenations of weights,
+    gradient bookkeeping in the model) is the "not in any op" row. Returns the table as a dict.
+    """
+    if ":" not in spec_text:
+        raise ValueError(f"--profile expects PRESET:BATCH, got {spec_text!r}")
+    preset, batch = spec_text.split(":", 1)
+    if preset not in PRESETS or not batch.isdigit() or int(batch) < 1:
+        raise ValueError(f"--profile expects PRESET:BATCH with a preset in {list(PRESETS)} and a batch >= 1, "
+                         f"got {spec_text!r}")
+    limit_threads(threads)
+    from ddpm_ref import diffusion, rng
+    from ddpm_ref import optim
+    from ddpm_ref.ops import activation, attention, conv, embedding, linear, loss, norm, resample
+    from benchmarks.bench_e2e import build_train_step
+    totals, depth, saved = {}, [0], []
+
+    def key_of(name, a):
+        if name == "conv2d_forward":
+            x, w = a[0], a[1]
+            s = a[3] if len(a) > 3 else 1
+            return f"conv2d_forward {w.shape[2]}x{w.shape[3]}{' s2' if s == 2 else ''} @{x.shape[2]}x{x.shape[3]}"
+        if name == "conv2d_backward":
+            return f"conv2d_backward @{a[0].shape[2]}x{a[0].shape[3]} (dy)"
+        return name
+
+    def wrap(owner, name, label=None):
+        fn = getattr(owner, name)
+
+        def timed(*a, **k):
+            depth[0] += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                dt = time.perf_counter() - t0
+                depth[0] -= 1
+                if depth[0] == 0:
+                    key = label or key_of(name, a)
+                    tot = totals.setdefault(key, [0.0, 0])
+                    tot[0] += dt
+                    tot[1] += 1
+
+        saved.append((owner, name, fn))
+        setattr(owner, name, timed)
+
+    try:
+        for mod in (activation, attention, conv, embedding, linear, loss, norm, resample):
+            for name in dir(mod):
+                if (name.endswith(("_forward", "_backward")) or name == "timestep_embedding") and \
+                        callable(getattr(mod, name)) and not name.startswith("_"):
+                    wrap(mod, name)
+        wrap(rng, "normal", "rng.normal (training noise)")
+        wrap(rng, "randint", "rng.randint (timesteps)")
+        wrap(diffusion, "q_sample", "diffusion.q_sample")
+        wrap(optim.AdamW, "step", "AdamW.step")
+        step = build_train_step({"preset": preset, "batch": int(batch), "side": "ours"})
+        for k in range(max(warmup, 1)):
+            step(k)
+        totals.clear()
+        n = max(repeats, 1)
+        t0 = time.perf_counter()
+        for k in range(n):
+            step(max(warmup, 1) + k)
+        wall = (time.perf_counter() - t0) / n
+    finally:
+        for owner, name, fn in reversed(saved):
+            setattr(owner, name, fn)
+    rows = sorted(totals.items(), key=lambda kv: -kv[1][0])
+    table = [{"op": k, "calls": c // n, "ms": s / n * 1e3, "share": s / n / wall} for k, (s, c) in rows]
+    rest = wall - sum(s for s, _ in totals.values()) / n
+    table.append({"op": "(not in any op: model glue)", "calls": None, "ms": rest * 1e3, "share": rest / wall})
+    out(f"# our {preset} training step at batch {batch}, {threads} thread(s): {wall * 1e3:.1f} ms per step "
+        f"(mean of {n} after {max(warmup, 1)} warm-up); per op, per step:")
+    out(f"{'op':<44}{'calls':>6}{'total ms':>11}{'share':>8}")
+    for r in table:
+        calls = "" if r["calls"] is None else str(r["calls"])
+        out(f"{r['op']:<44}{calls:>6}{r['ms']:>11.1f}{100 * r['share']:>7.1f}%")
+    return {"preset": preset, "batch": int(batch), "threads": threads, "step_ms": wall * 1e3, "ops": table}
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.worker:
+            limit_threads(args.threads)
+            print(json.dumps(worker_main(json.loads(args.worker))))
+            return 0
+        if args.profile:
+            check_args(args)
+            res = profile(args.profile, args.threads, args.repeats, args.warmup)
+            path = os.path.join("bench_results", "profile.json") if args.json is None else args.json
+            if path:
+                d = os.path.dirname(path)
+                if d:
+                    os.makedirs(d, exist_ok=True)
+                write_json(path, res)
+                print(f"# JSON: {path}")
+            return 0
+        if args.json is None:
+            args.json = os.path.join("bench_results", "suite.json")
+        run(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,183 @@
+"""Smoke test of the benchmark suite (benchmarks/): every row runs at toy size so that none rots.
+
+What it checks: each row of ``python -m benchmarks`` (per-op forward/backward at every distinct conv
+shape of the ``tiny`` U-Net, gn+silu, group_norm, attention, q_sample, DDPM/DDIM steps, AdamW, the
+training step, DDPM/DDIM sampling, ours and the torch/diffusers peers) produces finite, positive
+figures, that the derived figures (ratio, GFLOP/s, share of the GEMM peak, images/s) are the stated
+functions of the measured ones, that the FLOP convention (2 x MACs) gives the hand-counted value, and
+that the worker-subprocess path, ``--quick`` extrapolation and the profiler work.
+What it is not: a performance test. No test here asserts a time.
+"""
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import common, suite  # noqa: E402
+from benchmarks.bench_ops import discover  # noqa: E402
+
+# Relative tolerance for figures the suite derives from its own measurements by one or two float
+# operations (ratio, GFLOP/s, images/s): only rounding separates them from the recomputation.
+DERIVED_RTOL = 1e-9
+
+
+def _args(*argv):
+    return suite.parser().parse_args(list(argv))
+
+
+def _finite_pos(v):
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+def _check_side(side, repeats):
+    assert _finite_pos(side["median_ms"]), side
+    assert len(side["times_ms"]) == side["runs"] == repeats
+    assert side["min_ms"] <= side["median_ms"] <= side["max_ms"]
+    # times_ms are rounded to 1e-4 ms for the JSON file
+    assert abs(side["median_ms"] - common.median(side["times_ms"])) <= 1e-4 + 1e-9 * side["median_ms"]
+
+
+@pytest.fixture(scope="module")
+def inline_run(tmp_path_factory):
+    """Every row at the tiny preset, peers included, in this process (no 10-second torch imports per
+    worker). Chains shortened to 3 DDPM / 2 DDIM steps; 2 timed runs (speed is not the point here)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    path = tmp_path_factory.mktemp("bench") / "out.json"
+    lines = []
+    args = _args("--preset", "tiny", "--inline", "--repeats", "2", "--warmup", "1", "--ddpm-steps", "3",
+                 "--ddim-steps", "2", "--gemm-n", "64", "--json", str(path))
+    result = suite.run(args, out=lines.append)
+    return result, json.loads(path.read_text()), lines
+
+
+def test_every_row_present_with_finite_positive_figures(inline_run):
+    result, on_disk, lines = inline_run
+    assert on_disk["rows"] == result["rows"]                 # the JSON file is the returned result
+    disc = discover("tiny")
+    rows = result["rows"]
+    names = [(r["name"], r["phase"]) for r in rows]
+    assert len(set(names)) == len(names)                     # no row measured twice
+    convs = [r for r in rows if r["name"].startswith("conv ")]
+    assert len(convs) == 2 * len(disc["conv"])               # every distinct conv shape, fwd and bwd
+    for prefix in ("gn+silu", "attention", "q_sample", "ddpm step", "ddim step", "adamw", "train step",
+                   "ddpm 3 steps", "ddim 2 steps"):
+        assert any(r["name"].startswith(prefix) for r in rows), prefix
+    for r in rows:
+        _check_side(r["ours"], 2)
+        _check_side(r["peer"], 2)
+        assert _finite_pos(r["ratio"])
+        assert abs(r["ratio"] - r["ours"]["median_ms"] / r["peer"]["median_ms"]) <= DERIVED_RTOL * r["ratio"]
+    # one table line per row, plus the header and its rule
+    table = [ln for ln in lines if not ln.startswith("#")]
+    assert len(table) == len(rows) + 2
+
+
+def test_flops_gflops_and_peak_fraction(inline_run):
+    result, _, _ = inline_run
+    peak = result["gemm_peak"]["gflops"]
+    assert _finite_pos(peak)
+    counted = [r for r in result["rows"] if r.get("flops")]
+    assert any(r["name"].startswith("attention") for r in counted)
+    for r in counted:
+        for side in ("ours", "peer"):
+            s = r[side]
+            want = r["flops"] / (s["median_ms"] * 1e-3) / 1e9
+            assert abs(s["gflops"] - want) <= DERIVED_RTOL * want
+            assert abs(s["peak_fraction"] - s["gflops"] / peak) <= DERIVED_RTOL * s["peak_fraction"]
+    # 2 x MACs, hand-counted: conv_in of tiny (3x3, 1 -> 8 channels, 8x8, batch 4) = 2*4*8*1*9*64
+    conv_in = next(r for r in counted if r["name"] == "conv 3x3 1->8 @8x8" and r["phase"] == "fwd")
+    assert conv_in["flops"] == 2 * 4 * 8 * 1 * 9 * 64
+    bwd = next(r for r in counted if r["name"] == "conv 3x3 1->8 @8x8" and r["phase"] == "bwd")
+    assert bwd["flops"] == 2 * conv_in["flops"]
+    train = next(r for r in result["rows"] if r["name"].startswith("train step"))
+    assert train["flops"] == 3 * 4 * result["models"]["tiny"]["forward_gflop_per_image"] * 1e9
+
+
+def test_end_to_end_rows_memory_and_throughput(inline_run):
+    result, _, _ = inline_run
+    e2e = [r for r in result["rows"] if r["family"] == "e2e"]
+    assert len(e2e) == 3
+    for r in e2e:
+        for side in ("ours", "peer"):
+            s = r[side]
+            if sys.platform.startswith("linux"):
+                assert _finite_pos(s["peak_mib"]) and s["delta_mib"] >= 0
+            if r["unit"] == "images/s":
+                want = r["batch"] / (s["median_ms"] * 1e-3)
+                assert abs(s["images_per_s"] - want) <= DERIVED_RTOL * want
+                assert s["finite_samples"] is True and s["extrapolated"] is False
+            else:
+                assert math.isfinite(s["loss"]) and s["loss"] > 0
+
+
+def test_machine_info(inline_run):
+    result, _, lines = inline_run
+    m = result["machine"]
+    assert m["threads"] == 1 and m["logical_cpus"] >= 1 and m["numpy"] and m["blas"]
+    assert m["torch"] and m["diffusers"]
+    assert any("GEMM peak" in ln for ln in lines) and any("BLAS environment" in ln for ln in lines)
+
+
+def test_worker_subprocesses_and_quick(tmp_path):
+    """The default path: fresh worker processes (ours only, so no torch import), --quick extrapolation."""
+    lines = []
+    args = _args("--preset", "tiny", "--rows", "train", "ddim", "--no-peers", "--repeats", "2", "--warmup", "0",
+                 "--quick", "3", "--gemm-n", "64", "--json", str(tmp_path / "w.json"))
+    result = suite.run(args, out=lines.append)
+    train, ddim = result["rows"]
+    assert "peer" not in train and train["ratio"] is None
+    if sys.platform.startswith("linux"):
+        assert _finite_pos(train["ours"]["peak_mib"])
+    assert ddim["ours"]["extrapolated"] is True and ddim["ours"]["measured_steps"] == 3
+    # extrapolation: chain time = median measured step x 50 steps
+    step_ms = ddim["ours"]["step"]["median_ms"]
+    assert abs(ddim["ours"]["median_ms"] - 50 * step_ms) <= DERIVED_RTOL * 50 * step_ms
+    assert any("extrapolated" in ln for ln in lines)
+
+
+def test_profile_shares_sum_to_one():
+    lines = []
+    res = suite.profile("tiny:2", threads=1, repeats=1, warmup=1, out=lines.append)
+    assert _finite_pos(res["step_ms"])
+    # every timed op is disjoint from the others (outermost calls only), the rest is glue: shares sum to 1
+    assert abs(sum(r["share"] for r in res["ops"]) - 1.0) <= 1e-9
+    assert all(r["ms"] >= 0 for r in res["ops"][:-1])
+    ops = {r["op"]: r for r in res["ops"]}
+    assert ops["AdamW.step"]["calls"] == 1
+    assert any(k.startswith("conv2d_backward") for k in ops)
+
+
+def test_bad_options_raise_valueerror_naming_them():
+    with pytest.raises(ValueError, match="--repeats must be >= 1, got 0"):
+        suite.check_args(_args("--repeats", "0"))
+    with pytest.raises(ValueError, match="unknown row 'bogus'"):
+        suite._rows_selected(["bogus"])
+    with pytest.raises(ValueError, match="batch must be a positive integer, got '0'"):
+        suite._preset_batches(["tiny:0"], suite.TRAIN_BATCH)
+    with pytest.raises(ValueError, match="PRESET:BATCH"):
+        suite.profile("tiny", 1, 1, 1)
+    assert suite.main(["--threads", "0", "--json", ""]) == 2
+
+
+def test_common_helpers():
+    assert common.median([3, 1, 2]) == 2 and common.median([4, 1, 3, 2]) == 2.5
+    calls = []
+    times = common.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, 1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]   # warm-up, then alternating order
+    assert [len(v) for v in times.values()] == [3, 3]
+    assert common.attention_flops((2, 5, 3), (2, 7, 3), (2, 7, 4)) == 2 * 2 * 5 * 7 * 3 + 2 * 2 * 5 * 7 * 4
+    assert common.linear_flops((2, 5, 3), (4, 3)) == 2 * 10 * 3 * 4
+    env = common.thread_env(3, base={})
+    assert all(env[v] == "3" for v in common.THREAD_VARS)
+    with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
+        common.thread_env(0)
+    if os.path.exists("/proc/self/status"):
+        assert common.rss_kib("VmRSS") > 0
