@@ -4,8 +4,9 @@ What it measures: float32 standard normals for a (64, 3, 32, 32) batch (a CIFAR-
 sampling or training noise), ours addressed by index = arange(64) through Philox4x32-10 and Box-Muller
 (ddpm_ref.rng), numpy's from a PCG64 Generator (ziggurat). Also the bare Philox words (random_bits).
 The runs are interleaved (ours, then numpy's, in turn) after a warm-up so that load from other
-processes hits both alike; the figures are medians (and minima, less sensitive to a busy machine).
-No test asserts a time.
+processes hits both alike. Figures: the median wall time, the minimum wall time, and the median CPU
+time of the calling thread (``time.thread_time``: not inflated when a busy machine deschedules the
+process, so the steadiest of the three on shared machines). No test asserts a time.
 
     python benchmarks/rng_speed.py [--runs 50] [--shape 64 3 32 32]
 """
@@ -21,10 +22,11 @@ import numpy as np
 from ddpm_ref import rng
 
 
-def _time(fn) -> float:
-    t0 = time.perf_counter()
+def _time(fn) -> tuple:
+    """(wall seconds, this thread's CPU seconds) of one call."""
+    c0, t0 = time.thread_time(), time.perf_counter()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.thread_time() - c0
 
 
 def main(argv=None) -> dict:
@@ -49,16 +51,19 @@ def main(argv=None) -> dict:
     for _ in range(args.runs):
         for name, fn in cases.items():
             times[name].append(_time(fn))
-    med = {name: float(np.median(ts)) * 1e3 for name, ts in times.items()}
-    best = {name: float(np.min(ts)) * 1e3 for name, ts in times.items()}
+    med = {name: float(np.median([w for w, _ in ts])) * 1e3 for name, ts in times.items()}
+    best = {name: float(np.min([w for w, _ in ts])) * 1e3 for name, ts in times.items()}
+    cpu = {name: float(np.median([c for _, c in ts])) * 1e3 for name, ts in times.items()}
     print(f"machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
           f"python {platform.python_version()} numpy {np.__version__}")
     print(f"float32 normals of shape {tuple(args.shape)} ({int(np.prod(args.shape))} values), "
           f"median of {args.runs} interleaved runs")
-    print(f"{'generator':34s} {'median ms':>10s} {'vs numpy':>9s} {'min ms':>8s} {'vs numpy':>9s}")
-    base, base_min = med["numpy Generator.standard_normal"], best["numpy Generator.standard_normal"]
+    ref = "numpy Generator.standard_normal"
+    print(f"{'generator':34s} {'median ms':>10s} {'vs numpy':>9s} {'min ms':>8s} {'vs numpy':>9s} "
+          f"{'CPU ms':>8s} {'vs numpy':>9s}")
     for name, ms in med.items():
-        print(f"{name:34s} {ms:10.3f} {ms / base:8.2f}x {best[name]:8.3f} {best[name] / base_min:8.2f}x")
+        print(f"{name:34s} {ms:10.3f} {ms / med[ref]:8.2f}x {best[name]:8.3f} {best[name] / best[ref]:8.2f}x "
+              f"{cpu[name]:8.3f} {cpu[name] / cpu[ref]:8.2f}x")
     return med
 
 
