@@ -449,8 +449,9 @@ def _dw_splits(grid_xy: int, k_total: int) -> int:
     return max(1, min(_ceil(k_total, BK), _ceil(target, grid_xy)))
 
 
-def conv2d_backward_v1(dy, cache):
-    """Gradients of :func:`conv2d_forward_v1`: ``(dx, dw, db)`` (db None without bias).
+def conv2d_backward_v1(dy, cache, input_grad=True):
+    """Gradients of :func:`conv2d_forward_v1`: ``(dx, dw, db)`` (db None without bias; dx None
+    with ``input_grad=False``, for a first layer whose input needs no gradient).
 
     With a fused temb/residual epilogue, their gradients are ``dy.sum((2, 3))`` and ``dy`` itself:
     the caller forms those (they are not the convolution's).
@@ -465,11 +466,13 @@ def conv2d_backward_v1(dy, cache):
     xp = _b.xp()
     dy3 = dy.reshape(N, O, P * Q)
     w2 = w.reshape(O, C * KH * KW)
-    # dx: rows c, columns (n, h, v), reduction (o, r, t)
-    dx = xp.empty((N, C, H, W), dtype=xp.float32)
-    grid = (_ceil(N * H * W, BN), _ceil(C, BM))
-    conv2d_dx_kernel[grid, (TX, TY)](dy3, w2, dx.reshape(N, C, H * W), np.int32(stride), np.int32(pt),
-                                     np.int32(pl), np.int32(Q), np.int32(W), np.int32(KW))
+    dx = None
+    if input_grad:                     # dx: rows c, columns (n, h, v), reduction (o, r, t)
+        dx = xp.empty((N, C, H, W), dtype=xp.float32)
+        grid = (_ceil(N * H * W, BN), _ceil(C, BM))
+        conv2d_dx_kernel[grid, (TX, TY)](dy3, w2, dx.reshape(N, C, H * W), np.int32(stride),
+                                         np.int32(pt), np.int32(pl), np.int32(Q), np.int32(W),
+                                         np.int32(KW))
     # dw: rows o, columns (c, r, t), reduction (n, p, q) split over blockIdx.z
     crs = C * KH * KW
     gx, gy = _ceil(crs, BN), _ceil(O, BM)
