@@ -306,8 +306,17 @@ def _cases(disc: dict, batch: int, torch, diffusers, rows, gen):
 
 def run_ops(spec: dict) -> list:
     """Measure the op rows of ``spec`` (``preset``, ``batch``, ``repeats``, ``warmup``, ``peers``,
-    ``rows``) in this process; return a list of row dicts (see :mod:`benchmarks.suite`)."""
+    ``rows``, ``mode``) in this process; return a list of row dicts (see :mod:`benchmarks.suite`).
+
+    ``mode``: "time" (interleaved medians only), "memory" (one warm-up call, then the peak RSS rise
+    of one call of each side, :func:`benchmarks.common.peak_memory`; the suite runs this in its own
+    worker with glibc's ``MALLOC_MMAP_THRESHOLD_`` lowered so that every large array is mapped
+    fresh and returned when freed, which makes the RSS rise the call's own memory), or "both".
+    """
     preset, batch = spec["preset"], int(spec["batch"])
+    mode = spec.get("mode", "both")
+    if mode not in ("time", "memory", "both"):
+        raise ValueError(f"mode must be 'time', 'memory' or 'both', got {mode!r}")
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     rows = spec.get("rows") or OPS_ROWS
@@ -327,17 +336,19 @@ def run_ops(spec: dict) -> list:
             fns = {"ours": ours_fn}
             if peer_fn is not None:
                 fns["peer"] = peer_fn
-            if torch is not None:
-                ctx = torch.no_grad() if phase == "step" else _nullctx()
-            else:
-                ctx = _nullctx()
-            with ctx:
-                times = interleaved(fns, spec["repeats"], spec["warmup"])
-                mem = {k: peak_memory(fn) for k, fn in fns.items()}
+            ctx = torch.no_grad() if (torch is not None and phase == "step") else _nullctx()
             row = {"preset": preset, "family": "op", "name": name, "phase": phase, "batch": batch,
                    "unit": "ms", "flops": flops, "calls_per_forward": count, "peer_name": peer_name if peer_fn else None}
-            for side, ts in times.items():
-                row[side] = {**stats(ts), **mem[side]}
+            with ctx:
+                if mode in ("time", "both"):
+                    times = interleaved(fns, spec["repeats"], spec["warmup"])
+                    for side, ts in times.items():
+                        row[side] = stats(ts)
+                if mode in ("memory", "both"):
+                    for side, fn in fns.items():
+                        if mode == "memory":
+                            fn()                      # warm-up: one-time allocations are not the op's
+                        row.setdefault(side, {}).update(peak_memory(fn))
             out.append(row)
     return out
 

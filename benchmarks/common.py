@@ -309,11 +309,12 @@ class WorkerError(RuntimeError):
     """A worker subprocess failed; the message carries its stderr."""
 
 
-def run_worker(spec: dict, threads: int, timeout: float | None = None) -> dict:
+def run_worker(spec: dict, threads: int, timeout: float | None = None, extra_env: dict | None = None) -> dict:
     """Run one measurement ``spec`` in a fresh ``python -m benchmarks --worker`` process with every
-    thread variable set to ``threads``; return the JSON dict it prints last."""
+    thread variable set to ``threads`` (and ``extra_env``); return the JSON dict it prints last."""
     cmd = [sys.executable, "-m", "benchmarks", "--worker", json.dumps(spec), "--threads", str(int(threads))]
     env = thread_env(threads)
+    env.update(extra_env or {})
     env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=timeout)

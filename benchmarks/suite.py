@@ -62,8 +62,9 @@ def parser() -> argparse.ArgumentParser:
                                  + "; end-to-end rows " + ", ".join(E2E_ROWS))
     ap.add_argument("--preset", nargs="+", default=["small"], choices=PRESETS, help="U-Net presets (default small)")
     ap.add_argument("--rows", nargs="+", default=["all"], help="row groups or names (default all)")
-    ap.add_argument("--device", default="cpu", choices=["cpu"],
-                    help="cpu (GPU rows: benchmarks/bench_kernels.py and gpu_check.sh)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "gpu"],
+                    help="cpu (default), or gpu: our CUDA kernels vs cuDNN/torch eager FP32, run by "
+                         "benchmarks/bench_kernels.py (needs ddpm_ref.kernels with CuPy on an NVIDIA GPU)")
     ap.add_argument("--threads", type=int, default=1, help="BLAS and torch threads, both sides (default 1)")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per figure, median reported (default 5)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
@@ -172,7 +173,7 @@ def run(args, out=print) -> dict:
     out(f"# median of {args.repeats} timed runs after {args.warmup} warm-up; FLOPs = 2 x MACs of the GEMMs "
         "(conv, dense, attention), backward = 2 x forward; ratio = our time / peer time (< 1: we are faster)")
     out("# ours/peer: ms per call (op rows, train step) or images/s (sampling chains); memory: op rows MiB of "
-        "peak RSS rise during one call (one process for all op rows); end-to-end rows peak/+work MiB = peak RSS "
+        "peak RSS rise during one call (after one warm-up call, arrays >= 64 KiB mmapped); end-to-end rows peak/+work MiB = peak RSS "
         "of a fresh process per measurement / that minus its RSS after building the model"
         + (" (--inline: this process, not fresh)" if args.inline else ""))
     result = {"suite": "ddpm_ref benchmarks", "format": 1, "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
@@ -194,8 +195,21 @@ def run(args, out=print) -> dict:
                                                    "distinct_conv_shapes": len(disc["conv"])}
         op_rows = [r for r in rows_sel if r in OPS_ROWS]
         if op_rows:
-            res = _measure({"kind": "ops", "preset": preset, "batch": train_b[preset], "rows": op_rows,
-                            "peers": not args.no_peers, **common}, args)
+            ops_spec = {"kind": "ops", "preset": preset, "batch": train_b[preset], "rows": op_rows,
+                        "peers": not args.no_peers, **common}
+            if args.inline:
+                res = _measure({**ops_spec, "mode": "both"}, args)
+            else:
+                res = _measure({**ops_spec, "mode": "time"}, args)
+                # memory in a second worker, where every array >= 64 KiB is mapped fresh (see bench_ops)
+                mem = run_worker({**ops_spec, "mode": "memory"}, args.threads,
+                                 extra_env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+                for row, m in zip(res["rows"], mem["rows"]):
+                    if (row["name"], row["phase"]) != (m["name"], m["phase"]):
+                        raise RuntimeError(f"op rows out of step: {row['name']} vs {m['name']}")
+                    for side in ("ours", "peer"):
+                        if side in row:
+                            row[side].update(m[side])
             for row in res["rows"]:
                 result["rows"].append(_derive(row, peak["gflops"]))
         for name in (r for r in rows_sel if r in E2E_ROWS):
@@ -221,12 +235,14 @@ def run(args, out=print) -> dict:
                 row[side] = _measure({**spec, "side": side}, args)
             result["rows"].append(_derive(row, peak["gflops"]))
     result["seconds"] = time.time() - t_start
+    result["loadavg_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     result["notes"] = notes
     for line in table_lines(result["rows"]):
         out(line)
     for n in notes:
         out(f"# note: {n}")
-    out(f"# {len(result['rows'])} rows in {result['seconds']:.0f} s")
+    out(f"# {len(result['rows'])} rows in {result['seconds']:.0f} s; load average at the end "
+        f"{result['loadavg_1m_end']:.2f} (other processes on the machine slow both sides)")
     if args.json:
         d = os.path.dirname(args.json)
         if d:
@@ -234,6 +250,28 @@ def run(args, out=print) -> dict:
         write_json(args.json, result)
         out(f"# JSON: {args.json}")
     return result
+
+
+def run_gpu(args, out=print) -> dict:
+    """The GPU rows: :func:`benchmarks.bench_kernels.main` (noise kernels vs the copy bandwidth, every
+    cifar convolution fwd+bwd vs cuDNN FP32 with TF32 off, norm / attention vs torch eager), after
+    checking that the backend is a real GPU. ValueError naming what is missing otherwise."""
+    check_args(args)
+    try:
+        from ddpm_ref.kernels import runtime
+        name = runtime.backend()
+    except Exception as e:                       # GPUUnavailableError or an import failure
+        raise ValueError(f"--device gpu needs ddpm_ref.kernels on a CUDA GPU: {e}") from None
+    if name != "cuda":
+        raise ValueError(f"--device gpu needs a real CUDA GPU; the kernels backend is {name!r} "
+                         "(the simulator is for tests, far too slow to time)")
+    from benchmarks import bench_kernels
+    if args.json:
+        d = os.path.dirname(args.json)
+        if d:
+            os.makedirs(d, exist_ok=True)
+    out("# --device gpu: benchmarks/bench_kernels.py (CUDA-event medians; its own table follows)")
+    return bench_kernels.main(["--repeats", str(max(args.repeats, 5))] + (["--out", args.json] if args.json else []))
 
 
 # ----------------------------------------------------------------------------------- profile
@@ -344,6 +382,9 @@ def main(argv=None) -> int:
             return 0
         if args.json is None:
             args.json = os.path.join("bench_results", "suite.json")
+        if args.device == "gpu":
+            run_gpu(args)
+            return 0
         run(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -129,10 +129,16 @@ def test_machine_info(inline_run):
 def test_worker_subprocesses_and_quick(tmp_path):
     """The default path: fresh worker processes (ours only, so no torch import), --quick extrapolation."""
     lines = []
-    args = _args("--preset", "tiny", "--rows", "train", "ddim", "--no-peers", "--repeats", "2", "--warmup", "0",
-                 "--quick", "3", "--gemm-n", "64", "--json", str(tmp_path / "w.json"))
+    args = _args("--preset", "tiny", "--rows", "conv", "train", "ddim", "--no-peers", "--repeats", "2",
+                 "--warmup", "0", "--quick", "3", "--gemm-n", "64", "--json", str(tmp_path / "w.json"))
     result = suite.run(args, out=lines.append)
-    train, ddim = result["rows"]
+    convs = [r for r in result["rows"] if r["family"] == "op"]
+    assert len(convs) == 2 * len(discover("tiny")["conv"])
+    for r in convs:                      # timing worker and memory worker merged row by row
+        _check_side(r["ours"], 2)
+        if sys.platform.startswith("linux"):
+            assert r["ours"]["delta_mib"] >= 0 and _finite_pos(r["ours"]["peak_mib"])
+    train, ddim = result["rows"][len(convs):]
     assert "peer" not in train and train["ratio"] is None
     if sys.platform.startswith("linux"):
         assert _finite_pos(train["ours"]["peak_mib"])
@@ -165,6 +171,15 @@ def test_bad_options_raise_valueerror_naming_them():
     with pytest.raises(ValueError, match="PRESET:BATCH"):
         suite.profile("tiny", 1, 1, 1)
     assert suite.main(["--threads", "0", "--json", ""]) == 2
+    # --device gpu refuses, naming why, where there is no CUDA GPU (this machine, CI)
+    try:
+        from ddpm_ref.kernels import runtime
+        has_gpu = runtime.backend() == "cuda"
+    except Exception:
+        has_gpu = False
+    if not has_gpu:
+        with pytest.raises(ValueError, match="--device gpu needs"):
+            suite.run_gpu(_args("--device", "gpu", "--json", ""))
 
 
 def test_common_helpers():
