@@ -5,7 +5,8 @@ from hypothesis import given, settings, strategies as st
 
 from gradcheck import check_op
 from ddpm_ref import rng as ddpm_rng
-from ddpm_ref.ops.activation import dropout_backward, dropout_forward, silu_backward, silu_forward
+from ddpm_ref.ops.activation import (dropout_backward, dropout_forward, dropout_mask, silu_backward,
+                                     silu_forward)
 
 
 @given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=4), seed=st.integers(0, 2**16))
@@ -52,6 +53,19 @@ def test_dropout_mask_contract():
     expected = np.where(u >= np.float32(0.25), np.float32(1 / 0.75), np.float32(0))
     np.testing.assert_array_equal(y, expected)
     assert y.dtype == np.float32
+
+
+@given(p=st.one_of(st.floats(0.0, 0.999999), st.sampled_from([0.1, 0.5, 2.0 ** -24, 3 * 2.0 ** -24,
+                                                            1 - 2.0 ** -24, 0.99999999])),
+       seed=st.integers(0, 2**16))
+@settings(max_examples=25)
+def test_dropout_mask_equals_uniform_comparison(p, seed):
+    """The integer-threshold mask is exactly ``rng.uniform(...) >= p`` for any p, including p
+    values whose float32 threshold falls on odd or even multiples of 2^-24."""
+    idx = np.array([0, 7, 2**31 + 5])
+    u = ddpm_rng.uniform(seed, ddpm_rng.Stream.DROPOUT, idx, 11, (5, 64), sub=3)
+    mask = dropout_mask((3, 5, 64), p, seed, idx, 11, 3)
+    np.testing.assert_array_equal(mask, u >= np.float32(p))
 
 
 def test_dropout_reproducible_and_independent_of_batch_order():

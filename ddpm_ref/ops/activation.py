@@ -10,6 +10,8 @@ resumed run draws the same masks, and the GPU backend can reproduce them bit for
     dropout(x)[n, ...] = x[n, ...] * m[n, ...] / (1 - p),  m = [u >= p],
         u = rng.uniform(seed, Stream.DROPOUT, index, step, x.shape[1:], sub=layer)
 """
+import math
+
 import numpy as np
 
 from .. import rng as _rng
@@ -64,12 +66,21 @@ def dropout_mask(shape, p, seed, index, step, layer):
     """Boolean keep-mask ``(N,) + shape[1:]``: ``uniform(seed, DROPOUT, index, step, sub=layer) >= p``.
 
     Element ``e`` of sample ``index[n]`` depends only on (seed, index[n], step, layer, e).
+    Evaluated on the raw Philox words, without forming the floats: rng's uniform is
+    ``u = k 2^-24`` with ``k = (w >> 8) | 1`` (exact in float32), so with ``T = ceil(float32(p) 2^24)``
+    ``u >= p  <=>  k >= T  <=>  (w >> 8) >= T & ~1`` (k is odd: for even T, k >= T means
+    w >> 8 >= T; for odd T it means w >> 8 >= T - 1)  ``<=>  w >= (T & ~1) << 8``.
+    One comparison per element instead of a shift, an or, a float conversion and a multiply.
     """
     index = np.asarray(index)
     if index.ndim != 1 or index.shape[0] != shape[0]:
         raise ValueError(f"dropout index must have shape ({shape[0]},) (one per sample), got {index.shape}")
-    u = _rng.uniform(seed, _rng.Stream.DROPOUT, index, step, tuple(shape[1:]), sub=layer)
-    return u >= np.float32(p)
+    words = _rng.random_bits(seed, _rng.Stream.DROPOUT, index, step, tuple(shape[1:]), sub=layer)
+    T = math.ceil(float(np.float32(p)) * 2.0 ** 24)
+    threshold = (T & ~1) << 8
+    if threshold > 0xFFFFFFFF:            # float32(p) rounds to 1: no u in (0, 1) reaches it
+        return np.zeros(words.shape, dtype=bool)
+    return words >= np.uint32(threshold)
 
 
 def dropout_forward(x, p, seed, index, step, layer, train=True):
