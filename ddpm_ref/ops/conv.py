@@ -15,8 +15,11 @@ and its gradients, each a sum over the same index set:
     dxp[n, c, s*h + i, s*w + j] += sum_o w[o, c, i, j] * dy[n, o, h, w]      (then crop the pad)
     db[o]          = sum_{n, h, w} dy[n, o, h, w]
 
-Three GEMM formulations, picked per call by ``_choose_path`` (both give the same numbers to rounding;
-the choice was measured on the CIFAR and `small` preset shapes in float32, benchmarks/ops_speed.py):
+Three GEMM formulations, picked per call by ``_choose_path`` (all give the same numbers up to
+rounding; the choice was measured on the CIFAR and `small` preset shapes in float32 with
+benchmarks/ops_speed.py). Memory: the cache holds one copy of the (padded) input, or x itself;
+an im2col buffer, where one is used, lives only inside a single call (rebuilt in the backward
+pass, freed before the input-gradient GEMM allocates its own).
 
 * "pointwise" (1x1 kernel, stride 1, no padding: the residual shortcuts): ``y_n = w x_n`` per image
   on the NCHW layout, ``dx_n = w^T dy_n``, ``dw = sum_n dy_n x_n^T``; no copies, the cache is x.
