@@ -10,9 +10,13 @@ cuda = cuda_module()
 REGISTRY: list = []   # (module, name, python function, (signature, ...))
 
 
-def kernel(*signatures):
-    """Decorator: ``cuda.jit`` (lazy, specialised at launch) and record the launch signatures."""
+def kernel(*signatures, name=None):
+    """Decorator: ``cuda.jit`` (lazy, specialised at launch) and record the launch signatures.
+
+    ``name`` renames the function first (kernels built by a factory, one per tile configuration)."""
     def deco(func):
+        if name is not None:
+            func.__name__ = func.__qualname__ = name
         REGISTRY.append((func.__module__, func.__name__, func, tuple(signatures)))
         return cuda.jit(func)
     return deco

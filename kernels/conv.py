@@ -20,11 +20,19 @@ dx         c  (C)             (n, h, v)  (N H W)        (o, r, t)  (O kh kw), no
 dw         o  (O)             (c, r, t)  (C kh kw)      (n, p, q)  (N P Q), split over blockIdx.z
 =========  =================  ========================  ===========================================
 
-Tiling (all three, "v1"): a 64 x 64 output tile per block of 16 x 16 threads, each thread owning a
-4 x 4 register tile (rows ``ty + 16 i``, columns ``tx + 16 j``, so a warp's stores are coalesced and
-its shared-memory reads conflict-free), K consumed 8 at a time through two shared tiles
-``As (8, 64)`` and ``Bs (8, 64)``. Each thread gathers 2 elements of each tile per step; the column it
-gathers for Bs is fixed for the whole kernel, so its pixel coordinates are decoded once.
+Tiling (all three kernels; one block of 16 x 16 threads per BM x BN output tile; each thread owns a
+TM x TN register tile with rows ``ty + 16 i`` and columns ``tx + 16 j``, so a warp's stores are
+coalesced and its shared-memory reads conflict-free; K is consumed BK = 8 at a time through two
+shared tiles ``As (BK, BM)`` and ``Bs (BK, BN)``; the Bs column a thread gathers is fixed for the
+whole kernel, so its pixel coordinates are decoded once):
+
+* v1: 64 x 64 tiles, 4 x 4 per thread: 8 shared-memory loads per 16 FMAs. Wastes little on small
+  layers (few channels, 4x4 images).
+* v2: 128 x 128 tiles, 8 x 8 per thread: 16 loads per 64 FMAs, the classic SGEMM configuration,
+  for the large CIFAR layers.
+
+The public ``conv2d_forward`` / ``conv2d_backward`` pick per GEMM (``_pick``: v2 when both sides are
+large and the tiles fill the GPU); ``conv2d_forward_v1`` / ``_v2`` force one, for the benchmarks.
 
 The forward epilogue fuses ``+ b[o]``, optionally ``+ temb[n, o]`` (the U-Net's time-embedding add,
 which the reference does as a separate broadcast add right after the conv) and ``+ residual[n, o, p,
@@ -34,9 +42,14 @@ The weight gradient splits K (N P Q, up to 131072 on the CIFAR shapes) across ``
 ``(splits, O, C kh kw)`` partial buffer that is then summed (CuPy's reduction; deterministic, no
 atomics). db is a per-channel float64 reduction kernel.
 
+Registers: the main loop keeps the TM x TN accumulators in registers in both versions (checked in
+the PTX: no local memory there); v2's forward epilogue, too large for the compiler to unroll
+fully, reads them back through 256 bytes of per-thread local memory once per tile, which costs
+nothing next to the main loop.
+
 What it is not: tuned to cuDNN's level (no tensor cores: FP32 like the reference; no
-double-buffering or vector loads yet). ``conv2d_forward_v1`` etc. are the tiled kernels; the public
-names point at the best version, and future versions go beside them (llm.c's dev/cuda style).
+double-buffering or vector loads yet). Future versions go beside v1 and v2 (llm.c's dev/cuda style),
+each validated by the same tests.
 """
 from __future__ import annotations
 
@@ -46,19 +59,13 @@ from . import runtime as _b
 from ._jit import cuda, kernel
 from numba import float32, float64
 
-__all__ = ["conv2d_forward", "conv2d_backward", "conv_output_size", "conv2d_forward_v1",
-           "conv2d_backward_v1"]
 
-BM = 64    # rows per block tile
-BN = 64    # columns per block tile
-BK = 8     # reduction slice per shared-memory step
-TX = 16    # threads along columns
+__all__ = ["conv2d_forward", "conv2d_backward", "conv_output_size", "conv2d_forward_v1",
+           "conv2d_backward_v1", "conv2d_forward_v2", "conv2d_backward_v2"]
+
+TX = 16    # threads along columns (all versions: 16 x 16 = 256 threads per block)
 TY = 16    # threads along rows
-TM = 4     # rows per thread (ty + 16 i)
-TN = 4     # columns per thread (tx + 16 j)
 NT = TX * TY
-A_ROWS_PER_PASS = NT // BK     # 32: rows of As gathered per pass (2 passes)
-B_ROWS_PER_PASS = NT // BN     # 4: rows of Bs gathered per pass (2 passes)
 
 _F4 = "float32[:, :, :, ::1]"
 _F3 = "float32[:, :, ::1]"
@@ -66,259 +73,304 @@ _F2 = "float32[:, ::1]"
 _F1 = "float32[::1]"
 
 
-@kernel(f"void({_F4}, {_F2}, {_F1}, {_F2}, {_F3}, {_F3}, int32, int32, int32, int32, int32)")
-def conv2d_fwd_kernel(x, w2, bias, temb, residual, y3, stride, pad_top, pad_left, out_w, flags):
-    """y3 (N, O, P*Q) = w2 (O, C*kh*kw) @ im2col(x) (+ bias (flag 1), + temb (2), + residual (4)).
+class Tiles:
+    """One tile configuration: the three tiled kernels built for it, and its sizes."""
 
-    out_w is Q, the output width; kh*kw is recovered as w2.shape[1] // C and kw from x via ``flags``
-    bits 8.. (kw << 8).
+    def __init__(self, version, BM, BN, BK, fwd, dx, dw):
+        self.version, self.BM, self.BN, self.BK = version, BM, BN, BK
+        self.fwd, self.dx, self.dw = fwd, dx, dw
+
+
+def _tiled_kernels(version, BM, BN, BK):
+    """Build the forward, dx and dw kernels for a BM x BN block tile, BK-deep shared-memory steps.
+
+    Each of the 16 x 16 threads owns a TM x TN register tile (TM = BM / 16, TN = BN / 16) with rows
+    ``ty + 16 i`` and columns ``tx + 16 j``. The tile sizes are closure constants: Numba freezes
+    them, so the shared and local arrays have compile-time shapes and the register loops unroll.
     """
-    N = x.shape[0]
-    C = x.shape[1]
-    H = x.shape[2]
-    W = x.shape[3]
-    O = w2.shape[0]
-    K = w2.shape[1]
-    KW = flags >> 8
-    RS = K // C
-    PQ = y3.shape[2]
-    Q = out_w
-    NPQ = N * PQ
-    As = cuda.shared.array((BK, BM), float32)
-    Bs = cuda.shared.array((BK, BN), float32)
-    acc = cuda.local.array((TM, TN), float32)
-    a_reg = cuda.local.array(TM, float32)
-    b_reg = cuda.local.array(TN, float32)
-    tx = cuda.threadIdx.x
-    ty = cuda.threadIdx.y
-    tid = ty * TX + tx
-    m0 = cuda.blockIdx.y * BM
-    n0 = cuda.blockIdx.x * BN
-    for i in range(TM):
-        for j in range(TN):
-            acc[i, j] = float32(0.0)
-    # The Bs column this thread gathers: output pixel col = (n, p, q), decoded once.
-    bj = tid % BN
-    bk = tid // BN
-    col = n0 + bj
-    col_ok = col < NPQ
-    bn = col // PQ
-    pq = col - bn * PQ
-    bp = pq // Q
-    h_base = bp * stride - pad_top
-    w_base = (pq - bp * Q) * stride - pad_left
-    ak = tid % BK
-    am = tid // BK
-    for k0 in range(0, K, BK):
-        for l in range(BM // A_ROWS_PER_PASS):
-            m = am + A_ROWS_PER_PASS * l
-            k = k0 + ak
-            v = float32(0.0)
-            if m0 + m < O and k < K:
-                v = w2[m0 + m, k]
-            As[ak, m] = v
-        for l in range(BK // B_ROWS_PER_PASS):
-            kk = bk + B_ROWS_PER_PASS * l
-            k = k0 + kk
-            v = float32(0.0)
-            if col_ok and k < K:
-                c = k // RS
-                rs = k - c * RS
-                r = rs // KW
-                h = h_base + r
-                ww = w_base + (rs - r * KW)
-                if h >= 0 and h < H and ww >= 0 and ww < W:
-                    v = x[bn, c, h, ww]
-            Bs[kk, bj] = v
-        cuda.syncthreads()
-        for kk in range(BK):
-            for i in range(TM):
-                a_reg[i] = As[kk, ty + TY * i]
+    TM = BM // TY
+    TN = BN // TX
+    A_ROWS_PER_PASS = NT // BK     # rows of As gathered per pass (BM / A_ROWS_PER_PASS passes)
+    B_ROWS_PER_PASS = NT // BN     # rows of Bs gathered per pass (BK / B_ROWS_PER_PASS passes)
+    if BM % TY or BN % TX or NT % BK or NT % BN or BM % A_ROWS_PER_PASS or BK % B_ROWS_PER_PASS:
+        raise ValueError(f"tile {BM}x{BN}x{BK} does not fit {TY}x{TX} threads")
+
+    @kernel(f"void({_F4}, {_F2}, {_F1}, {_F2}, {_F3}, {_F3}, int32, int32, int32, int32, int32)",
+            name=f"conv2d_fwd_kernel_{version}")
+    def conv2d_fwd_kernel(x, w2, bias, temb, residual, y3, stride, pad_top, pad_left, out_w, flags):
+        """y3 (N, O, P*Q) = w2 (O, C*kh*kw) @ im2col(x) (+ bias (flag 1), + temb (2), + residual (4)).
+
+        out_w is Q, the output width; kh*kw is recovered as w2.shape[1] // C and kw from x via ``flags``
+        bits 8.. (kw << 8).
+        """
+        N = x.shape[0]
+        C = x.shape[1]
+        H = x.shape[2]
+        W = x.shape[3]
+        O = w2.shape[0]
+        K = w2.shape[1]
+        KW = flags >> 8
+        RS = K // C
+        PQ = y3.shape[2]
+        Q = out_w
+        NPQ = N * PQ
+        As = cuda.shared.array((BK, BM), float32)
+        Bs = cuda.shared.array((BK, BN), float32)
+        acc = cuda.local.array((TM, TN), float32)
+        a_reg = cuda.local.array(TM, float32)
+        b_reg = cuda.local.array(TN, float32)
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        tid = ty * TX + tx
+        m0 = cuda.blockIdx.y * BM
+        n0 = cuda.blockIdx.x * BN
+        for i in range(TM):
             for j in range(TN):
-                b_reg[j] = Bs[kk, tx + TX * j]
-            for i in range(TM):
+                acc[i, j] = float32(0.0)
+        # The Bs column this thread gathers: output pixel col = (n, p, q), decoded once.
+        bj = tid % BN
+        bk = tid // BN
+        col = n0 + bj
+        col_ok = col < NPQ
+        bn = col // PQ
+        pq = col - bn * PQ
+        bp = pq // Q
+        h_base = bp * stride - pad_top
+        w_base = (pq - bp * Q) * stride - pad_left
+        ak = tid % BK
+        am = tid // BK
+        for k0 in range(0, K, BK):
+            for l in range(BM // A_ROWS_PER_PASS):
+                m = am + A_ROWS_PER_PASS * l
+                k = k0 + ak
+                v = float32(0.0)
+                if m0 + m < O and k < K:
+                    v = w2[m0 + m, k]
+                As[ak, m] = v
+            for l in range(BK // B_ROWS_PER_PASS):
+                kk = bk + B_ROWS_PER_PASS * l
+                k = k0 + kk
+                v = float32(0.0)
+                if col_ok and k < K:
+                    c = k // RS
+                    rs = k - c * RS
+                    r = rs // KW
+                    h = h_base + r
+                    ww = w_base + (rs - r * KW)
+                    if h >= 0 and h < H and ww >= 0 and ww < W:
+                        v = x[bn, c, h, ww]
+                Bs[kk, bj] = v
+            cuda.syncthreads()
+            for kk in range(BK):
+                for i in range(TM):
+                    a_reg[i] = As[kk, ty + TY * i]
                 for j in range(TN):
-                    acc[i, j] += a_reg[i] * b_reg[j]
-        cuda.syncthreads()
-    for i in range(TM):
-        o = m0 + ty + TY * i
-        if o < O:
-            for j in range(TN):
-                cj = n0 + tx + TX * j
-                if cj < NPQ:
-                    n = cj // PQ
-                    p = cj - n * PQ
-                    v = acc[i, j]
-                    if flags & 1:
-                        v += bias[o]
-                    if flags & 2:
-                        v += temb[n, o]
-                    if flags & 4:
-                        v += residual[n, o, p]
-                    y3[n, o, p] = v
-
-
-@kernel(f"void({_F3}, {_F2}, {_F3}, int32, int32, int32, int32, int32, int32)")
-def conv2d_dx_kernel(dy3, w2, dx3, stride, pad_top, pad_left, out_w, in_w, kw):
-    """dx3 (N, C, H*W) = w2^T gathered (C, O*kh*kw) @ gathered dy (O*kh*kw, N*H*W)."""
-    N = dy3.shape[0]
-    O = dy3.shape[1]
-    PQ = dy3.shape[2]
-    C = dx3.shape[1]
-    HW = dx3.shape[2]
-    W = in_w
-    Q = out_w
-    P = PQ // Q
-    RS = w2.shape[1] // C
-    K = O * RS
-    NHW = N * HW
-    As = cuda.shared.array((BK, BM), float32)
-    Bs = cuda.shared.array((BK, BN), float32)
-    acc = cuda.local.array((TM, TN), float32)
-    a_reg = cuda.local.array(TM, float32)
-    b_reg = cuda.local.array(TN, float32)
-    tx = cuda.threadIdx.x
-    ty = cuda.threadIdx.y
-    tid = ty * TX + tx
-    m0 = cuda.blockIdx.y * BM
-    n0 = cuda.blockIdx.x * BN
-    for i in range(TM):
-        for j in range(TN):
-            acc[i, j] = float32(0.0)
-    bj = tid % BN
-    bk = tid // BN
-    col = n0 + bj
-    col_ok = col < NHW
-    bn = col // HW
-    hw = col - bn * HW
-    bh = hw // W
-    h_base = bh + pad_top              # h + top = s p + r
-    w_base = hw - bh * W + pad_left
-    ak = tid % BK
-    am = tid // BK
-    for k0 in range(0, K, BK):
-        for l in range(BM // A_ROWS_PER_PASS):
-            m = am + A_ROWS_PER_PASS * l      # c
-            k = k0 + ak                       # (o, r, t)
-            v = float32(0.0)
-            if m0 + m < C and k < K:
-                o = k // RS
-                v = w2[o, (m0 + m) * RS + (k - o * RS)]
-            As[ak, m] = v
-        for l in range(BK // B_ROWS_PER_PASS):
-            kk = bk + B_ROWS_PER_PASS * l
-            k = k0 + kk
-            v = float32(0.0)
-            if col_ok and k < K:
-                o = k // RS
-                rs = k - o * RS
-                r = rs // kw
-                hp = h_base - r
-                wp = w_base - (rs - r * kw)
-                if hp >= 0 and wp >= 0:
-                    p = hp // stride
-                    q = wp // stride
-                    if p * stride == hp and q * stride == wp and p < P and q < Q:
-                        v = dy3[bn, o, p * Q + q]
-            Bs[kk, bj] = v
-        cuda.syncthreads()
-        for kk in range(BK):
-            for i in range(TM):
-                a_reg[i] = As[kk, ty + TY * i]
-            for j in range(TN):
-                b_reg[j] = Bs[kk, tx + TX * j]
-            for i in range(TM):
+                    b_reg[j] = Bs[kk, tx + TX * j]
+                for i in range(TM):
+                    for j in range(TN):
+                        acc[i, j] += a_reg[i] * b_reg[j]
+            cuda.syncthreads()
+        # Epilogue, in two loops: the first reads acc (a simple body, so the compiler unrolls it and
+        # acc stays in registers), the second adds temb and the residual to what this thread just
+        # wrote (cache hits), without touching acc.
+        for i in range(TM):
+            o = m0 + ty + TY * i
+            if o < O:
                 for j in range(TN):
-                    acc[i, j] += a_reg[i] * b_reg[j]
-        cuda.syncthreads()
-    for i in range(TM):
-        c = m0 + ty + TY * i
-        if c < C:
-            for j in range(TN):
-                cj = n0 + tx + TX * j
-                if cj < NHW:
-                    n = cj // HW
-                    dx3[n, c, cj - n * HW] = acc[i, j]
-
-
-@kernel(f"void({_F3}, {_F4}, {_F3}, int32, int32, int32, int32, int32, int32)")
-def conv2d_dw_kernel(dy3, x, part, stride, pad_top, pad_left, out_w, kw, k_chunk):
-    """part[z] (O, C*kh*kw) = dy (O, K_z) @ gathered x (K_z, C*kh*kw) over K slice z of N*P*Q."""
-    N = dy3.shape[0]
-    O = dy3.shape[1]
-    PQ = dy3.shape[2]
-    C = x.shape[1]
-    H = x.shape[2]
-    W = x.shape[3]
-    Q = out_w
-    CRS = part.shape[2]
-    RS = CRS // C
-    K = N * PQ
-    k_begin = cuda.blockIdx.z * k_chunk
-    k_end = min(K, k_begin + k_chunk)
-    As = cuda.shared.array((BK, BM), float32)
-    Bs = cuda.shared.array((BK, BN), float32)
-    acc = cuda.local.array((TM, TN), float32)
-    a_reg = cuda.local.array(TM, float32)
-    b_reg = cuda.local.array(TN, float32)
-    tx = cuda.threadIdx.x
-    ty = cuda.threadIdx.y
-    tid = ty * TX + tx
-    m0 = cuda.blockIdx.y * BM
-    n0 = cuda.blockIdx.x * BN
-    for i in range(TM):
-        for j in range(TN):
-            acc[i, j] = float32(0.0)
-    bj = tid % BN
-    bk = tid // BN
-    col = n0 + bj                      # (c, r, t)
-    col_ok = col < CRS
-    bc = col // RS
-    rs = col - bc * RS
-    br = rs // kw
-    bt = rs - br * kw
-    ak = tid % BK
-    am = tid // BK
-    for k0 in range(k_begin, k_end, BK):
-        for l in range(BM // A_ROWS_PER_PASS):
-            m = am + A_ROWS_PER_PASS * l      # o
-            k = k0 + ak                       # (n, p, q)
-            v = float32(0.0)
-            if m0 + m < O and k < k_end:
-                n = k // PQ
-                v = dy3[n, m0 + m, k - n * PQ]
-            As[ak, m] = v
-        for l in range(BK // B_ROWS_PER_PASS):
-            kk = bk + B_ROWS_PER_PASS * l
-            k = k0 + kk
-            v = float32(0.0)
-            if col_ok and k < k_end:
-                n = k // PQ
-                pq = k - n * PQ
-                p = pq // Q
-                h = p * stride - pad_top + br
-                ww = (pq - p * Q) * stride - pad_left + bt
-                if h >= 0 and h < H and ww >= 0 and ww < W:
-                    v = x[n, bc, h, ww]
-            Bs[kk, bj] = v
-        cuda.syncthreads()
-        for kk in range(BK):
+                    cj = n0 + tx + TX * j
+                    if cj < NPQ:
+                        n = cj // PQ
+                        v = acc[i, j]
+                        if flags & 1:
+                            v += bias[o]
+                        y3[n, o, cj - n * PQ] = v
+        if flags & 6:
             for i in range(TM):
-                a_reg[i] = As[kk, ty + TY * i]
+                o = m0 + ty + TY * i
+                if o < O:
+                    for j in range(TN):
+                        cj = n0 + tx + TX * j
+                        if cj < NPQ:
+                            n = cj // PQ
+                            p = cj - n * PQ
+                            v = y3[n, o, p]
+                            if flags & 2:
+                                v += temb[n, o]
+                            if flags & 4:
+                                v += residual[n, o, p]
+                            y3[n, o, p] = v
+
+    @kernel(f"void({_F3}, {_F2}, {_F3}, int32, int32, int32, int32, int32, int32)",
+            name=f"conv2d_dx_kernel_{version}")
+    def conv2d_dx_kernel(dy3, w2, dx3, stride, pad_top, pad_left, out_w, in_w, kw):
+        """dx3 (N, C, H*W) = w2^T gathered (C, O*kh*kw) @ gathered dy (O*kh*kw, N*H*W)."""
+        N = dy3.shape[0]
+        O = dy3.shape[1]
+        PQ = dy3.shape[2]
+        C = dx3.shape[1]
+        HW = dx3.shape[2]
+        W = in_w
+        Q = out_w
+        P = PQ // Q
+        RS = w2.shape[1] // C
+        K = O * RS
+        NHW = N * HW
+        As = cuda.shared.array((BK, BM), float32)
+        Bs = cuda.shared.array((BK, BN), float32)
+        acc = cuda.local.array((TM, TN), float32)
+        a_reg = cuda.local.array(TM, float32)
+        b_reg = cuda.local.array(TN, float32)
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        tid = ty * TX + tx
+        m0 = cuda.blockIdx.y * BM
+        n0 = cuda.blockIdx.x * BN
+        for i in range(TM):
             for j in range(TN):
-                b_reg[j] = Bs[kk, tx + TX * j]
-            for i in range(TM):
+                acc[i, j] = float32(0.0)
+        bj = tid % BN
+        bk = tid // BN
+        col = n0 + bj
+        col_ok = col < NHW
+        bn = col // HW
+        hw = col - bn * HW
+        bh = hw // W
+        h_base = bh + pad_top              # h + top = s p + r
+        w_base = hw - bh * W + pad_left
+        ak = tid % BK
+        am = tid // BK
+        for k0 in range(0, K, BK):
+            for l in range(BM // A_ROWS_PER_PASS):
+                m = am + A_ROWS_PER_PASS * l      # c
+                k = k0 + ak                       # (o, r, t)
+                v = float32(0.0)
+                if m0 + m < C and k < K:
+                    o = k // RS
+                    v = w2[o, (m0 + m) * RS + (k - o * RS)]
+                As[ak, m] = v
+            for l in range(BK // B_ROWS_PER_PASS):
+                kk = bk + B_ROWS_PER_PASS * l
+                k = k0 + kk
+                v = float32(0.0)
+                if col_ok and k < K:
+                    o = k // RS
+                    rs = k - o * RS
+                    r = rs // kw
+                    hp = h_base - r
+                    wp = w_base - (rs - r * kw)
+                    if hp >= 0 and wp >= 0:
+                        p = hp // stride
+                        q = wp // stride
+                        if p * stride == hp and q * stride == wp and p < P and q < Q:
+                            v = dy3[bn, o, p * Q + q]
+                Bs[kk, bj] = v
+            cuda.syncthreads()
+            for kk in range(BK):
+                for i in range(TM):
+                    a_reg[i] = As[kk, ty + TY * i]
                 for j in range(TN):
-                    acc[i, j] += a_reg[i] * b_reg[j]
-        cuda.syncthreads()
-    z = cuda.blockIdx.z
-    for i in range(TM):
-        o = m0 + ty + TY * i
-        if o < O:
+                    b_reg[j] = Bs[kk, tx + TX * j]
+                for i in range(TM):
+                    for j in range(TN):
+                        acc[i, j] += a_reg[i] * b_reg[j]
+            cuda.syncthreads()
+        for i in range(TM):
+            c = m0 + ty + TY * i
+            if c < C:
+                for j in range(TN):
+                    cj = n0 + tx + TX * j
+                    if cj < NHW:
+                        n = cj // HW
+                        dx3[n, c, cj - n * HW] = acc[i, j]
+
+
+    @kernel(f"void({_F3}, {_F4}, {_F3}, int32, int32, int32, int32, int32, int32)",
+            name=f"conv2d_dw_kernel_{version}")
+    def conv2d_dw_kernel(dy3, x, part, stride, pad_top, pad_left, out_w, kw, k_chunk):
+        """part[z] (O, C*kh*kw) = dy (O, K_z) @ gathered x (K_z, C*kh*kw) over K slice z of N*P*Q."""
+        N = dy3.shape[0]
+        O = dy3.shape[1]
+        PQ = dy3.shape[2]
+        C = x.shape[1]
+        H = x.shape[2]
+        W = x.shape[3]
+        Q = out_w
+        CRS = part.shape[2]
+        RS = CRS // C
+        K = N * PQ
+        k_begin = cuda.blockIdx.z * k_chunk
+        k_end = min(K, k_begin + k_chunk)
+        As = cuda.shared.array((BK, BM), float32)
+        Bs = cuda.shared.array((BK, BN), float32)
+        acc = cuda.local.array((TM, TN), float32)
+        a_reg = cuda.local.array(TM, float32)
+        b_reg = cuda.local.array(TN, float32)
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        tid = ty * TX + tx
+        m0 = cuda.blockIdx.y * BM
+        n0 = cuda.blockIdx.x * BN
+        for i in range(TM):
             for j in range(TN):
-                cj = n0 + tx + TX * j
-                if cj < CRS:
-                    part[z, o, cj] = acc[i, j]
+                acc[i, j] = float32(0.0)
+        bj = tid % BN
+        bk = tid // BN
+        col = n0 + bj                      # (c, r, t)
+        col_ok = col < CRS
+        bc = col // RS
+        rs = col - bc * RS
+        br = rs // kw
+        bt = rs - br * kw
+        ak = tid % BK
+        am = tid // BK
+        for k0 in range(k_begin, k_end, BK):
+            for l in range(BM // A_ROWS_PER_PASS):
+                m = am + A_ROWS_PER_PASS * l      # o
+                k = k0 + ak                       # (n, p, q)
+                v = float32(0.0)
+                if m0 + m < O and k < k_end:
+                    n = k // PQ
+                    v = dy3[n, m0 + m, k - n * PQ]
+                As[ak, m] = v
+            for l in range(BK // B_ROWS_PER_PASS):
+                kk = bk + B_ROWS_PER_PASS * l
+                k = k0 + kk
+                v = float32(0.0)
+                if col_ok and k < k_end:
+                    n = k // PQ
+                    pq = k - n * PQ
+                    p = pq // Q
+                    h = p * stride - pad_top + br
+                    ww = (pq - p * Q) * stride - pad_left + bt
+                    if h >= 0 and h < H and ww >= 0 and ww < W:
+                        v = x[n, bc, h, ww]
+                Bs[kk, bj] = v
+            cuda.syncthreads()
+            for kk in range(BK):
+                for i in range(TM):
+                    a_reg[i] = As[kk, ty + TY * i]
+                for j in range(TN):
+                    b_reg[j] = Bs[kk, tx + TX * j]
+                for i in range(TM):
+                    for j in range(TN):
+                        acc[i, j] += a_reg[i] * b_reg[j]
+            cuda.syncthreads()
+        z = cuda.blockIdx.z
+        for i in range(TM):
+            o = m0 + ty + TY * i
+            if o < O:
+                for j in range(TN):
+                    cj = n0 + tx + TX * j
+                    if cj < CRS:
+                        part[z, o, cj] = acc[i, j]
+
+    return Tiles(version, BM, BN, BK, conv2d_fwd_kernel, conv2d_dx_kernel, conv2d_dw_kernel)
+
+
+# v1: 64 x 64 tiles, 4 x 4 per thread (0.5 shared loads per FMA); v2: 128 x 128 tiles, 8 x 8 per
+# thread (0.25 shared loads per FMA: the classic SGEMM configuration), for the large CIFAR layers.
+V1 = _tiled_kernels("v1", 64, 64, 8)
+V2 = _tiled_kernels("v2", 128, 128, 8)
 
 
 _DB_THREADS = 256
@@ -386,13 +438,8 @@ def _dummy(xp, ndim):
     return xp.zeros((1,) * ndim, dtype=xp.float32)
 
 
-def conv2d_forward_v1(x, w, b=None, stride=1, padding=1, temb=None, residual=None):
-    """Tiled implicit-GEMM convolution with the fused epilogue; returns ``(y, cache)``.
-
-    x (N, C, H, W), w (O, C, kh, kw), b (O,) or None; optional temb (N, O) broadcast over pixels and
-    residual (N, O, P, Q), both added in the epilogue (y = conv + b + temb + residual). The cache
-    holds x and w (the only things the backward pass needs).
-    """
+def _forward(tiles, x, w, b, stride, padding, temb, residual):
+    """Validate, then one launch of ``tiles.fwd``; returns ``(y, cache)``."""
     _b.check_array(x, "x", ndim=4)
     _b.check_array(w, "w", ndim=4)
     N, C, H, W = (int(s) for s in x.shape)
@@ -428,34 +475,43 @@ def conv2d_forward_v1(x, w, b=None, stride=1, padding=1, temb=None, residual=Non
         flags |= 4
     else:
         residual3 = _dummy(xp, 3)
+    if tiles is None:
+        tiles = _pick(O, N * P * Q)
     y = xp.empty((N, O, P, Q), dtype=xp.float32)
-    grid = (_ceil(N * P * Q, BN), _ceil(O, BM))
-    conv2d_fwd_kernel[grid, (TX, TY)](x, w.reshape(O, C * KH * KW), b, temb, residual3,
-                                      y.reshape(N, O, P * Q), np.int32(stride), np.int32(pt),
-                                      np.int32(pl), np.int32(Q), np.int32(flags))
+    grid = (_ceil(N * P * Q, tiles.BN), _ceil(O, tiles.BM))
+    tiles.fwd[grid, (TX, TY)](x, w.reshape(O, C * KH * KW), b, temb, residual3,
+                              y.reshape(N, O, P * Q), np.int32(stride), np.int32(pt),
+                              np.int32(pl), np.int32(Q), np.int32(flags))
     cache = {"x": x, "w": w, "has_bias": (flags & 1) == 1, "stride": stride,
              "padding": (pt, pb, pl, pr), "out_hw": (P, Q)}
     return y, cache
 
 
-def _dw_splits(grid_xy: int, k_total: int) -> int:
-    """How many K slices for the weight gradient: enough blocks to fill the GPU (2 per SM)."""
+def _sm_count() -> int:
     if _b.is_simulator():
-        target = 2                      # exercise the split path, cheaply
-    else:
-        import cupy
-        sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
-        target = 2 * int(sms)
-    return max(1, min(_ceil(k_total, BK), _ceil(target, grid_xy)))
+        return 1                        # small, so that the simulator exercises the split path
+    import cupy
+    return int(cupy.cuda.Device().attributes["MultiProcessorCount"])
 
 
-def conv2d_backward_v1(dy, cache, input_grad=True):
-    """Gradients of :func:`conv2d_forward_v1`: ``(dx, dw, db)`` (db None without bias; dx None
-    with ``input_grad=False``, for a first layer whose input needs no gradient).
+def _pick(rows: int, cols: int, split: bool = False):
+    """Tile choice (a heuristic, to be confirmed by benchmarks/bench_kernels.py on the GPU): the
+    128 x 128 tiles when both GEMM sides are large and there are enough tiles to fill every SM
+    (split-K always fills them), else the 64 x 64 tiles, which waste less on small layers."""
+    if rows < 96 or cols < 96:
+        return V1
+    if split:
+        return V2
+    return V2 if _ceil(rows, 128) * _ceil(cols, 128) >= _sm_count() else V1
 
-    With a fused temb/residual epilogue, their gradients are ``dy.sum((2, 3))`` and ``dy`` itself:
-    the caller forms those (they are not the convolution's).
-    """
+
+def _dw_splits(grid_xy: int, k_total: int, bk: int) -> int:
+    """How many K slices for the weight gradient: enough blocks to fill the GPU (2 per SM)."""
+    target = 2 * _sm_count()
+    return max(1, min(_ceil(k_total, bk), _ceil(target, grid_xy)))
+
+
+def _backward(dx_tiles, dw_tiles, dy, cache, input_grad):
     x, w = cache["x"], cache["w"]
     N, C, H, W = (int(s) for s in x.shape)
     O, _, KH, KW = (int(s) for s in w.shape)
@@ -468,22 +524,22 @@ def conv2d_backward_v1(dy, cache, input_grad=True):
     w2 = w.reshape(O, C * KH * KW)
     dx = None
     if input_grad:                     # dx: rows c, columns (n, h, v), reduction (o, r, t)
+        t = dx_tiles or _pick(C, N * H * W)
         dx = xp.empty((N, C, H, W), dtype=xp.float32)
-        grid = (_ceil(N * H * W, BN), _ceil(C, BM))
-        conv2d_dx_kernel[grid, (TX, TY)](dy3, w2, dx.reshape(N, C, H * W), np.int32(stride),
-                                         np.int32(pt), np.int32(pl), np.int32(Q), np.int32(W),
-                                         np.int32(KW))
+        grid = (_ceil(N * H * W, t.BN), _ceil(C, t.BM))
+        t.dx[grid, (TX, TY)](dy3, w2, dx.reshape(N, C, H * W), np.int32(stride), np.int32(pt),
+                             np.int32(pl), np.int32(Q), np.int32(W), np.int32(KW))
     # dw: rows o, columns (c, r, t), reduction (n, p, q) split over blockIdx.z
     crs = C * KH * KW
-    gx, gy = _ceil(crs, BN), _ceil(O, BM)
+    t = dw_tiles or _pick(O, crs, split=True)
+    gx, gy = _ceil(crs, t.BN), _ceil(O, t.BM)
     k_total = N * P * Q
-    splits = _dw_splits(gx * gy, k_total)
-    k_chunk = _ceil(_ceil(k_total, splits), BK) * BK
+    splits = _dw_splits(gx * gy, k_total, t.BK)
+    k_chunk = _ceil(_ceil(k_total, splits), t.BK) * t.BK
     splits = _ceil(k_total, k_chunk)
     part = xp.empty((splits, O, crs), dtype=xp.float32)
-    conv2d_dw_kernel[(gx, gy, splits), (TX, TY)](dy3, x, part, np.int32(stride), np.int32(pt),
-                                                 np.int32(pl), np.int32(Q), np.int32(KW),
-                                                 np.int32(k_chunk))
+    t.dw[(gx, gy, splits), (TX, TY)](dy3, x, part, np.int32(stride), np.int32(pt), np.int32(pl),
+                                     np.int32(Q), np.int32(KW), np.int32(k_chunk))
     dw = part.sum(axis=0).reshape(O, C, KH, KW) if splits > 1 else part.reshape(O, C, KH, KW)
     db = None
     if cache["has_bias"]:
@@ -494,5 +550,42 @@ def conv2d_backward_v1(dy, cache, input_grad=True):
     return dx, dw, db
 
 
-conv2d_forward = conv2d_forward_v1
-conv2d_backward = conv2d_backward_v1
+def conv2d_forward(x, w, b=None, stride=1, padding=1, temb=None, residual=None):
+    """Implicit-GEMM convolution with the fused epilogue; returns ``(y, cache)``.
+
+    x (N, C, H, W), w (O, C, kh, kw), b (O,) or None; optional temb (N, O) broadcast over pixels and
+    residual (N, O, P, Q), both added in the epilogue (y = conv + b + temb + residual). The cache
+    holds x and w (the only things the backward pass needs). The tile configuration is chosen per
+    call (:func:`_pick`); ``conv2d_forward_v1`` / ``_v2`` force one.
+    """
+    return _forward(None, x, w, b, stride, padding, temb, residual)
+
+
+def conv2d_backward(dy, cache, input_grad=True):
+    """Gradients of :func:`conv2d_forward`: ``(dx, dw, db)`` (db None without bias; dx None with
+    ``input_grad=False``, for a first layer whose input needs no gradient).
+
+    With a fused temb/residual epilogue, their gradients are ``dy.sum((2, 3))`` and ``dy`` itself:
+    the caller forms those (they are not the convolution's).
+    """
+    return _backward(None, None, dy, cache, input_grad)
+
+
+def conv2d_forward_v1(x, w, b=None, stride=1, padding=1, temb=None, residual=None):
+    """:func:`conv2d_forward` with the 64 x 64 tiles (4 x 4 per thread)."""
+    return _forward(V1, x, w, b, stride, padding, temb, residual)
+
+
+def conv2d_backward_v1(dy, cache, input_grad=True):
+    """:func:`conv2d_backward` with the 64 x 64 tiles."""
+    return _backward(V1, V1, dy, cache, input_grad)
+
+
+def conv2d_forward_v2(x, w, b=None, stride=1, padding=1, temb=None, residual=None):
+    """:func:`conv2d_forward` with the 128 x 128 tiles (8 x 8 per thread)."""
+    return _forward(V2, x, w, b, stride, padding, temb, residual)
+
+
+def conv2d_backward_v2(dy, cache, input_grad=True):
+    """:func:`conv2d_backward` with the 128 x 128 tiles."""
+    return _backward(V2, V2, dy, cache, input_grad)

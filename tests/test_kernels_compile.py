@@ -19,8 +19,8 @@ pytest.importorskip("numba_cuda", reason="the GPU kernel tests need numba-cuda (
 EXPECTED = {  # every kernel the launchers use; a kernel added without being compiled here fails
     "noise.philox_bits_kernel", "noise.philox_float_kernel", "noise.q_sample_kernel",
     "noise.mse_noise_kernel", "noise.reverse_step_kernel", "optim.grad_sq_norm_kernel",
-    "optim.adamw_ema_kernel", "optim.ema_kernel", "conv.conv2d_fwd_kernel", "conv.conv2d_dx_kernel",
-    "conv.conv2d_dw_kernel", "conv.conv2d_db_kernel", "norm.group_norm_fwd_kernel",
+    "optim.adamw_ema_kernel", "optim.ema_kernel", "conv.conv2d_db_kernel",
+    *(f"conv.conv2d_{kind}_kernel_{v}" for kind in ("fwd", "dx", "dw") for v in ("v1", "v2")), "norm.group_norm_fwd_kernel",
     "norm.group_norm_bwd_kernel", "attention.softmax_rows_kernel",
     "attention.softmax_backward_rows_kernel", "loss.mse_kernel", "loss.mse_grad_kernel",
 }
