@@ -53,6 +53,8 @@ def test_config_round_trip_and_presets():
         (16, 32, (1, 2), 2, (8,), 8)
     d = cfg.to_dict()
     assert UNetConfig.from_dict(d) == cfg
+    assert UNet(d, ch=16).config == UNetConfig.from_dict({**d, "ch": 16})   # a dict plus overrides
+    assert UNet(cfg).layout.to_list() == UNet.from_preset("small").layout.to_list()
     with pytest.raises(ValueError, match="unknown UNetConfig fields"):
         UNetConfig.from_dict({**d, "bogus": 1})
     with pytest.raises(ValueError, match="unknown U-Net preset"):

@@ -85,7 +85,8 @@ class MLPConfig:
 
 
 MLP_PRESETS: Dict[str, dict] = {
-    # 2-D toys: ~55k parameters, a few ms per step at batch 256 on one CPU core.
+    # 2-D toys: 111,746 parameters; forward + backward at batch 256 measured at 25 ms on one thread
+    # of a heavily shared 2-core machine.
     "toy": dict(dim=2, hidden=128, num_blocks=3, emb_dim=32, x_scale=25.0),
     # For tests.
     "tiny": dict(dim=2, hidden=16, num_blocks=2, emb_dim=8, x_scale=4.0),
