@@ -528,7 +528,8 @@ class UNet:
         checks); x (N, C, H, W) floating; t (N,) timesteps in [0, num_timesteps); y (N,) labels in
         [0, num_classes] or None ("no label" for a class-conditional model). train switches dropout
         on; its masks are addressed by (seed, Stream.DROPOUT, index, step, sub = dropout layer number),
-        index defaulting to arange(N). Returns (out (N, model_out_channels, H, W), cache); the cache is
+        index defaulting to arange(N); the dropout layers (one per residual block) are numbered 0, 1,
+        ... in forward order (down blocks, middle, up blocks). Returns (out (N, model_out_channels, H, W), cache); the cache is
         None when keep_cache is False (inference).
         """
         cfg = self.config
