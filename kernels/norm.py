@@ -54,7 +54,8 @@ def _block_sum(sh, tid, nthreads, value):
 
 @device
 def _sigmoid(z):
-    return float32(1.0) / (float32(1.0) + math.exp(-z))
+    """1 / (1 + exp(-z)), the exponent clamped below float32 overflow (s ~ 6e-39 instead of 0)."""
+    return float32(1.0) / (float32(1.0) + math.exp(min(-z, float32(88.0))))
 
 
 @kernel(f"void({_F3}, {_F1}, {_F1}, {_F3}, {_F2}, {_F2}, int32, float64, int32)")

@@ -23,6 +23,7 @@ EXPECTED = {  # every kernel the launchers use; a kernel added without being com
     *(f"conv.conv2d_{kind}_kernel_{v}" for kind in ("fwd", "dx", "dw") for v in ("v1", "v2")), "norm.group_norm_fwd_kernel",
     "norm.group_norm_bwd_kernel", "attention.softmax_rows_kernel",
     "attention.softmax_backward_rows_kernel", "loss.mse_kernel", "loss.mse_grad_kernel",
+    "activation.silu_kernel", "activation.dropout_kernel", "resample.upsample_nearest2x_kernel",
 }
 
 
