@@ -122,8 +122,8 @@ def discover(preset: str) -> dict:
     finally:
         undo()
     gn_keys = set(found["gn_silu"])
-    # With the fused op absent the U-Net calls group_norm_forward then silu_forward: count those
-    # norms as gn+silu rows only if no fused call was seen (the attention norms stay plain).
+    # The attention blocks' plain group norms get their own rows only at shapes that no gn+silu row
+    # covers already (in the presets they all coincide, so the group_norm row is usually empty).
     return {
         "conv": [dict(x=list(k[0]), w=list(k[1]), stride=k[2], padding=list(k[3]), bias=k[4], count=c)
                  for k, c in found["conv"].items()],

@@ -167,7 +167,7 @@ def run(args, out=print) -> dict:
     from benchmarks.bench_ops import discover
     info = machine_info(args.threads, torch_too=not args.no_peers)
     t_start = time.time()
-    peak = _measure({"kind": "gemm", "n": args.gemm_n, "repeats": max(args.repeats, 5), "warmup": 1}, args)
+    peak = _measure({"kind": "gemm", "n": args.gemm_n, "repeats": max(args.repeats, 10), "warmup": 1}, args)
     for line in machine_lines(info, peak):
         out(line)
     out(f"# median of {args.repeats} timed runs after {args.warmup} warm-up; FLOPs = 2 x MACs of the GEMMs "
