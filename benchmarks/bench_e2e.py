@@ -198,10 +198,37 @@ def sample(spec: dict) -> dict:
             chains.append(time.perf_counter() - t0)
             step_s.extend(st)
         result = {**stats(chains), "step": stats(step_s), "extrapolated": False, "measured_steps": len(step_s)}
-    result["step"].pop("times_ms")
     result["images_per_s"] = batch / (result["median_ms"] * 1e-3)
     result["finite_samples"] = bool(np.all(np.isfinite(x)))
     return {**result, **_memory_record(setup, before, ok)}
+
+
+def combine(results: list, spec: dict) -> dict:
+    """Pool the runs of several workers of one (row, side) (``--rounds``): times concatenated and the
+    median retaken, peak memory the largest, throughput recomputed from the pooled median."""
+    if len(results) == 1:
+        return results[0]
+    out = dict(results[0])
+    mem = [r for r in results if r.get("peak_mib") is not None]
+    if mem:
+        worst = max(mem, key=lambda r: r["peak_mib"])
+        out.update({k: worst.get(k) for k in ("peak_mib", "delta_mib", "setup_mib", "before_timed_mib")})
+    if spec["kind"] == "sample":
+        steps_ms = [t for r in results for t in r["step"]["times_ms"]]
+        out["step"] = stats([t * 1e-3 for t in steps_ms])
+        out["measured_steps"] = sum(r["measured_steps"] for r in results)
+        out["finite_samples"] = all(r["finite_samples"] for r in results)
+        if out.get("extrapolated"):
+            chain = [out["step"]["median_ms"] * 1e-3 * int(spec["steps"])]
+        else:
+            chain = [t * 1e-3 for r in results for t in r["times_ms"]]
+        out.update(stats(chain))
+        out["images_per_s"] = int(spec["batch"]) / (out["median_ms"] * 1e-3)
+    else:
+        out.update(stats([t * 1e-3 for r in results for t in r["times_ms"]]))
+        out["loss"] = results[-1]["loss"]
+    out["rounds"] = len(results)
+    return out
 
 
 WORKERS = {"train": train_step, "sample": sample}

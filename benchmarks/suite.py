@@ -29,7 +29,7 @@ import os
 import sys
 import time
 
-from benchmarks.bench_e2e import E2E_ROWS
+from benchmarks.bench_e2e import E2E_ROWS, combine
 from benchmarks.bench_ops import OPS_ROWS
 from benchmarks.common import (gflops, limit_threads, machine_info, machine_lines, run_worker,
                                table_lines, write_json)
@@ -68,6 +68,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=1, help="BLAS and torch threads, both sides (default 1)")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per figure, median reported (default 5)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="end-to-end rows: run ours and the peer this many times each, alternating "
+                         "(ours, peer, peer, ours, ...), and pool the runs; 2 or more on a busy machine")
     ap.add_argument("--batch", nargs="+", metavar="PRESET:N", help="op/train batch (default "
                     + ", ".join(f"{k}:{v}" for k, v in TRAIN_BATCH.items()) + ")")
     ap.add_argument("--sample-batch", nargs="+", metavar="PRESET:N", help="sampling batch (default "
@@ -107,6 +110,8 @@ def check_args(args) -> None:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     if args.quick < 0:
         raise ValueError(f"--quick must be >= 0 steps, got {args.quick}")
     for name in ("ddpm_steps", "ddim_steps", "gemm_n"):
@@ -170,7 +175,9 @@ def run(args, out=print) -> dict:
     peak = _measure({"kind": "gemm", "n": args.gemm_n, "repeats": max(args.repeats, 10), "warmup": 1}, args)
     for line in machine_lines(info, peak):
         out(line)
-    out(f"# median of {args.repeats} timed runs after {args.warmup} warm-up; FLOPs = 2 x MACs of the GEMMs "
+    out(f"# median of {args.repeats} timed runs after {args.warmup} warm-up"
+        + (f" (end-to-end rows: {args.rounds} alternating rounds of fresh workers, runs pooled)" if args.rounds > 1 else "")
+        + "; FLOPs = 2 x MACs of the GEMMs "
         "(conv, dense, attention), backward = 2 x forward; ratio = our time / peer time (< 1: we are faster)")
     out("# ours/peer: ms per call (op rows, train step) or images/s (sampling chains); memory: op rows MiB of "
         "peak RSS rise during one call (after one warm-up call, arrays >= 64 KiB mmapped); end-to-end rows peak/+work MiB = peak RSS "
@@ -179,7 +186,7 @@ def run(args, out=print) -> dict:
     result = {"suite": "ddpm_ref benchmarks", "format": 1, "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
               "machine": info, "gemm_peak": peak,
               "settings": {"presets": args.preset, "rows": rows_sel, "threads": args.threads, "repeats": args.repeats,
-                           "warmup": args.warmup, "quick": args.quick, "device": args.device,
+                           "warmup": args.warmup, "rounds": args.rounds, "quick": args.quick, "device": args.device,
                            "peers": not args.no_peers, "inline": args.inline, "ddpm_steps": args.ddpm_steps,
                            "ddim_steps": args.ddim_steps, "train_batch": train_b, "sample_batch": sample_b},
               "flop_convention": "2 x multiply-adds of conv/dense/attention GEMMs; backward = 2 x forward; "
@@ -231,8 +238,12 @@ def run(args, out=print) -> dict:
                     notes.append(f"{preset} {name}: chain time extrapolated from the median of "
                                  f"{max(args.quick, args.repeats)} measured steps x {steps} steps (--quick)")
             sides = ("ours",) if args.no_peers else ("ours", "peer")
+            got = {side: [] for side in sides}
+            for r in range(args.rounds):                  # alternate, so drifting load hits both sides
+                for side in (sides if r % 2 == 0 else sides[::-1]):
+                    got[side].append(_measure({**spec, "side": side}, args))
             for side in sides:
-                row[side] = _measure({**spec, "side": side}, args)
+                row[side] = combine(got[side], spec)
             result["rows"].append(_derive(row, peak["gflops"]))
     result["seconds"] = time.time() - t_start
     result["loadavg_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

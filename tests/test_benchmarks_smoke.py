@@ -127,10 +127,11 @@ def test_machine_info(inline_run):
 
 
 def test_worker_subprocesses_and_quick(tmp_path):
-    """The default path: fresh worker processes (ours only, so no torch import), --quick extrapolation."""
+    """The default path: fresh worker processes (ours only, so no torch import), --quick extrapolation,
+    --rounds 2 (two workers per end-to-end row, runs pooled)."""
     lines = []
     args = _args("--preset", "tiny", "--rows", "conv", "train", "ddim", "--no-peers", "--repeats", "2",
-                 "--warmup", "0", "--quick", "3", "--gemm-n", "64", "--json", str(tmp_path / "w.json"))
+                 "--warmup", "0", "--quick", "3", "--rounds", "2", "--gemm-n", "64", "--json", str(tmp_path / "w.json"))
     result = suite.run(args, out=lines.append)
     convs = [r for r in result["rows"] if r["family"] == "op"]
     assert len(convs) == 2 * len(discover("tiny")["conv"])
@@ -142,7 +143,8 @@ def test_worker_subprocesses_and_quick(tmp_path):
     assert "peer" not in train and train["ratio"] is None
     if sys.platform.startswith("linux"):
         assert _finite_pos(train["ours"]["peak_mib"])
-    assert ddim["ours"]["extrapolated"] is True and ddim["ours"]["measured_steps"] == 3
+    assert train["ours"]["rounds"] == 2 and train["ours"]["runs"] == 4        # 2 rounds x 2 runs pooled
+    assert ddim["ours"]["extrapolated"] is True and ddim["ours"]["measured_steps"] == 2 * 3
     # extrapolation: chain time = median measured step x 50 steps
     step_ms = ddim["ours"]["step"]["median_ms"]
     assert abs(ddim["ours"]["median_ms"] - 50 * step_ms) <= DERIVED_RTOL * 50 * step_ms
