@@ -46,7 +46,8 @@ cat "$OUT/env.txt" >> "$LOG"
 say "kernel tests (full size, real GPU)"
 timeout 200 python -m pytest tests/test_kernels_noise.py tests/test_kernels_optim.py tests/test_kernels_conv.py \
   tests/test_kernels_norm.py tests/test_kernels_loss_attention.py tests/test_kernels_sampling.py \
-  tests/test_kernels_runtime.py -p no:cacheprovider -q -rs --durations=15 \
+  tests/test_kernels_elementwise.py tests/test_kernels_train.py tests/test_kernels_runtime.py \
+  -p no:cacheprovider -q -rs --durations=15 \
   --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log" >> "$LOG"
 TEST_RC=${PIPESTATUS[0]}
 say "tests exit status $TEST_RC"

@@ -10,14 +10,16 @@ cuda = cuda_module()
 REGISTRY: list = []   # (module, name, python function, (signature, ...))
 
 
-def kernel(*signatures, name=None):
+def kernel(*signatures, name=None, register=True):
     """Decorator: ``cuda.jit`` (lazy, specialised at launch) and record the launch signatures.
 
-    ``name`` renames the function first (kernels built by a factory, one per tile configuration)."""
+    ``name`` renames the function first (kernels built by a factory, one per tile configuration);
+    ``register=False`` keeps a test-only configuration out of the compile check."""
     def deco(func):
         if name is not None:
             func.__name__ = func.__qualname__ = name
-        REGISTRY.append((func.__module__, func.__name__, func, tuple(signatures)))
+        if register:
+            REGISTRY.append((func.__module__, func.__name__, func, tuple(signatures)))
         return cuda.jit(func)
     return deco
 

@@ -63,10 +63,6 @@ from numba import float32, float64
 __all__ = ["conv2d_forward", "conv2d_backward", "conv_output_size", "conv2d_forward_v1",
            "conv2d_backward_v1", "conv2d_forward_v2", "conv2d_backward_v2"]
 
-TX = 16    # threads along columns (all versions: 16 x 16 = 256 threads per block)
-TY = 16    # threads along rows
-NT = TX * TY
-
 _F4 = "float32[:, :, :, ::1]"
 _F3 = "float32[:, :, ::1]"
 _F2 = "float32[:, ::1]"
@@ -76,18 +72,24 @@ _F1 = "float32[::1]"
 class Tiles:
     """One tile configuration: the three tiled kernels built for it, and its sizes."""
 
-    def __init__(self, version, BM, BN, BK, fwd, dx, dw):
-        self.version, self.BM, self.BN, self.BK = version, BM, BN, BK
+    def __init__(self, version, BM, BN, BK, TX, TY, fwd, dx, dw):
+        self.version, self.BM, self.BN, self.BK, self.TX, self.TY = version, BM, BN, BK, TX, TY
         self.fwd, self.dx, self.dw = fwd, dx, dw
 
 
-def _tiled_kernels(version, BM, BN, BK):
+def _tiled_kernels(version, BM, BN, BK, tx=16, ty=16, register=True):
     """Build the forward, dx and dw kernels for a BM x BN block tile, BK-deep shared-memory steps.
 
-    Each of the 16 x 16 threads owns a TM x TN register tile (TM = BM / 16, TN = BN / 16) with rows
-    ``ty + 16 i`` and columns ``tx + 16 j``. The tile sizes are closure constants: Numba freezes
-    them, so the shared and local arrays have compile-time shapes and the register loops unroll.
+    Each of the ty x tx threads owns a TM x TN register tile (TM = BM / ty, TN = BN / tx) with rows
+    ``ty + TY i`` and columns ``tx + TX j``. The sizes are closure constants: Numba freezes them, so
+    the shared and local arrays have compile-time shapes and the register loops unroll. The
+    production configurations use 16 x 16 threads; the tests also build a tiny one (16 x 16 tiles
+    on 4 x 4 threads, ``register=False``) to cover many tiles in every direction cheaply in the
+    simulator, where each thread costs a Python thread.
     """
+    TX = tx
+    TY = ty
+    NT = TX * TY
     TM = BM // TY
     TN = BN // TX
     A_ROWS_PER_PASS = NT // BK     # rows of As gathered per pass (BM / A_ROWS_PER_PASS passes)
@@ -96,7 +98,7 @@ def _tiled_kernels(version, BM, BN, BK):
         raise ValueError(f"tile {BM}x{BN}x{BK} does not fit {TY}x{TX} threads")
 
     @kernel(f"void({_F4}, {_F2}, {_F1}, {_F2}, {_F3}, {_F3}, int32, int32, int32, int32, int32)",
-            name=f"conv2d_fwd_kernel_{version}")
+            name=f"conv2d_fwd_kernel_{version}", register=register)
     def conv2d_fwd_kernel(x, w2, bias, temb, residual, y3, stride, pad_top, pad_left, out_w, flags):
         """y3 (N, O, P*Q) = w2 (O, C*kh*kw) @ im2col(x) (+ bias (flag 1), + temb (2), + residual (4)).
 
@@ -201,7 +203,7 @@ def _tiled_kernels(version, BM, BN, BK):
                             y3[n, o, p] = v
 
     @kernel(f"void({_F3}, {_F2}, {_F3}, int32, int32, int32, int32, int32, int32)",
-            name=f"conv2d_dx_kernel_{version}")
+            name=f"conv2d_dx_kernel_{version}", register=register)
     def conv2d_dx_kernel(dy3, w2, dx3, stride, pad_top, pad_left, out_w, in_w, kw):
         """dx3 (N, C, H*W) = w2^T gathered (C, O*kh*kw) @ gathered dy (O*kh*kw, N*H*W)."""
         N = dy3.shape[0]
@@ -285,7 +287,7 @@ def _tiled_kernels(version, BM, BN, BK):
 
 
     @kernel(f"void({_F3}, {_F4}, {_F3}, int32, int32, int32, int32, int32, int32)",
-            name=f"conv2d_dw_kernel_{version}")
+            name=f"conv2d_dw_kernel_{version}", register=register)
     def conv2d_dw_kernel(dy3, x, part, stride, pad_top, pad_left, out_w, kw, k_chunk):
         """part[z] (O, C*kh*kw) = dy (O, K_z) @ gathered x (K_z, C*kh*kw) over K slice z of N*P*Q."""
         N = dy3.shape[0]
@@ -364,7 +366,7 @@ def _tiled_kernels(version, BM, BN, BK):
                     if cj < CRS:
                         part[z, o, cj] = acc[i, j]
 
-    return Tiles(version, BM, BN, BK, conv2d_fwd_kernel, conv2d_dx_kernel, conv2d_dw_kernel)
+    return Tiles(version, BM, BN, BK, TX, TY, conv2d_fwd_kernel, conv2d_dx_kernel, conv2d_dw_kernel)
 
 
 # v1: 64 x 64 tiles, 4 x 4 per thread (0.5 shared loads per FMA); v2: 128 x 128 tiles, 8 x 8 per
@@ -479,7 +481,7 @@ def _forward(tiles, x, w, b, stride, padding, temb, residual):
         tiles = _pick(O, N * P * Q)
     y = xp.empty((N, O, P, Q), dtype=xp.float32)
     grid = (_ceil(N * P * Q, tiles.BN), _ceil(O, tiles.BM))
-    tiles.fwd[grid, (TX, TY)](x, w.reshape(O, C * KH * KW), b, temb, residual3,
+    tiles.fwd[grid, (tiles.TX, tiles.TY)](x, w.reshape(O, C * KH * KW), b, temb, residual3,
                               y.reshape(N, O, P * Q), np.int32(stride), np.int32(pt),
                               np.int32(pl), np.int32(Q), np.int32(flags))
     cache = {"x": x, "w": w, "has_bias": (flags & 1) == 1, "stride": stride,
@@ -527,7 +529,7 @@ def _backward(dx_tiles, dw_tiles, dy, cache, input_grad):
         t = dx_tiles or _pick(C, N * H * W)
         dx = xp.empty((N, C, H, W), dtype=xp.float32)
         grid = (_ceil(N * H * W, t.BN), _ceil(C, t.BM))
-        t.dx[grid, (TX, TY)](dy3, w2, dx.reshape(N, C, H * W), np.int32(stride), np.int32(pt),
+        t.dx[grid, (t.TX, t.TY)](dy3, w2, dx.reshape(N, C, H * W), np.int32(stride), np.int32(pt),
                              np.int32(pl), np.int32(Q), np.int32(W), np.int32(KW))
     # dw: rows o, columns (c, r, t), reduction (n, p, q) split over blockIdx.z
     crs = C * KH * KW
@@ -538,7 +540,7 @@ def _backward(dx_tiles, dw_tiles, dy, cache, input_grad):
     k_chunk = _ceil(_ceil(k_total, splits), t.BK) * t.BK
     splits = _ceil(k_total, k_chunk)
     part = xp.empty((splits, O, crs), dtype=xp.float32)
-    t.dw[(gx, gy, splits), (TX, TY)](dy3, x, part, np.int32(stride), np.int32(pt), np.int32(pl),
+    t.dw[(gx, gy, splits), (t.TX, t.TY)](dy3, x, part, np.int32(stride), np.int32(pt), np.int32(pl),
                                      np.int32(Q), np.int32(KW), np.int32(k_chunk))
     dw = part.sum(axis=0).reshape(O, C, KH, KW) if splits > 1 else part.reshape(O, C, KH, KW)
     db = None

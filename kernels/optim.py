@@ -167,7 +167,7 @@ class AdamW:
             self._use_mask = True
         self._no_ema = xp.zeros(1, dtype=xp.float32)
         self.step_count = 0
-        r.m = r.v = None        # the host copies are not used
+        r.m = r.v = r._tmp = None   # the reference's host buffers are not used: free them
 
     def lr_at(self, k: int) -> float:
         """Learning rate of the k-th update (1-based), as the reference."""
