@@ -489,11 +489,18 @@ def _forward(tiles, x, w, b, stride, padding, temb, residual):
     return y, cache
 
 
+_SMS: dict = {}
+
+
 def _sm_count() -> int:
+    """Multiprocessors of the current GPU (cached per device); 1 in the simulator."""
     if _b.is_simulator():
         return 1                        # small, so that the simulator exercises the split path
     import cupy
-    return int(cupy.cuda.Device().attributes["MultiProcessorCount"])
+    dev = cupy.cuda.Device()
+    if dev.id not in _SMS:
+        _SMS[dev.id] = int(dev.attributes["MultiProcessorCount"])
+    return _SMS[dev.id]
 
 
 def _pick(rows: int, cols: int, split: bool = False):

@@ -84,14 +84,20 @@ def _probe() -> tuple[str | None, list[str]]:
     return "cuda", []
 
 
+_FOUND: list = []    # the backend once found (a working GPU stays working; failures are re-probed)
+
+
 def backend() -> str:
     """Name of the usable GPU backend: ``"cuda"`` or ``"simulator"``; raises GPUUnavailableError otherwise."""
+    if _FOUND:
+        return _FOUND[0]
     name, missing = _probe()
     if name is None:
         raise GPUUnavailableError(
             "the GPU backend is unavailable: " + "; ".join(missing) + f". To use it, {_INSTALL_HINT}, "
             "on a machine with an NVIDIA driver (or set NUMBA_ENABLE_CUDASIM=1 to run the kernels in "
             "Numba's CPU simulator).")
+    _FOUND.append(name)
     return name
 
 
