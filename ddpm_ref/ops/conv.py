@@ -28,17 +28,16 @@ pass, freed before the input-gradient GEMM allocates its own).
   the zero columns right of one image row double as the left padding of the next row, so a 3x3
   "same" conv at 32x32 uses a 33x33 grid per image). Output pixel ``(n, h, w)`` is computed at
   grid position ``q`` and for kernel offset ``(i, j)`` it reads ``xr[c, q + i*Ws + j]``: a
-  *contiguous shift* of the whole row. So each offset is one GEMM
-  ``w[:, :, i, j] (O, C) @ xr[:, off:off + M] (C, M)`` on a strided view, no im2col copy at all,
-  and the kh*kw partial products are summed. Grid positions that are not output pixels are
-  computed and thrown away (extra work ``Hs*Ws / (Ho*Wo)``: 1.06x at 32x32, 1.13x at 16x16). The
-  weight gradient is kh*kw GEMMs with the long axis ``M`` as the reduction
-  (``dy (O, M) @ xr[:, off:off+M]^T``), and the input gradient kh*kw GEMMs ``w[:, :, i, j]^T @ dy``
-  scatter-added at the same shifts; the zero dy at the thrown-away positions keeps those sums
-  exact. Two variants avoid thin GEMMs: with few input channels (conv_in) the forward stacks the
-  kh*kw shifted rows into one K = kh*kw*C GEMM, and with few output channels (conv_out) the input
-  gradient is one GEMM over kh*kw shifted copies of dy (a convolution of dy with the transposed
-  kernel), each buffer no larger than the op's output.
+  *contiguous shift* of the whole row, so "im2col" here is kh*kw memcpy-speed slice copies
+  (``col[(i, j, c), q] = xr[c, q + i*Ws + j]``, no strided gathers) followed by one GEMM
+  ``w2 (O, kh*kw*C) @ col (kh*kw*C, M)``. Grid positions that are not output pixels are computed
+  and thrown away (extra work ``Hs*Ws / (Ho*Wo)``: 1.06x at 32x32, 1.13x at 16x16). Backward:
+  ``dw2 = dy @ col^T`` (col rebuilt from the cached xr, reduction over all M grid positions) and
+  ``dcol = w2^T @ dy`` scattered back with one shifted slice add per offset; the zero dy at the
+  thrown-away positions keeps those sums exact. Large buffers are split (see _offset_groups):
+  one GEMM per kernel row, or per offset straight on the strided views with no copy at all.
+  With few output channels (conv_out) the input gradient is instead one GEMM over kh*kw shifted
+  copies of dy (a convolution of dy with the transposed kernel), no larger than dx.
 * "im2col" (any stride; chosen for stride > 1 and for small images, where the shift method's
   thrown-away border dominates): ``col[(i, j, c), (n, h, w)] = xp[n, c, s*h + i, s*w + j]`` copied
   from a strided view of the padded input, then one GEMM ``w2 (O, K) @ col (K, N*Ho*Wo)``. The
@@ -60,6 +59,9 @@ __all__ = ["conv2d_forward", "conv2d_backward", "conv_output_size"]
 _IM2COL_MAX_PIXELS = 100
 _IM2COL_MAX_ELEMENTS = 3 << 19        # 1.5M elements: 6 MB in float32
 _IM2COL_TINY = 1 << 18
+# The shift path stacks its kh*kw shifted views into one GEMM operand up to this many elements
+# (128 MB in float32; the largest CIFAR conv, 384 channels at 32x32 and batch 8, needs 30M).
+_STACK_MAX_ELEMENTS = 1 << 25
 
 
 def _normalize_padding(padding):
@@ -157,29 +159,17 @@ def conv2d_forward(x, w, b=None, stride=1, padding=1):
         Hs, Ws, base, M, L = _shift_layout(H, W, Ho, Wo, kh, kw, pt, pb, pl, pr, N)
         xr = np.zeros((C, L), dtype=dt)         # (C, L) zero-padded input, one row per channel
         xr[:, base:base + M].reshape(C, N, Hs, Ws)[:, :, :H, :W] = x.transpose(1, 0, 2, 3)
-        if kh * kw * C <= O and kh * kw > 1:
-            # Few input channels (conv_in): stack the kh*kw shifted rows (a buffer no larger than
-            # the output) and do one GEMM, instead of kh*kw thin GEMMs each writing O x M.
-            col = np.empty((kh * kw * C, M), dtype=dt)                   # (K, M), K ordered (i, j, c)
-            for i in range(kh):
-                for j in range(kw):
-                    off, kk = i * Ws + j, i * kw + j
-                    col[kk * C:(kk + 1) * C] = xr[:, off:off + M]        # contiguous row copies
-            yr = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C) @ col   # (O, K) @ (K, M)
+        w2 = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C)              # (O, K), K ordered (i, j, c)
+        yr = None                                                         # (O, M) output on the grid
+        for lo, hi in _offset_groups(kh, kw, C, M):
+            col = _stack_shifts(xr, lo, hi, kw, Ws, M)                    # ((hi-lo) C, M)
+            part = w2[:, lo * C:hi * C] @ col                             # (O, (hi-lo) C) @ (.., M)
             del col
-        else:
-            yr = np.empty((O, M), dtype=dt)                              # (O, M) output on the grid
-            tmp = np.empty((O, M), dtype=dt) if kh * kw > 1 else None
-            wk = np.ascontiguousarray(w.transpose(2, 3, 0, 1))          # (kh, kw, O, C)
-            for i in range(kh):
-                for j in range(kw):
-                    off = i * Ws + j
-                    if off == 0:
-                        np.matmul(wk[0, 0], xr[:, 0:M], out=yr)          # (O, C) @ (C, M)
-                    else:
-                        np.matmul(wk[i, j], xr[:, off:off + M], out=tmp)  # (O, C) @ (C, M)
-                        yr += tmp
-            del tmp
+            if yr is None:
+                yr = part
+            else:
+                yr += part
+            del part
         y_grid = yr.reshape(O, N, Hs, Ws)[:, :, :Ho, :Wo]                 # (O, N, Ho, Wo) view
         cache = {"path": path, "xr": xr}
     else:
@@ -220,6 +210,37 @@ def _shift_layout(H, W, Ho, Wo, kh, kw, pt, pb, pl, pr, N):
     base = pt * Ws + pl
     L = max(M + (kh - 1) * Ws + (kw - 1), base + M)
     return Hs, Ws, base, M, L
+
+
+def _offset_groups(kh, kw, C, M):
+    """Kernel offsets kk = i*kw + j in consecutive groups [lo, hi), one GEMM per group.
+
+    All kh*kw offsets in one group (one GEMM with K = kh*kw*C: fewest BLAS calls, which matters
+    most with several BLAS threads, each call being a fork/join) while the stacked buffer stays
+    under _STACK_MAX_ELEMENTS; else one group per kernel row, else one offset at a time (no copy).
+    """
+    if kh * kw * C * M <= _STACK_MAX_ELEMENTS:
+        return [(0, kh * kw)]
+    if kw * C * M <= _STACK_MAX_ELEMENTS:
+        return [(i * kw, (i + 1) * kw) for i in range(kh)]
+    return [(kk, kk + 1) for kk in range(kh * kw)]
+
+
+def _stack_shifts(xr, lo, hi, kw, Ws, M):
+    """Rows ``xr[:, off(kk):off(kk) + M]`` for kk in [lo, hi) stacked into ((hi-lo) C, M).
+
+    Each block is a contiguous slice of every channel's row (a memcpy); a single offset is
+    returned as a view without copying.
+    """
+    C = xr.shape[0]
+    if hi - lo == 1:
+        off = (lo // kw) * Ws + lo % kw
+        return xr[:, off:off + M]                                         # (C, M) strided view
+    col = np.empty(((hi - lo) * C, M), dtype=xr.dtype)                    # ((hi-lo) C, M)
+    for kk in range(lo, hi):
+        off = (kk // kw) * Ws + kk % kw
+        col[(kk - lo) * C:(kk - lo + 1) * C] = xr[:, off:off + M]
+    return col
 
 
 def _im2col(xp, kh, kw, stride, Ho, Wo):
@@ -268,14 +289,16 @@ def conv2d_backward(dy, cache):
         dyr[:, :, :Ho, :Wo] = dy.transpose(1, 0, 2, 3)
         dyr = dyr.reshape(O, M)                                           # (O, M)
         db = dyr.sum(axis=1) if cache["has_bias"] else None               # (O,)
-        # dw[o, c, i, j] = sum_q dy[o, q] * xr[c, q + off(i, j)]: one GEMM per offset, reduction
-        # over all M grid positions.
-        dw_k = np.empty((kh, kw, O, C), dtype=dt)                         # (kh, kw, O, C)
-        for i in range(kh):
-            for j in range(kw):
-                off = i * Ws + j
-                np.matmul(dyr, xr[:, off:off + M].T, out=dw_k[i, j])       # (O, M) @ (M, C)
-        dw = np.ascontiguousarray(dw_k.transpose(2, 3, 0, 1))             # (O, C, kh, kw)
+        # dw[o, c, i, j] = sum_q dy[o, q] * xr[c, q + off(i, j)]: one GEMM per group of offsets,
+        # the reduction running over all M grid positions.
+        groups = _offset_groups(kh, kw, C, M)
+        dw2 = np.empty((O, kh * kw * C), dtype=dt)                        # (O, K), K ordered (i, j, c)
+        for lo, hi in groups:
+            col = _stack_shifts(xr, lo, hi, kw, Ws, M)                    # ((hi-lo) C, M)
+            dw2[:, lo * C:hi * C] = dyr @ col.T                           # (O, M) @ (M, (hi-lo) C)
+            del col
+        dw = np.ascontiguousarray(dw2.reshape(O, kh, kw, C).transpose(0, 3, 1, 2))  # (O, C, kh, kw)
+        del dw2
         if kh * kw * O <= C and kh * kw > 1:
             # Few output channels (conv_out): the input gradient as a convolution of dy,
             # dxr[c, p] = sum_{i, j, o} w[o, c, i, j] dy[o, p - off(i, j)]: stack the kh*kw shifted
@@ -296,16 +319,15 @@ def conv2d_backward(dy, cache):
             dx_grid = w[:, :, 0, 0].T @ dyr                             # (C, O) @ (O, M)
         else:
             # dxr[c, q + off(i, j)] += sum_o w[o, c, i, j] * dy[o, q]: the transpose of the forward
-            # shift, one GEMM and one shifted add per offset.
+            # shift, one GEMM per group of offsets, then one shifted add per offset.
             dxr = np.zeros((C, L), dtype=dt)                            # (C, L)
-            tmp = np.empty((C, M), dtype=dt)
-            wkt = np.ascontiguousarray(w.transpose(2, 3, 1, 0))        # (kh, kw, C, O)
-            for i in range(kh):
-                for j in range(kw):
-                    off = i * Ws + j
-                    np.matmul(wkt[i, j], dyr, out=tmp)                  # (C, O) @ (O, M)
-                    dxr[:, off:off + M] += tmp
-            del tmp
+            w2t = w.transpose(2, 3, 1, 0).reshape(kh * kw * C, O)      # (K, O), K ordered (i, j, c)
+            for lo, hi in groups:
+                dcol = w2t[lo * C:hi * C] @ dyr                         # ((hi-lo) C, O) @ (O, M)
+                for kk in range(lo, hi):
+                    off = (kk // kw) * Ws + kk % kw
+                    dxr[:, off:off + M] += dcol[(kk - lo) * C:(kk - lo + 1) * C]
+                del dcol
             dx_grid = dxr[:, base:base + M]                             # (C, M) the input pixels' slots
         dx = dx_grid.reshape(C, N, Hs, Ws)[:, :, :H, :W]                  # (C, N, H, W) view
         return np.ascontiguousarray(dx.transpose(1, 0, 2, 3)), dw, db     # (N, C, H, W)
