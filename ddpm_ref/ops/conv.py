@@ -60,8 +60,10 @@ _IM2COL_MAX_PIXELS = 100
 _IM2COL_MAX_ELEMENTS = 3 << 19        # 1.5M elements: 6 MB in float32
 _IM2COL_TINY = 1 << 18
 # The shift path stacks its kh*kw shifted views into one GEMM operand up to this many elements
-# (128 MB in float32; the largest CIFAR conv, 384 channels at 32x32 and batch 8, needs 30M).
-_STACK_MAX_ELEMENTS = 1 << 25
+# (64 MB in float32), else one kernel row at a time: the CIFAR preset's 128-channel convs at 32x32
+# (batch 8, 10M elements) take one GEMM, its 256- and 384-channel ones at 32x32 (20M, 30M) three,
+# so the transient buffer stays a small part of the step's peak memory.
+_STACK_MAX_ELEMENTS = 1 << 24
 
 
 def _normalize_padding(padding):
