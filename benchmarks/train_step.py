@@ -179,7 +179,7 @@ def profile(spec):
     for key, (s, c) in rows:
         print(f"  {key:<40s} {s / n * 1e3:9.1f} ms  {100 * s / n / wall:5.1f}%  ({c // n} calls)")
     ops_total = sum(s for s, _ in totals.values()) / n
-    print(f"  {'(model glue, optimizer, loss-free rest)':<40s} {(wall - ops_total) * 1e3:9.1f} ms  "
+    print(f"  {'(rest: model glue, grad copies, AdamW)':<40s} {(wall - ops_total) * 1e3:9.1f} ms  "
           f"{100 * (wall - ops_total) / wall:5.1f}%")
 
 
