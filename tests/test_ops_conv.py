@@ -191,6 +191,22 @@ def test_conv_paths_agree_on_a_large_float32_case():
         np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (1, 1, 0), (3, 2, (0, 1, 0, 1))])
+def test_conv_backward_without_input_grad(path, k, stride, pad):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 6, 6))
+    w = rng.standard_normal((4, 3, k, k))
+    with force_path(path):
+        y, cache = conv2d_forward(x, w, np.zeros(4), stride=stride, padding=pad)
+        dy = rng.standard_normal(y.shape)
+        dx, dw, db = conv2d_backward(dy, cache)
+        none, dw2, db2 = conv2d_backward(dy, cache, input_grad=False)
+    assert none is None
+    np.testing.assert_array_equal(dw2, dw)     # the same computation, bit for bit
+    np.testing.assert_array_equal(db2, db)
+
+
 def test_conv_float64_stays_float64():
     x = np.ones((1, 2, 4, 4))
     y, cache = conv2d_forward(x, np.ones((3, 2, 3, 3)), np.zeros(3))

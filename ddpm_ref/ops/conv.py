@@ -255,10 +255,11 @@ def _im2col(xp, kh, kw, stride, Ho, Wo):
     return np.ascontiguousarray(view).reshape(kh * kw * C, N * Ho * Wo)    # (K, N*Ho*Wo)
 
 
-def conv2d_backward(dy, cache):
+def conv2d_backward(dy, cache, input_grad=True):
     """Gradients of ``conv2d_forward``: returns ``(dx, dw, db)`` shaped like ``x, w, b``.
 
-    ``db`` is None when the forward pass had no bias. See the module docstring for the sums; each
+    ``db`` is None when the forward pass had no bias; ``dx`` is None with ``input_grad=False``
+    (a first layer whose input needs no gradient; the same keyword as ddpm_ref.kernels). See the module docstring for the sums; each
     is evaluated as GEMMs (kh*kw of them on the "shift" path, one or two on the "im2col" path).
     """
     _check_float("dy", dy)
@@ -280,6 +281,8 @@ def conv2d_backward(dy, cache):
         db = dy3.sum(axis=(0, 2)) if cache["has_bias"] else None          # (O,)
         # dw = sum_n dy_n x_n^T: N GEMMs (O, HW) @ (HW, C), then a sum over the small (N, O, C)
         dw = np.matmul(dy3, x3.transpose(0, 2, 1)).sum(axis=0).reshape(O, C, 1, 1)
+        if not input_grad:
+            return None, dw, db
         dx = np.matmul(w[:, :, 0, 0].T, dy3)                              # (C, O) @ (N, O, HW)
         return dx.reshape(N, C, H, W), dw, db
     if cache["path"] == "shift":
@@ -301,6 +304,8 @@ def conv2d_backward(dy, cache):
             del col
         dw = np.ascontiguousarray(dw2.reshape(O, kh, kw, C).transpose(0, 3, 1, 2))  # (O, C, kh, kw)
         del dw2
+        if not input_grad:
+            return None, dw, db
         if kh * kw * O <= C and kh * kw > 1:
             # Few output channels (conv_out): the input gradient as a convolution of dy,
             # dxr[c, p] = sum_{i, j, o} w[o, c, i, j] dy[o, p - off(i, j)]: stack the kh*kw shifted
@@ -341,6 +346,8 @@ def conv2d_backward(dy, cache):
     dw2 = dy2 @ col.T                                                     # (O, K), K = (i, j, c)
     del col
     dw = np.ascontiguousarray(dw2.reshape(O, kh, kw, C).transpose(0, 3, 1, 2))  # (O, C, kh, kw)
+    if not input_grad:
+        return None, dw, db
     w2 = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C)                  # (O, K)
     dcol = (w2.T @ dy2).reshape(kh, kw, C, N, Ho, Wo)                     # (kh, kw, C, N, Ho, Wo)
     # col2im: each kernel offset owns a strided sub-grid of the padded input; add its slab.
