@@ -20,7 +20,7 @@ import numpy as np
 
 __all__ = [
     "GPUUnavailableError", "backend", "require_gpu", "is_simulator", "xp", "to_device", "to_host",
-    "check_array", "launch_1d", "cuda_module",
+    "check_array", "launch_1d", "cuda_module", "simulate_unless_disabled",
 ]
 
 _INSTALL_HINT = "install the `gpu` extra: pip install 'ddpm-ref[gpu]' (cupy-cuda12x, numba-cuda)"
@@ -41,6 +41,23 @@ def is_simulator() -> bool:
     if mod is not None and getattr(mod, "config", None) is not None:
         return bool(int(getattr(mod.config, "ENABLE_CUDASIM", 0)))
     return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+
+
+def simulate_unless_disabled() -> bool:
+    """For test modules: switch Numba's CUDA simulator on unless ``NUMBA_ENABLE_CUDASIM=0`` was set.
+
+    Works even when plain ``numba`` was imported earlier in the process (its config is read at that
+    import, so the environment variable alone would come too late); it cannot once ``numba.cuda``
+    itself is imported. Returns whether the simulator is (or will be) on.
+    """
+    import sys
+    if os.environ.get("NUMBA_ENABLE_CUDASIM", "") == "0":
+        return False
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    if "numba" in sys.modules and "numba.cuda" not in sys.modules:
+        from numba.core import config
+        config.ENABLE_CUDASIM = 1
+    return is_simulator()
 
 
 def _probe() -> tuple[str | None, list[str]]:

@@ -11,7 +11,6 @@ Tolerance table:
 import os
 import sys
 
-os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 import numpy as np
 import pytest
@@ -20,6 +19,8 @@ from hypothesis import given, settings, strategies as st
 pytest.importorskip("numba_cuda", reason="the GPU kernel tests need numba-cuda (the `test` extra)")
 
 from ddpm_ref.kernels import runtime as kb  # noqa: E402
+
+kb.simulate_unless_disabled()   # before numba.cuda is imported (NUMBA_ENABLE_CUDASIM=0: a real GPU)
 
 try:
     kb.require_gpu()

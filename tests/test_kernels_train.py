@@ -22,7 +22,6 @@ Tolerance table:
 import os
 import sys
 
-os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 import numpy as np
 import pytest
@@ -31,6 +30,8 @@ pytest.importorskip("numba_cuda", reason="the GPU kernel tests need numba-cuda (
 
 from ddpm_ref import diffusion, optim as ref_optim, rng  # noqa: E402
 from ddpm_ref.kernels import runtime as kb  # noqa: E402
+
+kb.simulate_unless_disabled()   # before numba.cuda is imported (NUMBA_ENABLE_CUDASIM=0: a real GPU)
 
 try:
     kb.require_gpu()
