@@ -41,9 +41,11 @@ def linear_forward(x, w, b=None):
             raise ValueError(f"linear bias must have shape ({w.shape[0]},), got {b.shape}")
     dt = x.dtype
     w = w.astype(dt, copy=False)
-    y = x @ w.T                                             # (..., out)
+    # One GEMM over all rows (not one per leading index, as a batched matmul would do).
+    y = x.reshape(-1, w.shape[1]) @ w.T                     # (rows, out)
     if b is not None:
         y += b.astype(dt, copy=False)
+    y = y.reshape(x.shape[:-1] + (w.shape[0],))             # (..., out)
     return y, {"x": x, "w": w, "has_bias": b is not None}
 
 
@@ -55,8 +57,8 @@ def linear_backward(dy, cache):
         raise ValueError(f"linear_backward: dy has shape {dy.shape}, expected {x.shape[:-1] + (w.shape[0],)}")
     dt = dy.dtype
     w = w.astype(dt, copy=False)
-    dx = dy @ w                                             # (..., in)
     dy2 = dy.reshape(-1, w.shape[0])                        # (rows, out)
+    dx = (dy2 @ w).reshape(x.shape)                         # (..., in)
     x2 = x.reshape(-1, w.shape[1]).astype(dt, copy=False)   # (rows, in)
     dw = dy2.T @ x2                                         # (out, in)
     db = dy2.sum(axis=0) if cache["has_bias"] else None     # (out,)
