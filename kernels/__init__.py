@@ -2,7 +2,7 @@
 
 Installed from the ``kernels/`` folder as ``ddpm_ref.kernels`` (the bare name ``kernels`` is taken on
 PyPI). It mirrors ``ddpm_ref/ops`` file for file and name for name (``conv.py``, ``norm.py``,
-``attention.py``, ``loss.py``, ``activation.py``, ``resample.py``, ``linear.py``; not yet
+``attention.py``, ``loss.py``, ``activation.py``, ``resample.py``, ``linear.py``,
 ``embedding.py``), with the same signatures and the same ``(y, cache)`` / ``backward(dy, cache)``
 contract on device arrays (CuPy on a GPU, NumPy in the simulator), plus:
 
@@ -25,4 +25,5 @@ __all__ = ["GPUUnavailableError", "backend", "require_gpu", "is_simulator", "xp"
            "MODULES"]
 
 # The kernel modules, in the order the compile check builds them.
-MODULES = ("noise", "optim", "conv", "norm", "attention", "loss", "activation", "resample", "linear")
+MODULES = ("noise", "optim", "conv", "norm", "attention", "loss", "activation", "resample", "linear",
+           "embedding")

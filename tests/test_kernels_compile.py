@@ -24,6 +24,7 @@ EXPECTED = {  # every kernel the launchers use; a kernel added without being com
     "norm.group_norm_bwd_kernel", "attention.softmax_rows_kernel",
     "attention.softmax_backward_rows_kernel", "loss.mse_kernel", "loss.mse_grad_kernel",
     "activation.silu_kernel", "activation.dropout_kernel", "resample.upsample_nearest2x_kernel",
+    "embedding.embedding_gather_kernel", "embedding.embedding_scatter_kernel",
 }
 
 

@@ -7,6 +7,8 @@ Tolerance table:
   simulator uses the host's, so there the results are exact.
 - upsample: exact (copies); its backward: rtol 1e-6 (sums of 4 float32 values in a different order).
 - linear: rtol 1e-5, atol 1e-6 * K (float32 GEMMs over K terms vs a float64 reference).
+- embeddings: exact (a gather; the scatter adds repeated ids in index order, as np.add.at does;
+  the timestep table is the reference's own, copied).
 """
 import os
 import sys
@@ -27,8 +29,8 @@ try:
 except kb.GPUUnavailableError as exc:
     pytest.skip(f"no GPU and the simulator is off in this process: {exc}", allow_module_level=True)
 
-from ddpm_ref.kernels import activation, linear, resample  # noqa: E402
-from ddpm_ref.ops import activation as ref_act, linear as ref_lin, resample as ref_res  # noqa: E402
+from ddpm_ref.kernels import activation, embedding, linear, resample  # noqa: E402
+from ddpm_ref.ops import activation as ref_act, embedding as ref_emb, linear as ref_lin, resample as ref_res  # noqa: E402,E501
 
 SIM = kb.is_simulator()
 
@@ -103,3 +105,19 @@ def test_upsample_concat_linear():
     for got, want in zip(linear.linear_backward(kb.to_device(dyl), cl),
                          ref_lin.linear_backward(dyl.astype(np.float64), cl_ref)):
         np.testing.assert_allclose(kb.to_host(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_embeddings():
+    r = np.random.default_rng(2)
+    table = r.normal(size=(5, 3)).astype(np.float32)
+    ids = np.array([[4, 0, 4], [2, 4, 1]])
+    y_ref, c_ref = ref_emb.embedding_forward(ids, table)
+    y, c = embedding.embedding_forward(ids, kb.to_device(table))
+    np.testing.assert_array_equal(kb.to_host(y), y_ref)
+    dy = r.normal(size=y_ref.shape).astype(np.float32)
+    np.testing.assert_allclose(kb.to_host(embedding.embedding_backward(kb.to_device(dy), c)),
+                               ref_emb.embedding_backward(dy, c_ref), rtol=1e-6)   # 3 float32 adds
+    t = np.array([0, 17, 999])
+    np.testing.assert_array_equal(kb.to_host(embedding.timestep_embedding(t, 7)), ref_emb.timestep_embedding(t, 7))
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 5\)"):
+        embedding.embedding_forward(np.array([5]), kb.to_device(table))
