@@ -6,7 +6,7 @@ compiled (typing, integer promotion, unsupported Python). It imports every kerne
 kernel with the signatures its launcher uses (``_jit.REGISTRY``). It needs NVVM and NVRTC (the
 ``nvidia-cuda-nvrtc`` wheel, and libnvvm from a CUDA toolkit or the ``nvidia-nvvm`` wheel), not a GPU.
 
-Run: ``NUMBA_ENABLE_CUDASIM=0 python -m ddpm_ref.kernels.compile_check [--cc 9.0]``. Prints one JSON
+Run: ``NUMBA_ENABLE_CUDASIM=0 python -m ddpm_ref.kernels.compile_check [--cc 9.0] [--shard i/n]``. Prints one JSON
 line ``{"cc": ..., "compiled": {name: ptx_chars}, "failed": {name: error}, "seconds": ...}``; exit
 status 0 when all compiled, 1 when some failed, 3 when the toolchain itself is missing (with the
 reason in "toolchain").
@@ -25,7 +25,11 @@ import time
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cc", default="9.0", help="compute capability, e.g. 9.0 for H100 (sm_90)")
+    parser.add_argument("--shard", default="0/1", help="compile only every n-th kernel from the i-th: 'i/n'")
     args = parser.parse_args(argv)
+    shard, shards = (int(p) for p in args.shard.split("/"))
+    if not 0 <= shard < shards:
+        raise SystemExit(f"--shard must be i/n with 0 <= i < n, got {args.shard!r}")
     major, minor = (int(p) for p in args.cc.split("."))
     if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
         print(json.dumps({"toolchain": "NUMBA_ENABLE_CUDASIM is set: unset it to compile for real"}))
@@ -45,7 +49,9 @@ def main(argv=None) -> int:
         importlib.import_module(f"{__package__}.{name}")
     from ._jit import REGISTRY
     compiled, failed = {}, {}
-    for module, name, func, sigs in REGISTRY:
+    for number, (module, name, func, sigs) in enumerate(REGISTRY):
+        if number % shards != shard:
+            continue
         for sig in sigs:
             key = f"{module.rsplit('.', 1)[-1]}.{name}"
             try:

@@ -29,15 +29,22 @@ EXPECTED = {  # every kernel the launchers use; a kernel added without being com
 
 
 def test_every_kernel_compiles_for_sm90():
+    # Two shards in two processes at once: the machine has 2 cores and compiling is single-threaded.
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
-    proc = subprocess.run([sys.executable, "-m", "ddpm_ref.kernels.compile_check", "--cc", "9.0"],
-                          env=env, capture_output=True, text=True, timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    assert lines, f"compile_check printed no result (rc {proc.returncode}): {proc.stderr[-3000:]}"
-    result = json.loads(lines[-1])
-    if proc.returncode == 3:
-        pytest.skip(f"no CUDA compiler toolchain here (NVVM/NVRTC): {result['toolchain']}")
-    assert result["failed"] == {}, result["failed"]
-    assert proc.returncode == 0
-    assert set(result["compiled"]) >= EXPECTED, sorted(EXPECTED - set(result["compiled"]))
-    assert all(n > 1000 for n in result["compiled"].values())   # real PTX, not an empty module
+    procs = [subprocess.Popen([sys.executable, "-m", "ddpm_ref.kernels.compile_check", "--cc", "9.0",
+                               "--shard", f"{i}/2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    compiled, failed = {}, {}
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+        assert lines, f"compile_check printed no result (rc {proc.returncode}): {err[-3000:]}"
+        result = json.loads(lines[-1])
+        if proc.returncode == 3:
+            pytest.skip(f"no CUDA compiler toolchain here (NVVM/NVRTC): {result['toolchain']}")
+        assert proc.returncode in (0, 1), err[-3000:]
+        compiled.update(result["compiled"])
+        failed.update(result["failed"])
+    assert failed == {}, failed
+    assert set(compiled) >= EXPECTED, sorted(EXPECTED - set(compiled))
+    assert all(n > 1000 for n in compiled.values())   # real PTX, not an empty module
