@@ -56,7 +56,7 @@ def _preset_batches(items, default):
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description="\n\n".join(__doc__.split("\n\n")[:3]),
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="rows: groups " + ", ".join(ROW_GROUPS) + "; op rows " + ", ".join(OPS_ROWS)
                                  + "; end-to-end rows " + ", ".join(E2E_ROWS))
