@@ -91,8 +91,8 @@ def _probe() -> tuple[str | None, list[str]]:
     elif have_numba:
         # Without CuPy we cannot ask the runtime; ask numba whether a driver answers, for a fuller message.
         try:
-            from numba import cuda as _cuda
-            if not _cuda.is_available():
+            from numba import cuda as numba_cuda_module
+            if not numba_cuda_module.is_available():
                 missing.append("no usable CUDA driver or GPU (numba.cuda.is_available() is False)")
         except Exception as exc:  # pragma: no cover - depends on the machine
             missing.append(f"no usable CUDA driver or GPU ({type(exc).__name__}: {exc})")

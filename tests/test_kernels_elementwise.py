@@ -10,7 +10,6 @@ Tolerance table:
 - embeddings: exact (a gather; the scatter adds repeated ids in index order, as np.add.at does;
   the timestep table is the reference's own, copied).
 """
-import os
 import sys
 
 

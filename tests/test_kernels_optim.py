@@ -9,7 +9,6 @@ Tolerance table:
   steps relative differences stay below 1e-5 (asserted at full size in gpu_check.sh runs).
 - the global norm: float64 sums in a different order: rtol 1e-12.
 """
-import os
 import sys
 
 

@@ -11,7 +11,6 @@ Tolerance table:
   run feeds float32 results back (as the reference does), so one-ulp flips can propagate through
   10 steps whose coefficients are bounded by ~1/sqrt(alpha) ~ 1.01 each.
 """
-import os
 import sys
 
 

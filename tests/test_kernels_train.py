@@ -19,7 +19,6 @@ Tolerance table:
   ~1e-3 * 1e-5 per step plus float32 rounding of O(1) values (6e-8); a wrong gradient sign would
   differ by ~2e-3.
 """
-import os
 import sys
 
 
