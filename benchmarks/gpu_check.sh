@@ -22,6 +22,15 @@ if ! python -c "import ddpm_ref.kernels" 2>/dev/null; then
   say "installing ddpm-ref (editable, no dependencies)"
   pip install --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 || say "pip install -e . failed (see log)"
 fi
+if ! python -c "import ddpm_ref.kernels" 2>/dev/null; then
+  # Fallback without pip: a package tree of symlinks with kernels/ mounted as ddpm_ref/kernels.
+  PKG="$(mktemp -d)"
+  mkdir -p "$PKG/ddpm_ref"
+  for f in ddpm_ref/*; do ln -s "$PWD/$f" "$PKG/ddpm_ref/"; done
+  ln -s "$PWD/kernels" "$PKG/ddpm_ref/kernels"
+  export PYTHONPATH="$PKG:$PYTHONPATH"
+  say "using a symlinked package tree at $PKG"
+fi
 
 say "environment"
 { nvidia-smi || true
