@@ -94,6 +94,11 @@ def _tiled_kernels(version, BM, BN, BK, tx=16, ty=16, register=True):
     TN = BN // TX
     A_ROWS_PER_PASS = NT // BK     # rows of As gathered per pass (BM / A_ROWS_PER_PASS passes)
     B_ROWS_PER_PASS = NT // BN     # rows of Bs gathered per pass (BK / B_ROWS_PER_PASS passes)
+    # As rows padded by 4 floats: the gather writes As[ak, m] with ak = tid % BK fastest, so without
+    # padding the 8 values of ak hit one bank (8-way conflict); with row length = 4 mod 32 words the
+    # writes of a warp (ak 0..7, m 0..3) fall on 32 distinct banks (4 ak + m). Reads As[kk, ty + TY i] are
+    # broadcasts either way.
+    BM_PAD = BM + 4
     if BM % TY or BN % TX or NT % BK or NT % BN or BM % A_ROWS_PER_PASS or BK % B_ROWS_PER_PASS:
         raise ValueError(f"tile {BM}x{BN}x{BK} does not fit {TY}x{TX} threads")
 
@@ -116,7 +121,7 @@ def _tiled_kernels(version, BM, BN, BK, tx=16, ty=16, register=True):
         PQ = y3.shape[2]
         Q = out_w
         NPQ = N * PQ
-        As = cuda.shared.array((BK, BM), float32)
+        As = cuda.shared.array((BK, BM_PAD), float32)
         Bs = cuda.shared.array((BK, BN), float32)
         acc = cuda.local.array((TM, TN), float32)
         a_reg = cuda.local.array(TM, float32)
@@ -217,7 +222,7 @@ def _tiled_kernels(version, BM, BN, BK, tx=16, ty=16, register=True):
         RS = w2.shape[1] // C
         K = O * RS
         NHW = N * HW
-        As = cuda.shared.array((BK, BM), float32)
+        As = cuda.shared.array((BK, BM_PAD), float32)
         Bs = cuda.shared.array((BK, BN), float32)
         acc = cuda.local.array((TM, TN), float32)
         a_reg = cuda.local.array(TM, float32)
@@ -302,7 +307,7 @@ def _tiled_kernels(version, BM, BN, BK, tx=16, ty=16, register=True):
         K = N * PQ
         k_begin = cuda.blockIdx.z * k_chunk
         k_end = min(K, k_begin + k_chunk)
-        As = cuda.shared.array((BK, BM), float32)
+        As = cuda.shared.array((BK, BM_PAD), float32)
         Bs = cuda.shared.array((BK, BN), float32)
         acc = cuda.local.array((TM, TN), float32)
         a_reg = cuda.local.array(TM, float32)
