@@ -161,6 +161,28 @@ def _derive(row, peak_gflops):
     return row
 
 
+def summarize(rows: list) -> list:
+    """Per preset and op family (conv, gn+silu, attention), fwd and bwd: the time of one U-Net pass
+    spent in that family, i.e. the sum over its distinct shapes of median x calls per forward pass,
+    ours and the peer's (rows without a peer are left out of both sums)."""
+    acc = {}
+    for r in rows:
+        if r.get("family") != "op" or not r.get("peer") or r.get("phase") not in ("fwd", "bwd"):
+            continue
+        fam = r["name"].split(" ")[0]
+        key = (r["preset"], fam, r["phase"])
+        a = acc.setdefault(key, {"preset": key[0], "family": fam, "phase": key[2], "shapes": 0,
+                                 "ours_ms": 0.0, "peer_ms": 0.0})
+        n = int(r.get("calls_per_forward") or 1)
+        a["shapes"] += 1
+        a["ours_ms"] += n * r["ours"]["median_ms"]
+        a["peer_ms"] += n * r["peer"]["median_ms"]
+    out = list(acc.values())
+    for a in out:
+        a["ratio"] = a["ours_ms"] / a["peer_ms"] if a["peer_ms"] else None
+    return out
+
+
 def run(args, out=print) -> dict:
     """Run the suite described by parsed ``args``; print with ``out``; return the result dict."""
     check_args(args)
@@ -250,6 +272,10 @@ def run(args, out=print) -> dict:
     result["notes"] = notes
     for line in table_lines(result["rows"]):
         out(line)
+    result["summary"] = summarize(result["rows"])
+    for a in result["summary"]:
+        out(f"# per U-Net pass, {a['preset']} {a['family']} {a['phase']} ({a['shapes']} shapes x calls): "
+            f"ours {a['ours_ms']:.1f} ms, peer {a['peer_ms']:.1f} ms, ratio {a['ratio']:.2f}")
     for n in notes:
         out(f"# note: {n}")
     out(f"# {len(result['rows'])} rows in {result['seconds']:.0f} s; load average at the end "

@@ -75,6 +75,11 @@ def test_every_row_present_with_finite_positive_figures(inline_run):
         _check_side(r["peer"], 2)
         assert _finite_pos(r["ratio"])
         assert abs(r["ratio"] - r["ours"]["median_ms"] / r["peer"]["median_ms"]) <= DERIVED_RTOL * r["ratio"]
+    # the per-pass summary: sum over shapes of median x calls per forward, for conv fwd and bwd
+    conv_fwd = next(a for a in result["summary"] if a["family"] == "conv" and a["phase"] == "fwd")
+    want = sum(r["calls_per_forward"] * r["ours"]["median_ms"] for r in convs if r["phase"] == "fwd")
+    assert conv_fwd["shapes"] == len(disc["conv"]) and abs(conv_fwd["ours_ms"] - want) <= DERIVED_RTOL * want
+    assert _finite_pos(conv_fwd["ratio"])
     # one table line per row, plus the header and its rule
     table = [ln for ln in lines if not ln.startswith("#")]
     assert len(table) == len(rows) + 2
