@@ -28,8 +28,8 @@ other than 1, ``center_input_sample``, block widths that are not multiples of th
 classes other than DDPMScheduler/DDIMScheduler, beta schedules we cannot reproduce, variance types
 ``learned`` and ``fixed_large_log``, ``clip_sample_range`` other than 1, thresholding other than
 ``sample_max_value=1`` (which is exactly clipping) or an uncapped 0.995 percentile (which is our
-``clip="dynamic"``), non-zero ``steps_offset`` with "leading" spacing (``samplers.sample`` has no
-offset), DDIM's ``set_alpha_to_one=False``. Unknown configuration
+``clip="dynamic"``), a ``steps_offset`` that is not a non-negative integer below
+``num_train_timesteps``, DDIM's ``set_alpha_to_one=False``. Unknown configuration
 keys (other than diffusers' ``_class_name``-style bookkeeping) are reported with a warning, as
 diffusers' own ``from_config`` does.
 
@@ -48,10 +48,16 @@ Differences from diffusers' schedulers, each deliberate (see also the tests, whi
   for "trailing" and "linspace" diffusers' DDIM sampler visits other alpha_bar values than its own
   timestep list says. The step formula itself is identical (tests: our ``ddim_step`` with diffusers'
   ``t_prev`` equals ``DDIMScheduler.step``).
-* With clipping, our DDIM step recomputes eps from the clipped x0 (improved-diffusion; diffusers'
-  ``use_clipped_model_output=True``), while DDIMPipeline's default keeps the model's raw eps. The two
-  agree whenever x0_hat stays inside [-1, 1] and always with ``clip_sample=False``; otherwise a
-  DDIMPipeline with ``clip_sample=True`` and ours sample slightly different chains.
+* With clipping, ``samplers.sample`` by default re-derives DDIM's eps from the clipped x0 (GLIDE,
+  improved-diffusion; diffusers' ``use_clipped_model_output=True``), while DDIMPipeline keeps the
+  model's raw eps unless called with ``use_clipped_model_output=True``. Loaded settings therefore say
+  ``ddim_eps_from_clipped=False`` (DDIMPipeline's default, a call-time argument that no diffusers
+  configuration stores, like ``eta``), and a DDIMPipeline with ``clip_sample=True`` and ours sample
+  the same chain (tested); pass ``ddim_eps_from_clipped=True`` for improved-diffusion's convention.
+* ``steps_offset`` is added to "leading" timesteps only (diffusers ignores it for the other
+  spacings; so do we): settings carry it as ``offset`` (0 otherwise). With an offset a full chain
+  (``num_steps=None``, DDPMPipeline's 1000 steps) would start at ``T``, beyond the table: diffusers
+  fails there and ``samplers.timesteps`` refuses it; pass a smaller ``num_steps``.
 * DDPMScheduler adds noise whenever ``t > 0``, even at the last step of a spaced chain (trailing
   spacing ends at ``t = T/S - 1``); with ``fixed_large`` that last noise has variance ``1 -
   alpha_bar_t``. Ours adds none at the last step (DDPM Algorithm 2, "z = 0 if t = 1").
@@ -463,8 +469,9 @@ def schedule_from_diffusers(config, where="scheduler_config.json", sampler=None)
 
     The Schedule holds the training betas (DDPM eq. 2) in float64. ``sampler_settings`` are keyword
     arguments for :func:`ddpm_ref.samplers.sample`: ``sampler`` ("ddpm" or "ddim"), ``num_steps``
-    (the pipeline's default: None = all T for DDPM, 50 for DDIM), ``spacing``, ``eta`` (0.0),
-    ``prediction``, ``variance`` and ``clip``. ``sampler`` overrides the scheduler's own (a
+    (the pipeline's default: None = all T for DDPM, 50 for DDIM), ``spacing``, ``offset`` (diffusers'
+    ``steps_offset`` for "leading" spacing, else 0), ``eta`` (0.0), ``prediction``, ``variance``,
+    ``clip`` and ``ddim_eps_from_clipped`` (False: DDIMPipeline's raw eps). ``sampler`` overrides the scheduler's own (a
     DDIMPipeline runs a DDPMScheduler configuration as DDIM, as diffusers does).
     """
     if not isinstance(config, dict):
@@ -536,20 +543,26 @@ def schedule_from_diffusers(config, where="scheduler_config.json", sampler=None)
     spacing = c["timestep_spacing"]
     if spacing not in ("leading", "trailing", "linspace"):
         _refuse(where, "timestep_spacing", spacing, "'leading', 'trailing', 'linspace'")
-    if spacing == "leading" and c["steps_offset"] not in (0, None):
-        _refuse(where, "steps_offset", c["steps_offset"], "0 with 'leading' spacing")
+    offset = 0 if c["steps_offset"] is None else c["steps_offset"]
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < T:
+        _refuse(where, "steps_offset", c["steps_offset"], f"an integer in [0, {T}) (num_train_timesteps={T})")
+    if spacing != "leading":
+        offset = 0                        # diffusers adds steps_offset to "leading" timesteps only
     if cls == "DDIMScheduler" and not c["set_alpha_to_one"]:
         _refuse(where, "set_alpha_to_one", False, "True (the last DDIM step lands on alpha_bar = 1)")
     settings = {
-        "sampler": sampler, "num_steps": _PIPELINE_STEPS[sampler], "spacing": spacing, "eta": 0.0,
-        "prediction": _PREDICTION_FROM[prediction], "variance": variance, "clip": clip,
+        "sampler": sampler, "num_steps": _PIPELINE_STEPS[sampler], "spacing": spacing, "offset": offset,
+        "eta": 0.0, "prediction": _PREDICTION_FROM[prediction], "variance": variance, "clip": clip,
+        "ddim_eps_from_clipped": False,   # DDIMPipeline's use_clipped_model_output default
     }
     return schedule, settings
 
 
 def scheduler_config_to_diffusers(schedule, settings=None):
     """``(Schedule, sampler_settings)`` -> a DDPMScheduler (or, for sampler "ddim", DDIMScheduler)
-    ``scheduler_config.json`` dict that :func:`schedule_from_diffusers` maps back exactly.
+    ``scheduler_config.json`` dict that :func:`schedule_from_diffusers` maps back exactly
+    (``offset`` becomes ``steps_offset``). ``num_steps``, ``eta`` and ``ddim_eps_from_clipped`` are
+    call-time arguments of diffusers' pipelines and are not written.
 
     Linear schedules are written as ``beta_schedule="linear"``; the cosine schedule with s = 0.008 and
     max_beta = 0.999 as ``"squaredcos_cap_v2"``; a zero-terminal-SNR rescaling of those with
@@ -572,6 +585,13 @@ def scheduler_config_to_diffusers(schedule, settings=None):
     spacing = settings.get("spacing", "leading")
     if spacing not in ("leading", "trailing", "linspace"):
         raise ValueError(f"settings['spacing'] must be 'leading', 'trailing' or 'linspace', got {spacing!r}")
+    offset = settings.get("offset", 0)
+    if (isinstance(offset, (bool, np.bool_)) or not isinstance(offset, (int, np.integer))
+            or not 0 <= offset < schedule.T):
+        raise ValueError(f"settings['offset'] must be an integer in [0, T) = [0, {schedule.T}), got {offset!r}")
+    if offset and spacing != "leading":
+        raise ValueError(f"settings['offset']={offset} applies to 'leading' spacing only (diffusers' "
+                         f"steps_offset), got spacing={spacing!r}")
 
     # DDIMScheduler has no variance_type: a learned-variance model keeps a DDPMScheduler config
     # (a DDIMPipeline folder then records the sampler, see save_diffusers).
@@ -582,7 +602,7 @@ def scheduler_config_to_diffusers(schedule, settings=None):
            "rescale_betas_zero_snr": False, "prediction_type": _PREDICTION_TO[prediction],
            "clip_sample": clip is not False, "clip_sample_range": 1.0, "thresholding": False,
            "dynamic_thresholding_ratio": _DYNAMIC_PERCENTILE, "sample_max_value": 1.0,
-           "timestep_spacing": spacing, "steps_offset": 0}
+           "timestep_spacing": spacing, "steps_offset": int(offset)}
     if clip == "dynamic":
         out.update(thresholding=True, sample_max_value=_NO_CAP)
     if ddim_class:
@@ -727,9 +747,9 @@ def save_diffusers(path, model, params, schedule=None, settings=None):
     safetensors``). With one: a DDPMPipeline folder (``model_index.json``, ``unet/``,
     ``scheduler/scheduler_config.json``; a DDIMPipeline when ``settings["sampler"] == "ddim"``).
     The weights are float32 safetensors; our UNetConfig rides along in the file's metadata so that
-    fields diffusers has no key for (``learned_variance``) survive the round trip. ``num_steps`` and
-    ``eta`` are call-time arguments of diffusers' pipelines, not stored: they come back as the
-    pipeline's defaults (all T steps for DDPM, 50 for DDIM; eta 0).
+    fields diffusers has no key for (``learned_variance``) survive the round trip. ``num_steps``,
+    ``eta`` and ``ddim_eps_from_clipped`` are call-time arguments of diffusers' pipelines, not stored:
+    they come back as the pipeline's defaults (all T steps for DDPM, 50 for DDIM; eta 0; the raw eps).
     """
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)

@@ -29,8 +29,14 @@ The steps, for a step from ``t`` to ``s = t_prev`` (``ab`` = alpha_bar, ``ab_s =
   that step is the final one and adds no noise, so the convention never changes a sample.
 * DDIM (eq. 12): ``x_s = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps_hat + sigma z`` with
   ``sigma = eta sqrt((1 - ab_s) / (1 - ab_t)) sqrt(1 - ab_t / ab_s)`` (eq. 16); eta = 0 is the
-  deterministic DDIM, eta = 1 has DDPM's fixed_small variance. With clipping, eps_hat is recomputed
-  from the clipped x0_hat (as improved-diffusion and diffusers do), so that eq. 12 stays consistent.
+  deterministic DDIM, eta = 1 has DDPM's fixed_small variance. With clipping there are two
+  conventions for the eps_hat of the direction term, chosen by ``eps_from_clipped``: ``True``
+  (default) re-derives it from the clipped x0_hat, ``eps_hat = (x_t - sqrt(ab_t) x0_hat) /
+  sqrt(1 - ab_t)``, so that x0_hat and eps_hat stay a consistent pair in eq. 12 (GLIDE and
+  improved-diffusion; diffusers' ``DDIMScheduler.step(use_clipped_model_output=True)``); ``False``
+  keeps the model's own eps (for x0- or v-prediction: the eps of the unclipped x0_hat), as
+  diffusers' ``DDIMScheduler.step`` does by default and ``DDIMPipeline`` always does unless called
+  with ``use_clipped_model_output=True``. The two agree whenever clipping leaves x0_hat unchanged.
 
 Clipping (``clip``): ``True`` clips x0_hat to [-1, 1] (the data range) before it is used; ``False``
 leaves it; ``"dynamic"`` is Imagen's dynamic thresholding: per sample, ``c`` = the 99.5th percentile
@@ -248,8 +254,9 @@ def clip_x0(x0, clip) -> np.ndarray:
     return x0
 
 
-def _predict(schedule, model_output, xt, t, prediction, variance, clip):
-    """(x0_hat, eps_hat, v_interp) from a model output, with x0_hat clipped and eps_hat consistent."""
+def _predict(schedule, model_output, xt, t, prediction, variance, clip, eps_from_clipped=True):
+    """(x0_hat, eps_hat, v_interp) from a model output, with x0_hat clipped; eps_hat re-derived from
+    the clipped x0_hat when ``eps_from_clipped``, else the model's own (unclipped) eps."""
     pred, v_interp = diffusion.split_output(model_output, variance)
     if pred.shape != xt.shape:
         raise ValueError(f"the model output must have xt's shape {xt.shape}"
@@ -263,8 +270,15 @@ def _predict(schedule, model_output, xt, t, prediction, variance, clip):
     x0_hat, eps_hat = diffusion.to_x0_eps(schedule, pred.astype(np.float64), xt64, t, prediction)
     if clip is not False:
         x0_hat = clip_x0(x0_hat, clip)
-        eps_hat = diffusion.eps_from_x0(schedule, xt64, t, x0_hat)
+        if eps_from_clipped:
+            eps_hat = diffusion.eps_from_x0(schedule, xt64, t, x0_hat)
     return x0_hat, eps_hat, v_interp
+
+
+def _check_bool(value, name: str) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 def _check_noise(noise, xt: np.ndarray, needed: bool):
@@ -323,18 +337,22 @@ def ddpm_step(schedule: Schedule, model_output, xt, t, t_prev, noise, prediction
 
 
 def ddim_step(schedule: Schedule, model_output, xt, t, t_prev, eta, noise, prediction: str = "epsilon",
-              clip=True):
+              clip=True, eps_from_clipped: bool = True):
     """One DDIM step (Song et al. 2021, eq. 12) from ``t`` to ``t_prev``.
 
     ``x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps_hat + sigma z``,
     ``sigma = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev)`` (eq. 16), ``ab_prev = 1``
     at the final step (t_prev = -1), where x_prev = x0_hat. eta in [0, 1]: 0 is deterministic (noise
     may be None), 1 has the DDPM fixed_small variance. model_output has xt's shape (split off learned
-    variance channels first; DDIM does not use them). Returns ``(x_prev, x0_hat)`` in xt's dtype.
+    variance channels first; DDIM does not use them). eps_from_clipped: with clipping, True takes
+    ``eps_hat`` re-derived from the clipped x0_hat (GLIDE, improved-diffusion; diffusers'
+    ``use_clipped_model_output=True``), False the model's own eps (diffusers' DDIMPipeline); no
+    effect with ``clip=False`` (module docstring). Returns ``(x_prev, x0_hat)`` in xt's dtype.
     """
     _check_schedule(schedule)
     _check_choice(prediction, "prediction", diffusion.PREDICTIONS)
     clip = _check_clip(clip)
+    eps_from_clipped = _check_bool(eps_from_clipped, "eps_from_clipped")
     try:
         eta = float(eta)
     except (TypeError, ValueError):
@@ -344,7 +362,8 @@ def ddim_step(schedule: Schedule, model_output, xt, t, t_prev, eta, noise, predi
     xt = _as_batch(xt, "xt")
     n = xt.shape[0]
     t, t_prev = _check_step_times(schedule, t, t_prev, n)
-    x0_hat, eps_hat, _ = _predict(schedule, model_output, xt, t, prediction, "fixed_small", clip)
+    x0_hat, eps_hat, _ = _predict(schedule, model_output, xt, t, prediction, "fixed_small", clip,
+                                  eps_from_clipped)
     c = _coefficients(schedule, t, t_prev)
     ab_prev = c["alpha_bar_prev"]
     sigma = eta * np.sqrt(c["posterior_variance"])                     # eq. 16: eta sqrt(beta~)
@@ -403,14 +422,17 @@ def sample(denoiser: Callable, schedule: Schedule, shape, n: int, seed: int, sam
            num_steps: int | None = None, spacing: str = "leading", eta: float = 0.0,
            prediction: str = "epsilon", variance: str = "fixed_small", clip=True, y=None,
            guidance: float = 0.0, return_trajectory: bool = False, index_offset: int = 0,
-           progress: Callable | None = None):
+           progress: Callable | None = None, offset: int = 0, ddim_eps_from_clipped: bool = True):
     """Draw ``n`` samples by running the reverse process (DDPM Algorithm 2, or DDIM) with ``denoiser``.
 
     denoiser: ``f(x, t, y=None) -> model_output``, x float32 (N, *shape), t int64 (N,), y int64 (N,)
     or None (unconditional). shape: one sample's shape, e.g. (C, H, W) or (D,). sampler: "ddpm"
     (ancestral, with ``variance``) or "ddim" (with ``eta``). num_steps: None = all T timesteps, else
-    a respaced chain of ``timesteps(T, num_steps, spacing)``. clip: True, False or "dynamic" (module
-    docstring). y: class labels (n,) for a conditional model; with ``guidance`` w != 0 each step also
+    a respaced chain of ``timesteps(T, num_steps, spacing, offset)``; offset: diffusers'
+    ``steps_offset``, added to every "leading" timestep (0 for other spacings). clip: True, False or
+    "dynamic" (module docstring). ddim_eps_from_clipped: the DDIM direction term's eps with clipping,
+    re-derived from the clipped x0_hat (True, GLIDE / improved-diffusion) or the model's own (False,
+    diffusers' DDIMPipeline); see :func:`ddim_step`. y: class labels (n,) for a conditional model; with ``guidance`` w != 0 each step also
     calls ``f(x, t, None)`` and uses ``(1 + w) f(x, t, y) - w f(x, t, None)`` (:func:`guided_output`).
     index_offset: the noise index of the first sample (``index = index_offset + arange(n)``), so a
     large set drawn in several calls equals the set drawn at once. progress: optional callable
@@ -429,6 +451,7 @@ def sample(denoiser: Callable, schedule: Schedule, shape, n: int, seed: int, sam
     _check_choice(prediction, "prediction", diffusion.PREDICTIONS)
     _check_choice(variance, "variance", diffusion.VARIANCES)
     clip = _check_clip(clip)
+    ddim_eps_from_clipped = _check_bool(ddim_eps_from_clipped, "ddim_eps_from_clipped")
     n = _check_int(n, "n", low=1)
     seed = rng.check_seed(seed)
     index_offset = _check_int(index_offset, "index_offset", low=0)
@@ -443,7 +466,7 @@ def sample(denoiser: Callable, schedule: Schedule, shape, n: int, seed: int, sam
     if not shape:
         raise ValueError("shape must have at least one axis (one sample's shape, e.g. (C, H, W) or (D,))")
     num_steps = schedule.T if num_steps is None else num_steps
-    ts = timesteps(schedule.T, num_steps, spacing)
+    ts = timesteps(schedule.T, num_steps, spacing, offset)
     ts_prev = previous_timesteps(ts)
     if sampler == "ddim":
         eta = float(eta)
@@ -484,7 +507,8 @@ def sample(denoiser: Callable, schedule: Schedule, shape, n: int, seed: int, sam
             x_new, x0_hat = ddpm_step(schedule, out, x, tt, t_prev, z, prediction, variance, clip)
         else:
             pred, _ = diffusion.split_output(out, variance)             # DDIM ignores learned variance
-            x_new, x0_hat = ddim_step(schedule, pred, x, tt, t_prev, eta, z, prediction, clip)
+            x_new, x0_hat = ddim_step(schedule, pred, x, tt, t_prev, eta, z, prediction, clip,
+                                      ddim_eps_from_clipped)
         if traj is not None:
             traj.append((t, x, x0_hat))
         x = x_new.astype(np.float32, copy=False)

@@ -204,7 +204,8 @@ def test_schedule_tables_match_diffusers(kw):
     if not kw.get("rescale_betas_zero_snr"):
         np.testing.assert_allclose(schedule.betas, ref.betas.double().numpy(), rtol=1e-6, atol=0)
     assert settings == {"sampler": "ddpm", "num_steps": None, "spacing": "leading", "eta": 0.0,
-                        "prediction": "epsilon", "variance": "fixed_small", "clip": True}
+                        "prediction": "epsilon", "variance": "fixed_small", "clip": True,
+                        "offset": 0, "ddim_eps_from_clipped": False}
 
 
 @pytest.mark.parametrize("kw", [
@@ -251,7 +252,8 @@ def test_our_schedules_export_exactly():
     ("DDPMScheduler", "variance_type", "learned"),
     ("DDPMScheduler", "variance_type", "fixed_large_log"),
     ("DDPMScheduler", "clip_sample_range", 2.0),
-    ("DDPMScheduler", "steps_offset", 1),
+    ("DDPMScheduler", "steps_offset", -1),
+    ("DDIMScheduler", "steps_offset", 1000),
     ("DDPMScheduler", "beta_schedule", "exp"),
     ("DDPMScheduler", "prediction_type", "flow"),
     ("DDIMScheduler", "set_alpha_to_one", False),
@@ -299,7 +301,8 @@ def test_export_then_import_is_exact_and_diffusers_reads_it(tmp_path):
     params += (0.05 * g.standard_normal(params.shape)).astype(np.float32)   # no zero tensors left
     schedule = Schedule.cosine(200)
     settings = {"sampler": "ddpm", "num_steps": None, "spacing": "trailing", "eta": 0.0,
-                "prediction": "v", "variance": "learned_range", "clip": False}
+                "prediction": "v", "variance": "learned_range", "clip": False, "offset": 0,
+                "ddim_eps_from_clipped": False}
     interop.save_diffusers(tmp_path, model, params, schedule, settings)
     model2, params2, schedule2, settings2 = interop.load_diffusers(tmp_path)
     assert model2.config == model.config

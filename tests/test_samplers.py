@@ -232,6 +232,61 @@ def test_ddim_eq_12_and_eta_one_is_ddpm_fixed_small():
     np.testing.assert_array_equal(a, b)
 
 
+def test_ddim_eps_from_clipped_conventions():
+    """With clipping, eq. 12's eps_hat is either re-derived from the clipped x0_hat (GLIDE /
+    improved-diffusion, the default) or the model's own eps (diffusers' DDIMPipeline)."""
+    xt, eps, z = _state(seed=9)
+    xt = 4.0 * xt                                              # x0_hat well outside [-1, 1]
+    t, s = 300, 200
+    ab_t, ab_s = SCHEDULE.alpha_bar[t], SCHEDULE.alpha_bar[s]
+    x0 = np.clip((xt - math.sqrt(1 - ab_t) * eps) / math.sqrt(ab_t), -1, 1)
+    assert np.mean(np.abs(x0) == 1.0) > 0.3                    # clipping really happens
+    eps_clipped = (xt - math.sqrt(ab_t) * x0) / math.sqrt(1 - ab_t)
+    for eta in (0.0, 0.7):
+        sigma = eta * math.sqrt((1 - ab_s) / (1 - ab_t)) * math.sqrt(1 - ab_t / ab_s)      # eq. 16
+        for eps_from_clipped, e in ((True, eps_clipped), (False, eps)):
+            expected = math.sqrt(ab_s) * x0 + math.sqrt(1 - ab_s - sigma ** 2) * e + sigma * z   # eq. 12
+            got, x0_hat = ddim_step(SCHEDULE, eps, xt, t, s, eta, z, "epsilon", clip=True,
+                                    eps_from_clipped=eps_from_clipped)
+            # float64 throughout: the same formula up to rounding
+            np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
+            np.testing.assert_array_equal(x0_hat, x0)
+    # x0-prediction: "the model's own eps" is the eps of the unclipped x0.
+    x0_raw = 3.0 * eps
+    got, _ = ddim_step(SCHEDULE, x0_raw, xt, t, s, 0.0, None, "sample", clip=True, eps_from_clipped=False)
+    eps_raw = (xt - math.sqrt(ab_t) * x0_raw) / math.sqrt(1 - ab_t)
+    expected = math.sqrt(ab_s) * np.clip(x0_raw, -1, 1) + math.sqrt(1 - ab_s) * eps_raw
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
+    # Without clipping the two conventions are the same computation: bit for bit.
+    a, _ = ddim_step(SCHEDULE, eps, xt, t, s, 0.7, z, "epsilon", clip=False, eps_from_clipped=True)
+    b, _ = ddim_step(SCHEDULE, eps, xt, t, s, 0.7, z, "epsilon", clip=False, eps_from_clipped=False)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sample_passes_ddim_eps_from_clipped_and_offset():
+    den = diffusion.gaussian_oracle_denoiser(SCHEDULE, 0.2, 3.0, "epsilon")   # wide data: x0_hat clipped
+    kw = dict(sampler="ddim", num_steps=20, spacing="trailing", eta=0.5)
+    a = sample(den, SCHEDULE, (8,), 16, 3, clip=True, **kw)
+    b = sample(den, SCHEDULE, (8,), 16, 3, clip=True, ddim_eps_from_clipped=True, **kw)
+    c = sample(den, SCHEDULE, (8,), 16, 3, clip=True, ddim_eps_from_clipped=False, **kw)
+    np.testing.assert_array_equal(a, b)                            # True is the default
+    assert np.abs(a - c).max() > 1e-2                              # the convention matters here ...
+    a = sample(den, SCHEDULE, (8,), 16, 3, clip=False, **kw)
+    c = sample(den, SCHEDULE, (8,), 16, 3, clip=False, ddim_eps_from_clipped=False, **kw)
+    np.testing.assert_array_equal(a, c)                            # ... and not without clipping
+    a = sample(den, SCHEDULE, (8,), 16, 3, num_steps=10, clip=True)
+    c = sample(den, SCHEDULE, (8,), 16, 3, num_steps=10, clip=True, ddim_eps_from_clipped=False)
+    np.testing.assert_array_equal(a, c)                            # DDPM steps never use it
+    # offset: diffusers' steps_offset on "leading" timesteps; noise is addressed by the visited t.
+    seen = []
+    x, traj = sample(oracle(), SCHEDULE, (4,), 3, 0, num_steps=10, spacing="leading", offset=1, clip=False,
+                     return_trajectory=True, progress=lambda i, total, t: seen.append(t))
+    assert seen == list(range(901, 0, -100))                      # 901, 801, ..., 1
+    np.testing.assert_array_equal(traj[-1][2], x)                  # the final step (t = 1 -> -1) gives x0_hat
+    plain = sample(oracle(), SCHEDULE, (4,), 3, 0, num_steps=10, spacing="leading", clip=False)
+    assert np.abs(x - plain).max() > 1e-3                          # a different chain, not ignored
+
+
 def test_learned_range_endpoints_are_the_fixed_variances():
     xt, eps, z = _state(seed=7)
     t, s = 400, 350                                              # a respaced step
@@ -543,6 +598,8 @@ def test_bad_step_input():
         ddim_step(SCHEDULE, eps, xt, 5, 3, float("nan"), z)
     with pytest.raises(ValueError, match="noise is required"):
         ddim_step(SCHEDULE, eps, xt, 5, 3, 0.5, None)
+    with pytest.raises(ValueError, match="eps_from_clipped"):
+        ddim_step(SCHEDULE, eps, xt, 5, 3, 0.5, z, eps_from_clipped=None)
     with pytest.raises(ValueError, match="schedule"):
         ddpm_step("linear", eps, xt, 5, 3, z)
     with pytest.raises(ValueError, match="percentile"):
@@ -566,6 +623,9 @@ def test_bad_step_input():
     (dict(sampler="ddim", eta=-0.1), "eta"),
     (dict(clip="soft"), "clip"),
     (dict(progress=5), "progress"),
+    (dict(offset=1, spacing="trailing"), "offset"),
+    (dict(offset=-1), "offset"),
+    (dict(ddim_eps_from_clipped="no"), "ddim_eps_from_clipped"),
     (dict(denoiser=None), "denoiser"),
 ])
 def test_bad_sample_input(kwargs, match):
