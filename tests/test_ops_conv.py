@@ -95,14 +95,14 @@ def test_conv_forward_matches_naive_loop(path, case):
     np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("stack_limit,groups", [(0, 9), (1000, 3), (1 << 40, 1)])
+@pytest.mark.parametrize("stack_limit,groups", [(0, 9), (3000, 3), (1 << 40, 1)])
 @pytest.mark.parametrize("pad", [1, (0, 2, 1, 0)])
 def test_conv_shift_offset_groupings(stack_limit, groups, pad):
     """The shift path's GEMMs over all 9 offsets at once, per kernel row, or one offset at a time
     (chosen by buffer size) give the same convolution and gradients."""
     rng = np.random.default_rng(11)
-    x = rng.standard_normal((2, 3, 5, 6))
-    w = rng.standard_normal((4, 3, 3, 3))
+    x = rng.standard_normal((2, 8, 5, 6))      # 8 channels: K = 72 > 64, so the limit decides
+    w = rng.standard_normal((4, 8, 3, 3))
     b = rng.standard_normal(4)
     old = conv_mod._STACK_MAX_ELEMENTS
     conv_mod._STACK_MAX_ELEMENTS = stack_limit
@@ -111,7 +111,7 @@ def test_conv_shift_offset_groupings(stack_limit, groups, pad):
             y, cache = conv2d_forward(x, w, b, padding=pad)
             assert cache["path"] == "shift"
             Hs, Ws, base, M, L = conv_mod._shift_layout(5, 6, *y.shape[2:], 3, 3, *cache["padding"], 2)
-            assert len(conv_mod._offset_groups(3, 3, 3, M)) == groups
+            assert len(conv_mod._offset_groups(3, 3, 8, M)) == groups
             pads = pad if isinstance(pad, tuple) else (pad,) * 4
             # Naive-loop oracle, float64: 1e-12 (see test_conv_forward_matches_naive_loop).
             np.testing.assert_allclose(y, naive_conv2d(x, w, b, 1, pads), rtol=1e-12, atol=1e-12)

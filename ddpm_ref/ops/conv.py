@@ -46,6 +46,8 @@ pass, freed before the input-gradient GEMM allocates its own).
 
 Python loops run over the kh*kw kernel offsets only, never over batch, pixels or channels.
 """
+import os
+
 import numpy as np
 
 __all__ = ["conv2d_forward", "conv2d_backward", "conv_output_size"]
@@ -59,11 +61,26 @@ __all__ = ["conv2d_forward", "conv2d_backward", "conv_output_size"]
 _IM2COL_MAX_PIXELS = 100
 _IM2COL_MAX_ELEMENTS = 3 << 19        # 1.5M elements: 6 MB in float32
 _IM2COL_TINY = 1 << 18
+
+
+def _blas_threads():
+    """BLAS thread count as the usual variables set it (read by OpenBLAS/MKL at load), else all CPUs."""
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        try:
+            return max(1, int(os.environ[var]))
+        except (KeyError, ValueError):
+            continue
+    return os.cpu_count() or 1
+
+
 # The shift path stacks its kh*kw shifted views into one GEMM operand up to this many elements
 # (64 MB in float32), else one kernel row at a time: the CIFAR preset's 128-channel convs at 32x32
-# (batch 8, 10M elements) take one GEMM, its 256- and 384-channel ones at 32x32 (20M, 30M) three,
-# so the transient buffer stays a small part of the step's peak memory.
-_STACK_MAX_ELEMENTS = 1 << 24
+# (batch 8, 10M elements) take one GEMM, its 256- and 384-channel ones at 32x32 (20M, 30M) three.
+# With a single BLAS thread it does not stack at all (0): kh*kw GEMMs straight on the strided
+# views copy nothing, which measured up to 25% faster at the `small` preset's shapes on one
+# thread; with several threads each GEMM is a fork/join of the pool, and the stacked single GEMM
+# measured 2-4x faster on this (shared, loaded) 2-core machine.
+_STACK_MAX_ELEMENTS = 0 if _blas_threads() == 1 else 1 << 24
 
 
 def _normalize_padding(padding):
@@ -219,9 +236,12 @@ def _offset_groups(kh, kw, C, M):
 
     All kh*kw offsets in one group (one GEMM with K = kh*kw*C: fewest BLAS calls, which matters
     most with several BLAS threads, each call being a fork/join) while the stacked buffer stays
-    under _STACK_MAX_ELEMENTS; else one group per kernel row, else one offset at a time (no copy).
+    under _STACK_MAX_ELEMENTS, or when K = kh*kw*C <= 64; else one group per kernel row, else one
+    offset at a time (no copy).
     """
-    if kh * kw * C * M <= _STACK_MAX_ELEMENTS:
+    if kh * kw * C * M <= _STACK_MAX_ELEMENTS or (kh * kw * C <= 64 and kh * kw * C * M <= 1 << 24):
+        # (few input channels, e.g. conv_in: kh*kw thin GEMMs would each write O x M; one
+        # stacked GEMM writes it once, from a buffer that is small anyway)
         return [(0, kh * kw)]
     if kw * C * M <= _STACK_MAX_ELEMENTS:
         return [(i * kw, (i + 1) * kw) for i in range(kh)]
