@@ -24,6 +24,18 @@ torch = pytest.importorskip("torch", reason="torch (setup.py extra `test`) runs 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (setup.py extra `test`) is the oracle "
                                 "for the conversion")
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """torch on one thread while this module runs, restored afterwards: on a loaded 2-core machine
+    its spinning worker threads cost ~10x the CPU time of the tiny models' actual work (measured:
+    a 20-step DDPMPipeline run, 2.8 s of CPU on 2 threads, 0.35 s on one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # Several UNet2DModel configurations, each small (a few thousand to ~100k parameters, 8x8 images).
 CONFIGS = {
     # the DDPM CIFAR-10 layout (google/ddpm-cifar10-32), shrunk: one head, pad (0,1,0,1), freq_shift 1
@@ -392,8 +404,9 @@ def test_ddpm_step_equals_ddpmscheduler_step(monkeypatch, spacing, variance, pre
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 def test_ddim_step_equals_ddimscheduler_step(spacing, prediction, eta):
     """DDIMScheduler steps from t to t - T // S (whatever the spacing); given that t_prev our step is
-    the same formula. With clipping, ours recomputes eps from the clipped x0 (diffusers'
-    use_clipped_model_output=True); DDIMPipeline's default (False) keeps the raw eps."""
+    the same formula. With clipping, eps_from_clipped=True re-derives eps from the clipped x0
+    (diffusers' use_clipped_model_output=True); False (the loaded settings, DDIMPipeline's default)
+    keeps the raw eps."""
     S, C = 7, 3
     clip = prediction != "v_prediction"
     ref = diffusers.DDIMScheduler(num_train_timesteps=T_STEPS, prediction_type=prediction,
@@ -414,10 +427,40 @@ def test_ddim_step_equals_ddimscheduler_step(spacing, prediction, eta):
                                         settings["prediction"], settings["clip"])
         _close(x0, expected.pred_original_sample, f"x0 at t={t}")
         _close(x_prev, expected.prev_sample, f"x_prev at t={t}")
+        plain = ref.step(torch.from_numpy(out), int(t), torch.from_numpy(xt), eta=eta,
+                         variance_noise=torch.from_numpy(noise))            # DDIMPipeline's call
+        assert settings["ddim_eps_from_clipped"] is False
+        raw, x0_raw = samplers.ddim_step(schedule, out, xt, int(t), t_prev, eta, noise, settings["prediction"],
+                                         settings["clip"], settings["ddim_eps_from_clipped"])
+        _close(x0_raw, plain.pred_original_sample, f"x0 (raw eps) at t={t}")
+        _close(raw, plain.prev_sample, f"x_prev (raw eps) at t={t}")
         if not clip:      # without clipping the raw and the recomputed eps are the same
-            plain = ref.step(torch.from_numpy(out), int(t), torch.from_numpy(xt), eta=eta,
-                             variance_noise=torch.from_numpy(noise))
             _close(x_prev, plain.prev_sample, f"x_prev (raw eps) at t={t}")
+
+
+@pytest.mark.parametrize("cls", ["DDPMScheduler", "DDIMScheduler"])
+def test_steps_offset_gives_diffusers_leading_timesteps(cls):
+    """steps_offset (e.g. 1, as Stable Diffusion's schedulers) shifts every "leading" timestep; the
+    loaded settings' offset gives diffusers' set_timesteps list exactly, and is written back."""
+    for T, S, offset in [(1000, 10, 1), (1000, 7, 1), (999, 10, 1), (1000, 50, 3), (40, 40, 0)]:
+        ref = getattr(diffusers, cls)(num_train_timesteps=T, timestep_spacing="leading", steps_offset=offset)
+        ref.set_timesteps(S)
+        schedule, settings = interop.schedule_from_diffusers(dict(ref.config))
+        assert settings["offset"] == offset
+        ts = samplers.timesteps(T, S, settings["spacing"], settings["offset"])
+        np.testing.assert_array_equal(ts, ref.timesteps.numpy())               # exact
+        written = interop.scheduler_config_to_diffusers(schedule, settings)
+        assert written["steps_offset"] == offset
+        assert interop.schedule_from_diffusers(written)[1] == settings
+    for spacing in ("trailing", "linspace"):        # diffusers ignores steps_offset there; so do we
+        ref = getattr(diffusers, cls)(timestep_spacing=spacing, steps_offset=1)
+        ref.set_timesteps(10)
+        _, settings = interop.schedule_from_diffusers(dict(ref.config))
+        assert settings["offset"] == 0
+        np.testing.assert_array_equal(samplers.timesteps(1000, 10, spacing, settings["offset"]),
+                                      ref.timesteps.numpy())
+    with pytest.raises(ValueError, match="'leading' spacing only"):
+        interop.scheduler_config_to_diffusers(Schedule.linear(100), {"spacing": "trailing", "offset": 1})
 
 
 def test_dynamic_thresholding_maps_to_ours():
@@ -469,30 +512,54 @@ def _inject_our_noise(monkeypatch, pipe, pipeline_module, scheduler_module, seed
     return state
 
 
-@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+# kind -> (pipeline, scheduler keyword arguments, inference steps). The clipped DDIM chains run 8
+# steps: with clipping and the raw eps, x_prev = sqrt(ab_prev) clip(x0_hat) + sqrt(1 - ab_prev) eps(x_t)
+# depends on x_t through the network alone, and this random U-Net amplifies a state difference about
+# 2x per step (measured: each step of ours matches DDIMScheduler.step to ~1e-7 from the same state,
+# yet the float32 U-Net/table differences of ~2e-6 at the first step grow to 4.4e-5 after 8 steps and
+# 1.6e-4 after 10, on the [0, 1] image scale). 8 steps keep the 1e-4 bound of the other runs honest.
+PIPELINES = {
+    "ddpm": ("ddpm", {}, 20),
+    "ddim": ("ddim", dict(clip_sample=False), 10),
+    "ddim-clip": ("ddim", dict(clip_sample=True), 8),           # DDIMPipeline's raw eps after clipping
+    "ddpm-offset": ("ddpm", dict(steps_offset=1), 20),         # timesteps 951, 901, ..., 1
+    "ddim-offset": ("ddim", dict(steps_offset=1, clip_sample=True), 8),   # 876, 751, ..., 1
+}
+
+
+@pytest.mark.parametrize("kind", list(PIPELINES))
 def test_pipeline_run_matches_with_the_same_noise(tmp_path, monkeypatch, kind):
-    """A 20-step DDPMPipeline run (and a 10-step DDIMPipeline, eta = 0, clip_sample False: see
-    test_ddim_step_equals_ddimscheduler_step for why) equals samplers.sample on the converted folder."""
+    """A 20-step DDPMPipeline run (and a 10-step DDIMPipeline, eta = 0, with and without clip_sample),
+    also with steps_offset = 1, equals samplers.sample(**settings) on the converted folder: the same
+    timesteps and, with clip_sample, DDIM's raw eps (settings["ddim_eps_from_clipped"] is False)."""
     import diffusers.pipelines.ddim.pipeline_ddim as ddim_pipeline
     import diffusers.pipelines.ddpm.pipeline_ddpm as ddpm_pipeline
     import diffusers.schedulers.scheduling_ddim as ddim_scheduler
     import diffusers.schedulers.scheduling_ddpm as ddpm_scheduler
     unet = _diffusers_unet("ddpm", seed=2)
-    if kind == "ddpm":
-        pipe = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler())
-        modules, steps = (ddpm_pipeline, ddpm_scheduler), 20
+    sampler, sched_kw, steps = PIPELINES[kind]
+    if sampler == "ddpm":
+        pipe = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(**sched_kw))
+        modules = (ddpm_pipeline, ddpm_scheduler)
     else:
-        pipe = diffusers.DDIMPipeline(unet=unet, scheduler=diffusers.DDIMScheduler(clip_sample=False))
-        modules, steps = (ddim_pipeline, ddim_scheduler), 10
+        pipe = diffusers.DDIMPipeline(unet=unet, scheduler=diffusers.DDIMScheduler(**sched_kw))
+        modules = (ddim_pipeline, ddim_scheduler)
     pipe.save_pretrained(tmp_path)
     model, params, schedule, settings = interop.load_diffusers(tmp_path)
-    assert settings["sampler"] == kind and settings["shape"] == (3, 8, 8)
+    assert settings["sampler"] == sampler and settings["shape"] == (3, 8, 8)
+    assert settings["offset"] == sched_kw.get("steps_offset", 0)
     seed, n = 7, 2
     state = _inject_our_noise(monkeypatch, pipe, *modules, seed=seed, n=n)
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         expected = pipe(batch_size=n, num_inference_steps=steps, output_type="pt").images.numpy()
-    assert state["draws"] == (1 + steps - 1 if kind == "ddpm" else 1)   # x_T + one per step with t > 0
+    ts = samplers.timesteps(schedule.T, steps, settings["spacing"], settings["offset"])
+    np.testing.assert_array_equal(ts, pipe.scheduler.timesteps.numpy())     # the same chain
+    if kind in ("ddpm", "ddim"):
+        assert state["draws"] == (1 + steps - 1 if kind == "ddpm" else 1)   # x_T + one per step with t > 0
+    # diffusers' DDPMScheduler draws noise at every t > 0, also at the final step from t = 1 with an
+    # offset (there with variance clamped at 1e-20: 1e-10 z, far below the tolerance); ours adds none.
+    assert state["draws"] == 1 + (int(np.sum(ts > 0)) if sampler == "ddpm" else 0)
     ours = samplers.sample(model.denoiser(params), schedule, n=n, seed=seed,
                            **{**settings, "num_steps": steps})
     ours = np.clip(ours / 2 + 0.5, 0, 1)                  # the pipeline's output mapping (NCHW, "pt")
@@ -500,6 +567,12 @@ def test_pipeline_run_matches_with_the_same_noise(tmp_path, monkeypatch, kind):
     # ~1e-6 in the tables) accumulated over the chain.
     assert np.max(np.abs(ours - expected)) < 1e-4
     assert np.std(expected) > 0.05                         # a non-trivial image, not all clipped
+    if sampler == "ddim" and sched_kw["clip_sample"]:
+        # Teeth: clipping did change x0_hat on this chain, so the eps convention matters; GLIDE's
+        # re-derived eps samples a visibly different chain from DDIMPipeline's.
+        glide = samplers.sample(model.denoiser(params), schedule, n=n, seed=seed,
+                                **{**settings, "num_steps": steps, "ddim_eps_from_clipped": True})
+        assert np.max(np.abs(np.clip(glide / 2 + 0.5, 0, 1) - expected)) > 1e-2
 
 
 # ------------------------------------------------------- documented differences, pinned down
@@ -571,6 +644,10 @@ def test_diffusers_ddim_previous_timestep_and_raw_eps_differ_as_documented():
     raw = ref.step(torch.from_numpy(out), 900, torch.from_numpy(xt)).prev_sample.numpy()
     ours, _ = samplers.ddim_step(schedule, out, xt, 900, 800, 0.0, None, clip=True)
     assert np.max(np.abs(ours - raw)) > 1e-2                    # a real difference, not rounding
+    # ... which the loaded settings remove: eps_from_clipped=False is DDIMPipeline's raw eps
+    same, _ = samplers.ddim_step(schedule, out, xt, 900, 800, 0.0, None, clip=True,
+                                 eps_from_clipped=settings["ddim_eps_from_clipped"])
+    _close(same, torch.from_numpy(raw), "x_prev with the raw eps")
 
 
 def test_folder_layouts_and_their_refusals(tmp_path):
