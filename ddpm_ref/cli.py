@@ -172,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", type=_nonneg_int, default=None, help="class to draw (class-conditional models)")
     p.add_argument("--guidance", type=_float, default=0.0,
                    help="classifier-free guidance scale w: (1 + w) eps(x, y) - w eps(x) (default 0)")
-    p.add_argument("--clip", choices=("on", "off", "dynamic"), default="on", help="x0 clipping (default on)")
+    p.add_argument("--clip", choices=("auto", "on", "off", "dynamic"), default="auto",
+                   help="clip x0 predictions to [-1, 1]: auto (default) = on for images, off for vectors "
+                        "(the 2-D toys are standardised, not bounded)")
     p.add_argument("--animate", choices=("gif", "apng", "strip"), default=None,
                    help="also write the reverse process: an animation, or a PNG strip")
     p.add_argument("--frames", type=_positive_int, default=40, help="animation frames (default 40)")
@@ -290,13 +292,16 @@ def _load(ckpt_path, no_ema=False):
     return ckpt_path, ck, model, schedule, params, tcfg
 
 
-def _draw(model, schedule, params, tcfg, n, args, y=None, guidance=0.0, trajectory=False, clip=True,
+def _draw(model, schedule, params, tcfg, n, args, y=None, guidance=0.0, trajectory=False, clip="auto",
           progress=True):
     """Samples (n, ...) float32 (and the trajectory, if asked) in chunks of args.batch, with
-    index_offset so that sample i's noise is the same whatever the chunking."""
+    index_offset so that sample i's noise is the same whatever the chunking. ``clip="auto"`` clips
+    x0 predictions to [-1, 1] for images (data scaled to [-1, 1]) and not for vectors."""
     from . import samplers
 
     shape = tuple(int(s) for s in _data_shape(model))
+    if clip == "auto":
+        clip = len(shape) == 3
     num_steps = args.steps
     if num_steps is None:
         num_steps = schedule.T if args.sampler == "ddpm" else min(100, schedule.T)
@@ -378,7 +383,7 @@ def _scatter(x, size=256, lim=None):
     counts = np.zeros((size, size))
     np.add.at(counts, (size - 1 - ij[ok, 1], ij[ok, 0]), 1.0)    # row = -y (up is up)
     dens = np.log1p(counts) / max(np.log1p(counts.max()), 1e-12)
-    return (255 - np.round(235 * dens)).astype(np.uint8)
+    return np.where(counts > 0, 175 - np.round(175 * dens), 255).astype(np.uint8)   # any point: <= 175
 
 
 def _scatter_png(path, x, lim=None):
@@ -406,7 +411,7 @@ def cmd_sample(args):
     y = _labels(model, args.n, args.label)
     if args.guidance and y is None:
         raise ValueError("--guidance needs --label (and a class-conditional model)")
-    clip = {"on": True, "off": False, "dynamic": "dynamic"}[args.clip]
+    clip = {"auto": "auto", "on": True, "off": False, "dynamic": "dynamic"}[args.clip]
     want_traj = args.animate is not None
     res = _draw(model, schedule, params, tcfg, args.n, args, y=y, guidance=args.guidance, trajectory=want_traj,
                 clip=clip)
