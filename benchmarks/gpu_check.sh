@@ -23,13 +23,11 @@ if ! python -c "import ddpm_ref.kernels" 2>/dev/null; then
   pip install --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 || say "pip install -e . failed (see log)"
 fi
 if ! python -c "import ddpm_ref.kernels" 2>/dev/null; then
-  # Fallback without pip: a package tree of symlinks with kernels/ mounted as ddpm_ref/kernels.
-  PKG="$(mktemp -d)"
-  mkdir -p "$PKG/ddpm_ref"
-  for f in ddpm_ref/*; do ln -s "$PWD/$f" "$PKG/ddpm_ref/"; done
-  ln -s "$PWD/kernels" "$PKG/ddpm_ref/kernels"
-  export PYTHONPATH="$PKG:$PYTHONPATH"
-  say "using a symlinked package tree at $PKG"
+  # Fallback without pip: mount kernels/ as ddpm_ref/kernels with a symlink for this run only
+  # (`python -m pytest` puts the checkout first on sys.path, so the link must live in it).
+  ln -sfn ../kernels ddpm_ref/kernels
+  trap 'rm -f ddpm_ref/kernels' EXIT
+  say "linked kernels/ as ddpm_ref/kernels for this run"
 fi
 
 say "environment"
@@ -52,19 +50,23 @@ PY
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt" >> "$LOG"
 
-say "kernel tests (full size, real GPU)"
-timeout 180 python -m pytest tests/test_kernels_noise.py tests/test_kernels_optim.py tests/test_kernels_conv.py \
-  tests/test_kernels_norm.py tests/test_kernels_loss_attention.py tests/test_kernels_sampling.py \
-  tests/test_kernels_elementwise.py tests/test_kernels_train.py tests/test_kernels_runtime.py \
-  -p no:cacheprovider -q -rs --durations=15 \
-  --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log" >> "$LOG"
-TEST_RC=${PIPESTATUS[0]}
-say "tests exit status $TEST_RC"
+# Per-test time limit when pytest-timeout is there, so one hung test cannot eat the whole budget.
+PER_TEST_TIMEOUT=""
+python -c "import pytest_timeout" 2>/dev/null && PER_TEST_TIMEOUT="--timeout=90"
 
 say "kernel benchmarks"
 timeout 100 python benchmarks/bench_kernels.py --quick --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" >> "$LOG"
 BENCH_RC=${PIPESTATUS[0]}
 say "benchmarks exit status $BENCH_RC"
+
+say "kernel tests (full size, real GPU)"
+timeout 180 python -m pytest tests/test_kernels_noise.py tests/test_kernels_optim.py tests/test_kernels_conv.py \
+  tests/test_kernels_norm.py tests/test_kernels_loss_attention.py tests/test_kernels_sampling.py \
+  tests/test_kernels_elementwise.py tests/test_kernels_train.py tests/test_kernels_runtime.py \
+  -p no:cacheprovider -v -rs --durations=15 $PER_TEST_TIMEOUT \
+  --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log" >> "$LOG"
+TEST_RC=${PIPESTATUS[0]}
+say "tests exit status $TEST_RC"
 
 python - "$OUT" "$TEST_RC" "$BENCH_RC" <<'PY'
 import json, os, sys
