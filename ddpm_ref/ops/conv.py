@@ -179,16 +179,18 @@ def conv2d_forward(x, w, b=None, stride=1, padding=1):
         xr = np.zeros((C, L), dtype=dt)         # (C, L) zero-padded input, one row per channel
         xr[:, base:base + M].reshape(C, N, Hs, Ws)[:, :, :H, :W] = x.transpose(1, 0, 2, 3)
         w2 = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C)              # (O, K), K ordered (i, j, c)
-        yr = None                                                         # (O, M) output on the grid
+        yr = tmp = None                                                   # (O, M) output on the grid
         for lo, hi in _offset_groups(kh, kw, C, M):
             col = _stack_shifts(xr, lo, hi, kw, Ws, M)                    # ((hi-lo) C, M)
-            part = w2[:, lo * C:hi * C] @ col                             # (O, (hi-lo) C) @ (.., M)
-            del col
             if yr is None:
-                yr = part
+                yr = w2[:, lo * C:hi * C] @ col                           # (O, (hi-lo) C) @ (.., M)
             else:
-                yr += part
-            del part
+                if tmp is None:
+                    tmp = np.empty((O, M), dtype=dt)                      # one scratch, reused
+                np.matmul(w2[:, lo * C:hi * C], col, out=tmp)
+                yr += tmp
+            del col
+        del tmp
         y_grid = yr.reshape(O, N, Hs, Ws)[:, :, :Ho, :Wo]                 # (O, N, Ho, Wo) view
         cache = {"path": path, "xr": xr}
     else:
@@ -349,12 +351,15 @@ def conv2d_backward(dy, cache, input_grad=True):
             # shift, one GEMM per group of offsets, then one shifted add per offset.
             dxr = np.zeros((C, L), dtype=dt)                            # (C, L)
             w2t = w.transpose(2, 3, 1, 0).reshape(kh * kw * C, O)      # (K, O), K ordered (i, j, c)
+            dcol = None
             for lo, hi in groups:
-                dcol = w2t[lo * C:hi * C] @ dyr                         # ((hi-lo) C, O) @ (O, M)
+                if dcol is None or dcol.shape[0] != (hi - lo) * C:
+                    dcol = np.empty(((hi - lo) * C, M), dtype=dt)       # scratch, reused per group
+                np.matmul(w2t[lo * C:hi * C], dyr, out=dcol)            # ((hi-lo) C, O) @ (O, M)
                 for kk in range(lo, hi):
                     off = (kk // kw) * Ws + kk % kw
                     dxr[:, off:off + M] += dcol[(kk - lo) * C:(kk - lo + 1) * C]
-                del dcol
+            del dcol
             dx_grid = dxr[:, base:base + M]                             # (C, M) the input pixels' slots
         dx = dx_grid.reshape(C, N, Hs, Ws)[:, :, :H, :W]                  # (C, N, H, W) view
         return np.ascontiguousarray(dx.transpose(1, 0, 2, 3)), dw, db     # (N, C, H, W)
