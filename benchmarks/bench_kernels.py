@@ -2,10 +2,12 @@
 
 What it measures (on a real NVIDIA GPU, CuPy arrays; refuses to run in the simulator):
 
-1. Noise kernels vs a device-to-device copy. Bandwidth = bytes that must move / time:
+1. Noise kernels vs a device-to-device copy. Bandwidth = bytes read + written / time:
    ``q_sample_target`` (read x0, write x_t and the target: 3 arrays), the same without the target
    (2 arrays), ``normal`` (write 1), ``mse_noise_loss`` (read pred and x0, write dpred: 3), against
-   ``cupy`` copying the same number of bytes (read 1 + write 1). Target: >= 85% of the copy's GB/s.
+   ``cupy`` copying one array (read 1 + write 1). Arrays of 65536 x 3 x 32 x 32 float32 (805 MB
+   each) by default, so launch costs are negligible; both the kernel's throughput (back-to-back
+   launches) and one public call are reported, v2 and v1. Target: >= 85% of the copy's GB/s.
 2. Convolution forward + backward (dx, dw, db), the public choice and the v1 / v2 tiles each, on
    every convolution of the ``cifar`` preset U-Net
    (diffusers UNet2DModel, block_out (128, 256, 256, 256), 2 layers per block) at batch 128, each
@@ -93,7 +95,15 @@ def cifar_conv_shapes(batch=128):
     return [(n,) + key for key, n in shapes.items()]
 
 
-def bench_noise(cupy, kn, time_it, repeats, n):
+def bench_noise(cupy, kn, time_it, repeats, n, launches=5):
+    """Noise kernels vs a device-to-device copy of the same array size (n samples of 3x32x32).
+
+    Two figures per case: "kernel" = ``launches`` back-to-back launches of the prepared kernel
+    between two events, divided by ``launches`` (the host-side launch cost overlaps the previous
+    kernel: the GPU's throughput); "call" = one call of the public function (argument checks, the
+    per-sample table copied to the device, the launch, and for the loss the host read of the scalar
+    loss). Bytes = arrays read + written, each ``n * 3072 * 4``.
+    """
     from ddpm_ref.schedule import Schedule
     sched = Schedule.linear()
     shape = (3, 32, 32)
@@ -103,19 +113,45 @@ def bench_noise(cupy, kn, time_it, repeats, n):
     index = np.arange(n)
     nbytes = x0.nbytes
     dst = cupy.empty_like(x0)
-    copy_s = time_it(lambda: dst.__setitem__(Ellipsis, x0), repeats)
+
+    def many(fn):
+        def run():
+            for _ in range(launches):
+                fn()
+        return run
+
+    copy_s = time_it(many(lambda: dst.__setitem__(Ellipsis, x0)), repeats) / launches
     copy_gbs = 2 * nbytes / copy_s / 1e9
-    rows = [{"name": "device-to-device copy", "bytes": 2 * nbytes, "seconds": copy_s, "GB/s": copy_gbs}]
+    rows = [{"name": "device-to-device copy", "bytes": 2 * nbytes, "seconds": copy_s, "GB/s": copy_gbs,
+             "array_MB": nbytes / 1e6}]
+
+    # Prepared v2 launches (kernel-only figures).
+    q_launch, _, _ = kn._q_sample_plan(sched, x0, t, 1, index, 5, "v", None, 0, True)
+    q1_launch, _, _ = kn._q_sample_plan(sched, x0, t, 1, index, 5, "epsilon", None, 0, False)
+    m_launch, _ = kn._mse_plan(sched, pred, x0, t, 1, index, 5, "epsilon", None, None, 0, 1.0)
+    out = cupy.empty((n, 3072), dtype=cupy.float32)
+    params = kn._packed(n, np.asarray(index, np.uint32), np.full(n, 5, np.uint32), np.zeros(n, np.uint32))
+    grid, threads = kn._tile_launch(n, 3072 // 4)
+    normal_launch = lambda: kn.philox_float_kernel_v2[grid, threads](out, params, np.uint32(1), np.uint32(4),  # noqa: E731
+                                                                     np.int32(0))
     cases = [
-        ("q_sample_target (x_t + target)", 3, lambda: kn.q_sample_target(sched, x0, t, 1, index, 5, "v")),
-        ("q_sample_target (x_t only)", 2, lambda: kn.q_sample_target(sched, x0, t, 1, index, 5, store_target=False)),
-        ("normal", 1, lambda: kn.normal(1, 4, index, 5, shape)),
-        ("mse_noise_loss (loss + dpred)", 3, lambda: kn.mse_noise_loss(sched, pred, x0, t, 1, index, 5)),
+        ("q_sample_target (x_t + target)", 3, "kernel v2", many(q_launch), launches),
+        ("q_sample_target (x_t + target)", 3, "call v2", lambda: kn.q_sample_target_v2(sched, x0, t, 1, index, 5, "v"), 1),
+        ("q_sample_target (x_t + target)", 3, "call v1", lambda: kn.q_sample_target_v1(sched, x0, t, 1, index, 5, "v"), 1),
+        ("q_sample_target (x_t only)", 2, "kernel v2", many(q1_launch), launches),
+        ("q_sample_target (x_t only)", 2, "call v2",
+         lambda: kn.q_sample_target_v2(sched, x0, t, 1, index, 5, store_target=False), 1),
+        ("normal", 1, "kernel v2", many(normal_launch), launches),
+        ("normal", 1, "call v2", lambda: kn.normal_v2(1, 4, index, 5, shape), 1),
+        ("normal", 1, "call v1", lambda: kn.normal_v1(1, 4, index, 5, shape), 1),
+        ("mse_noise_loss (loss + dpred)", 3, "kernel v2", many(m_launch), launches),
+        ("mse_noise_loss (loss + dpred)", 3, "call v2", lambda: kn.mse_noise_loss_v2(sched, pred, x0, t, 1, index, 5), 1),
+        ("mse_noise_loss (loss + dpred)", 3, "call v1", lambda: kn.mse_noise_loss_v1(sched, pred, x0, t, 1, index, 5), 1),
     ]
-    for name, arrays, fn in cases:
-        s = time_it(fn, repeats)
+    for name, arrays, how, fn, per in cases:
+        s = time_it(fn, repeats) / per
         gbs = arrays * nbytes / s / 1e9
-        rows.append({"name": name, "bytes": arrays * nbytes, "seconds": s, "GB/s": gbs,
+        rows.append({"name": f"{name} [{how}]", "bytes": arrays * nbytes, "seconds": s, "GB/s": gbs,
                      "fraction_of_copy": gbs / copy_gbs})
     return rows
 
@@ -226,7 +262,8 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="JSON file to write")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--noise-batch", type=int, default=8192, help="samples of 3x32x32 for the bandwidth runs")
+    parser.add_argument("--noise-batch", type=int, default=65536,
+                        help="samples of 3x32x32 for the bandwidth runs (65536: 805 MB per array)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (5)")
     args = parser.parse_args(argv)
     from ddpm_ref.kernels import runtime
@@ -257,9 +294,9 @@ def main(argv=None):
               "repeats": repeats, "batch": args.batch}
     t0 = time.time()
     result["noise"] = bench_noise(cupy, noise, time_it, repeats, args.noise_batch)
-    print(f"{'noise kernel':36s} {'GB/s':>8s} {'of copy':>8s}")
+    print(f"{'noise kernel':48s} {'GB/s':>8s} {'of copy':>8s} {'ms':>8s}")
     for r in result["noise"]:
-        print(f"{r['name']:36s} {r['GB/s']:8.1f} {r.get('fraction_of_copy', 1.0):8.2%}")
+        print(f"{r['name']:48s} {r['GB/s']:8.1f} {r.get('fraction_of_copy', 1.0):8.2%} {r['seconds'] * 1e3:8.3f}")
     rows, summary = bench_conv(cupy, conv, time_it, repeats, args.batch, torch)
     result["conv"] = {"rows": rows, "summary": summary}
     print(f"\n{'conv (count x C->O @H, k, s)':34s} {'ours ms':>9s} {'TFLOP/s':>8s} {'v1 ms':>8s} {'v2 ms':>8s} "

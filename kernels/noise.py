@@ -17,6 +17,21 @@ What it is (Ho et al. 2020, arXiv 2006.11239; Song et al. 2021 for DDIM):
   prediction from the model output, clipping, the posterior mean (eq. 7), the variance and the fresh
   noise ``z = rng.normal(seed, Stream.SAMPLE_STEP, index, t, shape)``.
 
+Versions (side by side, each tested against ``ddpm_ref.rng`` / ``ddpm_ref.diffusion``; the public
+names point at v2):
+
+* v1: one thread per Philox block of 4 elements, grid-stride over ``(sample, block)`` with a 64-bit
+  division per item; each thread reads and writes its 4 consecutive elements (a warp's access spans
+  4x the cache lines it uses); float64 Box-Muller; five per-sample arrays copied to the device per call.
+* v2: a 2-D grid, ``blockIdx.y`` over samples and ``blockIdx.x`` over tiles of ``4 * blockDim``
+  elements of one sample (no division). Each thread draws one Philox block (uint32 Philox, float32
+  Box-Muller with a float64 tail: ``rng.py``, version 2) into a padded shared-memory tile (conflict
+  free), then the block reads x0 and writes x_t / the target *coalesced* (thread ``tid`` handles
+  elements ``tid + k blockDim``). The per-sample scalars travel as one packed float64 array
+  ``(N, 6)``: ``a, b, coef, index, step, sub`` (uint32 values and float32 coefficients are exact in
+  float64), one host-to-device copy per call. Normals within 1e-6 of the reference (the bound is
+  derived in ``rng.py``); words still bit-identical.
+
 What it is not: the reference. Every per-step or per-sample *scalar* (square roots of alpha_bar,
 posterior coefficients, sigma) is computed on the host in float64 from the ``Schedule`` tables and
 handed to the kernel as float32, exactly once; the kernels do the per-element work in float32.
@@ -30,11 +45,13 @@ import numpy as np
 from . import runtime as _b
 from ._jit import cuda, device, kernel
 from numba import float32, float64, uint32  # noqa: E402  (numba is importable once ._jit imported)
-from .rng import philox4x32_10, philox_normal4, word_to_uniform
+from .rng import philox4x32_10, philox4x32_10_v2, philox_normal4, philox_normal4_v2, word_to_uniform
 
 __all__ = [
     "random_bits", "uniform", "normal", "q_sample_target", "mse_noise_loss", "PREDICTIONS",
-    "ddpm_step", "ddim_step", "sample",
+    "ddpm_step", "ddim_step", "sample", "normal_v1", "normal_v2", "uniform_v1", "uniform_v2",
+    "q_sample_target_v1", "q_sample_target_v2", "mse_noise_loss_v1", "mse_noise_loss_v2",
+    "random_bits_v1", "random_bits_v2",
 ]
 
 PREDICTIONS = {"epsilon": 0, "sample": 1, "v": 2}
@@ -137,7 +154,7 @@ def _shape_size(shape):
     return shape, int(np.prod(shape, dtype=np.int64))
 
 
-def random_bits(seed, stream, index, step=0, shape=(), sub=0):
+def random_bits_v1(seed, stream, index, step=0, shape=(), sub=0):
     """Device uint32 words ``(len(index),) + shape``, bit-identical to ``ddpm_ref.rng.random_bits``."""
     seed, stream, index, step, sub = _address(seed, stream, index, step, sub)
     shape, size = _shape_size(shape)
@@ -162,12 +179,12 @@ def _floats(kind, seed, stream, index, step, shape, sub):
     return out.reshape((index.shape[0],) + shape)
 
 
-def normal(seed, stream, index, step=0, shape=(), sub=0):
+def normal_v1(seed, stream, index, step=0, shape=(), sub=0):
     """Device float32 normals ``(len(index),) + shape``, as ``ddpm_ref.rng.normal``."""
     return _floats(0, seed, stream, index, step, shape, sub)
 
 
-def uniform(seed, stream, index, step=0, shape=(), sub=0):
+def uniform_v1(seed, stream, index, step=0, shape=(), sub=0):
     """Device float32 uniforms in (0, 1), ``(len(index),) + shape``, as ``ddpm_ref.rng.uniform``."""
     return _floats(1, seed, stream, index, step, shape, sub)
 
@@ -235,7 +252,7 @@ def _forward_coefficients(schedule, t, n):
     return a, b
 
 
-def q_sample_target(schedule, x0, t, seed, index, step=0, prediction="epsilon",
+def q_sample_target_v1(schedule, x0, t, seed, index, step=0, prediction="epsilon",
                     stream=None, sub=0, store_target=True):
     """Fused forward process: ``(x_t, target)`` from ``x0`` in one pass, eps drawn in registers.
 
@@ -325,7 +342,7 @@ def _row_launch(n_rows):
     return max(1, min(n_rows, 65535)), _RED_THREADS
 
 
-def mse_noise_loss(schedule, pred, x0, t, seed, index, step=0, prediction="epsilon", weights=None,
+def mse_noise_loss_v1(schedule, pred, x0, t, seed, index, step=0, prediction="epsilon", weights=None,
                    stream=None, sub=0, dloss=1.0):
     """Fused L_simple (eq. 14) with the noise regenerated in registers (nothing read but pred, x0).
 
@@ -367,6 +384,337 @@ def mse_noise_loss(schedule, pred, x0, t, seed, index, step=0, prediction="epsil
     per_sample = sq_sum / size                                     # (N,) float64
     loss = float(_b.to_host((per_sample * xp.asarray(w, dtype=xp.float64)).mean()))
     return loss, per_sample.astype(xp.float32), dpred.reshape(pred.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Version 2: 2-D grid, shared-memory tile of normals, coalesced accesses, one packed argument array
+# ---------------------------------------------------------------------------------------------
+
+_P_A, _P_B, _P_COEF, _P_INDEX, _P_STEP, _P_SUB = range(6)   # columns of the packed (N, 6) float64
+_TILE_SHARED = 4 * _THREADS + _THREADS // 8                  # 4 words per thread + 1 pad per 32
+
+
+@device
+def _tile_slot(p):
+    """Shared-memory slot of tile element ``p``: one pad word per 32, so both the Philox writes
+    (``p = 4 tid + j``) and the coalesced reads (``p = tid + k blockDim``) are conflict-free."""
+    return p + (p >> 5)
+
+
+@device
+def _normals_to_tile(buf, t0, nb, idx, st, sb, seed, stream, kind):
+    """Thread ``tid`` draws Philox block ``t0 + tid`` of the sample into the tile: normals (kind 0)
+    or uniforms (kind 1)."""
+    tid = cuda.threadIdx.x
+    blk = t0 + tid
+    if blk < nb:
+        if kind == 0:
+            z0, z1, z2, z3 = philox_normal4_v2(blk, idx, st, sb, seed, stream)
+        else:
+            w0, w1, w2, w3 = philox4x32_10_v2(blk, idx, st, sb, seed, stream)
+            z0 = word_to_uniform(w0)
+            z1 = word_to_uniform(w1)
+            z2 = word_to_uniform(w2)
+            z3 = word_to_uniform(w3)
+        p = 4 * tid
+        buf[_tile_slot(p)] = z0
+        buf[_tile_slot(p + 1)] = z1
+        buf[_tile_slot(p + 2)] = z2
+        buf[_tile_slot(p + 3)] = z3
+
+
+@kernel(f"void({_F32_2D}, float64[:, ::1], uint32, uint32, int32)")
+def philox_float_kernel_v2(out, params, seed, stream, kind):
+    """out (N, size) float32: normals (kind 0) or uniforms (kind 1); params (N, 6) packed."""
+    buf = cuda.shared.array(_TILE_SHARED, dtype=float32)
+    n = out.shape[0]
+    size = out.shape[1]
+    nb = (size + 3) // 4
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    for i in range(cuda.blockIdx.y, n, cuda.gridDim.y):
+        idx = uint32(params[i, _P_INDEX])
+        st = uint32(params[i, _P_STEP])
+        sb = uint32(params[i, _P_SUB])
+        t0 = cuda.blockIdx.x * nt
+        while t0 < nb:                     # a while loop: no trip-count division per sample
+            _normals_to_tile(buf, t0, nb, idx, st, sb, seed, stream, kind)
+            cuda.syncthreads()
+            e0 = 4 * t0
+            for k in range(4):
+                p = tid + k * nt
+                if e0 + p < size:
+                    out[i, e0 + p] = buf[_tile_slot(p)]
+            cuda.syncthreads()
+            t0 += cuda.gridDim.x * nt
+
+
+@kernel(f"void({_F32_2D}, {_F32_2D}, {_F32_2D}, float64[:, ::1], uint32, uint32, int32, int32)")
+def q_sample_kernel_v2(x0, xt, target, params, seed, stream, mode, store_target):
+    """x0, xt, target (N, D): x_t = a x0 + b eps (eq. 4) and the target, eps from the tile."""
+    buf = cuda.shared.array(_TILE_SHARED, dtype=float32)
+    n = x0.shape[0]
+    size = x0.shape[1]
+    nb = (size + 3) // 4
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    for i in range(cuda.blockIdx.y, n, cuda.gridDim.y):
+        ai = float32(params[i, _P_A])
+        bi = float32(params[i, _P_B])
+        idx = uint32(params[i, _P_INDEX])
+        st = uint32(params[i, _P_STEP])
+        sb = uint32(params[i, _P_SUB])
+        t0 = cuda.blockIdx.x * nt
+        while t0 < nb:
+            _normals_to_tile(buf, t0, nb, idx, st, sb, seed, stream, 0)
+            cuda.syncthreads()
+            e0 = 4 * t0
+            for k in range(4):
+                p = tid + k * nt
+                e = e0 + p
+                if e < size:
+                    eps = buf[_tile_slot(p)]
+                    v = x0[i, e]
+                    xt[i, e] = ai * v + bi * eps          # eq. 4: sqrt(ab) x0 + sqrt(1 - ab) eps
+                    if store_target != 0:
+                        target[i, e] = _target_of(v, eps, ai, bi, mode)
+            cuda.syncthreads()
+            t0 += cuda.gridDim.x * nt
+
+
+@kernel(f"void({_F32_2D}, {_F32_2D}, float64[:, ::1], uint32, uint32, int32, {_F32_2D}, float64[::1])")
+def mse_noise_kernel_v2(pred, x0, params, seed, stream, mode, dpred, sq_sum):
+    """One block per sample (grid-stride): sq_sum[i] = sum_e (pred - target)^2 (each thread adds its
+    4 squares of a tile in float32, then accumulates in float64; a float64 tree across the block)
+    and dpred = coef[i] (pred - target), target rebuilt from the regenerated eps. Deterministic."""
+    buf = cuda.shared.array(_TILE_SHARED, dtype=float32)
+    partial = cuda.shared.array(_RED_THREADS, dtype=float64)
+    n = pred.shape[0]
+    size = pred.shape[1]
+    nb = (size + 3) // 4
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    for i in range(cuda.blockIdx.x, n, cuda.gridDim.x):
+        ai = float32(params[i, _P_A])
+        bi = float32(params[i, _P_B])
+        gi = float32(params[i, _P_COEF])
+        idx = uint32(params[i, _P_INDEX])
+        st = uint32(params[i, _P_STEP])
+        sb = uint32(params[i, _P_SUB])
+        acc = float64(0.0)
+        t0 = 0
+        while t0 < nb:
+            _normals_to_tile(buf, t0, nb, idx, st, sb, seed, stream, 0)
+            cuda.syncthreads()
+            e0 = 4 * t0
+            s4 = float32(0.0)
+            for k in range(4):
+                p = tid + k * nt
+                e = e0 + p
+                if e < size:
+                    d = pred[i, e] - _target_of(x0[i, e], buf[_tile_slot(p)], ai, bi, mode)
+                    s4 += d * d
+                    dpred[i, e] = gi * d
+            acc += float64(s4)
+            cuda.syncthreads()
+            t0 += nt
+        partial[tid] = acc
+        cuda.syncthreads()
+        s = nt // 2
+        while s > 0:                                   # tree reduction (blockDim is a power of two)
+            if tid < s:
+                partial[tid] += partial[tid + s]
+            cuda.syncthreads()
+            s //= 2
+        if tid == 0:
+            sq_sum[i] = partial[0]
+        cuda.syncthreads()
+
+
+def _packed(n, index, step, sub, a=None, b=None, coef=None):
+    """The per-sample scalars as one (N, 6) float64 device array (one host-to-device copy)."""
+    params = np.zeros((n, 6), dtype=np.float64)
+    params[:, _P_INDEX] = index
+    params[:, _P_STEP] = step
+    params[:, _P_SUB] = sub
+    for col, v in ((_P_A, a), (_P_B, b), (_P_COEF, coef)):
+        if v is not None:
+            params[:, col] = np.asarray(v, dtype=np.float32)        # float32 values, exact in float64
+    return _b.to_device(params)
+
+
+def _tile_launch(n, nb):
+    """(grid (x, y), threads) for the v2 tile kernels: x over tiles of one sample, y over samples."""
+    if _b.is_simulator():
+        return (1, min(max(n, 1), 2)), 32
+    return (max(1, min(_b._GPU_MAX_BLOCKS, (nb + _THREADS - 1) // _THREADS)),
+            max(1, min(n, 65535))), _THREADS
+
+
+@kernel(f"void(uint32[:, ::1], float64[:, ::1], uint32, uint32)")
+def philox_bits_kernel_v2(out, params, seed, stream):
+    """out (N, size) uint32 with the uint32-state Philox (version 2); params (N, 6) packed."""
+    n = out.shape[0]
+    size = out.shape[1]
+    nb = (size + 3) // 4
+    for i in range(cuda.blockIdx.y, n, cuda.gridDim.y):
+        idx = uint32(params[i, _P_INDEX])
+        st = uint32(params[i, _P_STEP])
+        sb = uint32(params[i, _P_SUB])
+        for blk in range(cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x, nb,
+                         cuda.gridDim.x * cuda.blockDim.x):
+            w0, w1, w2, w3 = philox4x32_10_v2(blk, idx, st, sb, seed, stream)
+            e = blk * 4
+            out[i, e] = w0
+            if e + 1 < size:
+                out[i, e + 1] = w1
+            if e + 2 < size:
+                out[i, e + 2] = w2
+            if e + 3 < size:
+                out[i, e + 3] = w3
+
+
+def random_bits_v2(seed, stream, index, step=0, shape=(), sub=0):
+    """Device uint32 words ``(len(index),) + shape``, bit-identical to ``ddpm_ref.rng.random_bits``."""
+    seed, stream, index, step, sub = _address(seed, stream, index, step, sub)
+    shape, size = _shape_size(shape)
+    xp = _b.xp()
+    n = index.shape[0]
+    out = xp.empty((n, size), dtype=xp.uint32)
+    if out.size:
+        grid, threads = _tile_launch(n, (size + 3) // 4)
+        philox_bits_kernel_v2[grid, threads](out, _packed(n, index, step, sub), seed, stream)
+    return out.reshape((n,) + shape)
+
+
+def _floats_v2(kind, seed, stream, index, step, shape, sub):
+    seed, stream, index, step, sub = _address(seed, stream, index, step, sub)
+    shape, size = _shape_size(shape)
+    xp = _b.xp()
+    n = index.shape[0]
+    out = xp.empty((n, size), dtype=xp.float32)
+    if out.size:
+        grid, threads = _tile_launch(n, (size + 3) // 4)
+        philox_float_kernel_v2[grid, threads](out, _packed(n, index, step, sub), seed, stream,
+                                              np.int32(kind))
+    return out.reshape((n,) + shape)
+
+
+def normal_v2(seed, stream, index, step=0, shape=(), sub=0):
+    """Device float32 normals ``(len(index),) + shape``, as ``ddpm_ref.rng.normal`` (within 1e-6)."""
+    return _floats_v2(0, seed, stream, index, step, shape, sub)
+
+
+def uniform_v2(seed, stream, index, step=0, shape=(), sub=0):
+    """Device float32 uniforms in (0, 1), ``(len(index),) + shape``, as ``ddpm_ref.rng.uniform`` (exact)."""
+    return _floats_v2(1, seed, stream, index, step, shape, sub)
+
+
+def _q_sample_plan(schedule, x0, t, seed, index, step, prediction, stream, sub, store_target):
+    """Validate and allocate: returns (launch, xt, target) where ``launch()`` runs the v2 kernel."""
+    from ddpm_ref.rng import Stream
+    stream = Stream.TRAIN_NOISE if stream is None else stream
+    mode = _check_prediction(prediction)
+    _b.check_array(x0, "x0")
+    n = x0.shape[0]
+    seed, stream, index, step, sub = _address(seed, stream, index, step, sub)
+    if index.shape[0] != n:
+        raise ValueError(f"index must have one entry per sample ({n}), got {index.shape[0]}")
+    a, b = _forward_coefficients(schedule, t, n)
+    xp = _b.xp()
+    x2 = x0.reshape(n, -1)                                 # (N, D)
+    xt = xp.empty_like(x2)
+    target = xp.empty_like(x2) if store_target else xp.empty((1, 1), dtype=xp.float32)
+    params = _packed(n, index, step, sub, a, b)
+    grid, threads = _tile_launch(n, (x2.shape[1] + 3) // 4)
+    store = np.int32(1 if store_target else 0)
+
+    def launch():
+        if x2.size:
+            q_sample_kernel_v2[grid, threads](x2, xt, target, params, seed, stream, mode, store)
+    return launch, xt.reshape(x0.shape), (target.reshape(x0.shape) if store_target else None)
+
+
+def q_sample_target_v2(schedule, x0, t, seed, index, step=0, prediction="epsilon",
+                       stream=None, sub=0, store_target=True):
+    """Fused forward process: ``(x_t, target)`` from ``x0`` in one pass, eps drawn in registers.
+
+    schedule: ``ddpm_ref.schedule.Schedule``; x0 device float32 (N, ...); t int (N,) on the host;
+    eps = ``rng.normal(seed, stream, index, step, x0.shape[1:], sub)`` with ``stream`` defaulting to
+    ``Stream.TRAIN_NOISE``. Returns device ``(xt, target)``, target ``None`` when ``store_target`` is
+    False (then :func:`mse_noise_loss` regenerates it). Equals ``diffusion.q_sample`` and
+    ``diffusion.training_target`` with that noise: ``x_t = sqrt(alpha_bar_t) x0 + sqrt(1 -
+    alpha_bar_t) eps`` (eq. 4), target eps, x0 or ``v = sqrt(ab) eps - sqrt(1 - ab) x0``.
+    """
+    launch, xt, target = _q_sample_plan(schedule, x0, t, seed, index, step, prediction, stream, sub,
+                                        store_target)
+    launch()
+    return xt, target
+
+
+def _mse_plan(schedule, pred, x0, t, seed, index, step, prediction, weights, stream, sub, dloss):
+    """Validate and allocate: returns (launch, finish) for the v2 loss kernel; finish() -> results."""
+    from ddpm_ref.rng import Stream
+    stream = Stream.TRAIN_NOISE if stream is None else stream
+    mode = _check_prediction(prediction)
+    _b.check_array(pred, "pred")
+    _b.check_array(x0, "x0", shape=pred.shape)
+    n = pred.shape[0]
+    seed, stream, index, step, sub = _address(seed, stream, index, step, sub)
+    if index.shape[0] != n:
+        raise ValueError(f"index must have one entry per sample ({n}), got {index.shape[0]}")
+    a, b = _forward_coefficients(schedule, t, n)
+    if weights is None:
+        w = np.ones(n, dtype=np.float32)
+    else:
+        w = np.asarray(_b.to_host(weights) if not isinstance(weights, np.ndarray) else weights,
+                       dtype=np.float32)
+        if w.shape != (n,):
+            raise ValueError(f"weights must have shape ({n},), got {w.shape}")
+    xp = _b.xp()
+    p2 = pred.reshape(n, -1)
+    size = p2.shape[1]
+    if n == 0 or size == 0:
+        raise ValueError(f"pred must be non-empty, got shape {tuple(pred.shape)}")
+    dpred = xp.empty_like(p2)
+    sq_sum = xp.empty(n, dtype=xp.float64)                          # every row is written
+    coef = ((float(dloss) * 2.0 / (n * size)) * w.astype(np.float64)).astype(np.float32)
+    params = _packed(n, index, step, sub, a, b, coef)
+    blocks, threads = _row_launch(n)
+    x2 = x0.reshape(n, -1)
+
+    def launch():
+        mse_noise_kernel_v2[blocks, threads](p2, x2, params, seed, stream, mode, dpred, sq_sum)
+
+    def finish():
+        per_sample = sq_sum / size                                 # (N,) float64
+        loss = float(_b.to_host((per_sample * xp.asarray(w, dtype=xp.float64)).mean()))
+        return loss, per_sample.astype(xp.float32), dpred.reshape(pred.shape)
+    return launch, finish
+
+
+def mse_noise_loss_v2(schedule, pred, x0, t, seed, index, step=0, prediction="epsilon", weights=None,
+                      stream=None, sub=0, dloss=1.0):
+    """Fused L_simple (eq. 14) with the noise regenerated in registers (nothing read but pred, x0).
+
+    Loss = mean_i( w_i * mean_e (pred - target)^2 ), target = eps, x0 or v built from
+    eps = ``rng.normal(seed, stream, index, step, x0.shape[1:], sub)`` exactly as
+    :func:`q_sample_target` drew it. Returns ``(loss (float), per_sample (N,) device float32 unweighted
+    means, dpred device float32 like pred)`` where ``dpred = dloss * dL/dpred``. Equals
+    ``ops.mse_forward(pred, target, weights)`` / ``ops.mse_backward``.
+    """
+    launch, finish = _mse_plan(schedule, pred, x0, t, seed, index, step, prediction, weights, stream,
+                               sub, dloss)
+    launch()
+    return finish()
+
+
+# The public names: the best version (v2; see the module docstring).
+random_bits = random_bits_v2
+normal = normal_v2
+uniform = uniform_v2
+q_sample_target = q_sample_target_v2
+mse_noise_loss = mse_noise_loss_v2
 
 
 # ---------------------------------------------------------------------------------------------
