@@ -48,6 +48,9 @@ CONFIGS = {
     "no attention, 3 levels, 3 channels": ("tiny", dict(in_channels=3, ch_mult=(1, 2, 2), num_res_blocks=2,
                                                         attn_resolutions=(), mid_attention=False)),
     "small preset": ("small", dict()),
+    # diffusers' default downsampler (symmetric padding 1, stride 2) at two downsamplings, one with attention
+    "downsample_padding=1, 3 levels": ("tiny", dict(ch_mult=(1, 2, 2), attn_resolutions=(4,), downsample_padding=1,
+                                                    num_classes=5)),
 }
 
 

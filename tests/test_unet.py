@@ -70,6 +70,55 @@ def test_config_errors():
         UNet.from_preset("tiny", head_dim=3)
     with pytest.raises(ValueError, match="dropout"):
         UNet.from_preset("tiny", dropout=1.0)
+    for bad in (2, -1, True, 1.0, "1"):
+        with pytest.raises(ValueError, match=f"downsample_padding must be 0 .* or 1 .*got {bad!r}"):
+            UNet.from_preset("tiny", downsample_padding=bad)
+
+
+def test_downsample_padding_config_and_old_configs():
+    cfg = UNet.from_preset("tiny", downsample_padding=1).config
+    d = cfg.to_dict()
+    assert d["downsample_padding"] == 1 and UNetConfig.from_dict(d) == cfg
+    assert cfg.diffusers_kwargs()["downsample_padding"] == 1
+    assert UNet.from_preset("tiny").config.diffusers_kwargs()["downsample_padding"] == 0   # the default
+    # a configuration saved before the field existed loads as the DDPM downsampler (0)
+    old = {k: v for k, v in UNet.from_preset("tiny").config.to_dict().items() if k != "downsample_padding"}
+    assert UNetConfig.from_dict(old).downsample_padding == 0
+    # the padding changes no parameter, only which pixels the stride-2 kernel sees
+    assert UNet(cfg).layout.to_list() == UNet.from_preset("tiny").layout.to_list()
+
+
+def test_downsample_padding_1_gradient_check_float64():
+    """Symmetric padding: the output differs from the DDPM downsampler's on the same weights, and
+    the downsampler weight, conv_in weight and input gradients match float64 centred differences
+    (tolerance reasoning as in test_whole_unet_gradient_check_float64)."""
+    m1 = UNet.from_preset("tiny", downsample_padding=1, dropout=0.0)
+    m0 = UNet.from_preset("tiny", dropout=0.0)
+    rs = np.random.default_rng(5)
+    p = _perturbed(m1, seed=2)
+    x = rs.standard_normal((2, 1, 8, 8))
+    t = np.array([3, 500])
+    out, cache = m1.forward(p, x, t)
+    out0, _ = m0.forward(p, x, t)
+    # the two downsamplers read different pixels: the outputs differ at the O(1) level, not rounding
+    assert np.abs(out - out0).max() > 1e-2 * np.abs(out0).max()
+    R = rs.standard_normal(out.shape)
+    g, dx = m1.backward(R, cache, return_dx=True)
+    eps = 1e-5
+
+    def loss(pp, xx):
+        return float(np.sum(m1.forward(pp, xx, t, keep_cache=False)[0] * R))
+
+    v = rs.standard_normal(x.shape)
+    num = (loss(p, x + eps * v) - loss(p, x - eps * v)) / (2 * eps)
+    assert abs(float(np.sum(dx * v)) - num) <= 1e-6 + 1e-5 * abs(num)
+    for name in ("down_blocks.0.downsamplers.0.conv.weight", "down_blocks.0.downsamplers.0.conv.bias",
+                 "conv_in.weight"):
+        off, size = m1.layout.offsets[name], m1.layout.numel(name)
+        v = np.zeros(p.shape)
+        v[off:off + size] = rs.standard_normal(size)
+        num = (loss(p + eps * v, x) - loss(p - eps * v, x)) / (2 * eps)
+        assert abs(float(g @ v) - num) <= 1e-6 + 1e-5 * abs(num), name
 
 
 # ------------------------------------------------------------------------------------ init

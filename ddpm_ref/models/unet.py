@@ -9,8 +9,9 @@ Composed from the ops in :mod:`ddpm_ref.ops`, on one flat parameter buffer (:mod
 Layer for layer it is diffusers' ``UNet2DModel`` with
 ``down_block_types`` = DownBlock2D / AttnDownBlock2D per level (AttnDown where the level's
 resolution is in ``attn_resolutions``), the mirror-image ``up_block_types``, ``UNetMidBlock2D``
-(resnet, attention, resnet), ``downsample_padding=0`` (pad right/bottom by one, 3x3 conv stride 2),
-nearest x2 + 3x3 conv upsampling, ``resnet_time_scale_shift="default"`` (the time embedding is added
+(resnet, attention, resnet), ``downsample_padding`` 0 (the DDPM downsampler, the default: pad
+right/bottom by one, then a 3x3 conv with stride 2 and no padding) or 1 (diffusers' UNet2DModel
+default: a 3x3 conv with stride 2 and padding 1 on every side; diffusers' ``Downsample2D``), nearest x2 + 3x3 conv upsampling, ``resnet_time_scale_shift="default"`` (the time embedding is added
 after the first convolution of each residual block), ``mid_block_scale_factor=1``,
 ``flip_sin_to_cos=False, freq_shift=1`` (the DDPM timestep embedding). Parameter names are exactly the
 diffusers ``state_dict`` keys with torch shapes, listed in diffusers' registration order (its
@@ -64,6 +65,10 @@ class UNetConfig:
     that many channels ([eps, v_interp], improved-diffusion). ``num_classes`` (None = unconditional)
     adds a label embedding with ``num_classes + 1`` rows; row ``num_classes`` is "no label" (classifier-
     free guidance). ``num_timesteps`` bounds the accepted t (0 <= t < num_timesteps).
+    ``downsample_padding`` is diffusers' ``Downsample2D`` padding: 0 pads (top 0, bottom 1, left 0,
+    right 1) before a stride-2 3x3 convolution without padding (the DDPM paper's code, and the default
+    here), 1 convolves with padding 1 on all sides (diffusers' UNet2DModel default). On the even
+    sizes the U-Net accepts both halve H and W; they differ in which pixels the kernel taps see.
     """
 
     in_channels: int = 3
@@ -83,6 +88,7 @@ class UNetConfig:
     freq_shift: int = 1
     mid_attention: bool = True
     num_timesteps: int = 1000
+    downsample_padding: int = 0
 
     def __post_init__(self):
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
@@ -115,6 +121,11 @@ class UNetConfig:
                 if c % self.head_dim:
                     raise ValueError(f"an attention layer with {c} channels cannot be split into heads of "
                                      f"head_dim={self.head_dim}")
+        if (isinstance(self.downsample_padding, bool) or not isinstance(self.downsample_padding, (int, np.integer))
+                or self.downsample_padding not in (0, 1)):
+            raise ValueError(f"downsample_padding must be 0 (pad right/bottom by one, the DDPM downsampler) "
+                             f"or 1 (symmetric padding 1, diffusers' default), got {self.downsample_padding!r}")
+        self.downsample_padding = int(self.downsample_padding)
         if self.freq_shift >= self.ch // 2:
             raise ValueError(f"freq_shift {self.freq_shift} must be < ch // 2 = {self.ch // 2}")
 
@@ -159,6 +170,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
+        # configurations written before downsample_padding existed omit it: they mean 0 (the default)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -175,7 +187,8 @@ class UNetConfig:
             block_out_channels=self.channels, layers_per_block=self.num_res_blocks,
             down_block_types=tuple(down), up_block_types=tuple(up), mid_block_type="UNetMidBlock2D",
             add_attention=self.mid_attention, attention_head_dim=self.head_dim, norm_num_groups=self.groups,
-            norm_eps=self.norm_eps, dropout=self.dropout, downsample_padding=0, flip_sin_to_cos=self.flip_sin_to_cos,
+            norm_eps=self.norm_eps, dropout=self.dropout, downsample_padding=self.downsample_padding,
+            flip_sin_to_cos=self.flip_sin_to_cos,
             freq_shift=self.freq_shift, time_embedding_type="positional", resnet_time_scale_shift="default",
             mid_block_scale_factor=1, act_fn="silu", center_input_sample=False,
         )
@@ -569,6 +582,7 @@ class UNet:
         hs = [h]
         layer = 0
         levels = len(cfg.ch_mult)
+        down_pad = (0, 1, 0, 1) if cfg.downsample_padding == 0 else 1
         for i in range(levels):
             attn = cfg.level_has_attention(i)
             for j in range(cfg.num_res_blocks):
@@ -580,9 +594,10 @@ class UNet:
                     keep(c)
                 hs.append(h)
             if i < levels - 1:
-                # Downsample2D(padding=0): pad (top 0, bottom 1, left 0, right 1), 3x3 conv, stride 2
+                # Downsample2D(padding=0): pad (top 0, bottom 1, left 0, right 1), 3x3 conv, stride 2;
+                # Downsample2D(padding=1): 3x3 conv, stride 2, padding 1 on every side
                 h, c = _conv.conv2d_forward(h, P[f"down_blocks.{i}.downsamplers.0.conv.weight"],
-                                            P[f"down_blocks.{i}.downsamplers.0.conv.bias"], 2, (0, 1, 0, 1))
+                                            P[f"down_blocks.{i}.downsamplers.0.conv.bias"], 2, down_pad)
                 keep(c)
                 hs.append(h)
 
