@@ -49,6 +49,20 @@ def _peer_model(model, params, torch, diffusers):
     return net
 
 
+def _threads_used(side):
+    """The thread count the measurement really ran with (torch's for the peer), for the record."""
+    if side == "peer":
+        import torch
+        return {"threads_used": torch.get_num_threads()}
+    try:
+        import threadpoolctl
+        blas = [d for d in threadpoolctl.threadpool_info() if d.get("user_api") == "blas"]
+        mine = [d for d in blas if "numpy" in (d.get("filepath") or "")] or blas   # NumPy's own BLAS
+        return {"threads_used": max(d["num_threads"] for d in mine)}
+    except (ImportError, ValueError):
+        return {}
+
+
 def _memory_record(setup_kib, before_kib, ok):
     peak = rss_kib("VmHWM")
     if not ok or peak is None or setup_kib is None:
@@ -94,6 +108,8 @@ def build_train_step(spec: dict):
         import torch
         import diffusers
         torch.manual_seed(0)
+        if spec.get("threads"):
+            torch.set_num_threads(int(spec["threads"]))     # the same count as NumPy's BLAS
         net = _peer_model(model, params, torch, diffusers).train()
         sch = diffusers.DDPMScheduler(num_train_timesteps=T)
         opt = torch.optim.AdamW(net.parameters(), lr=2e-4, weight_decay=0.0)
@@ -128,7 +144,7 @@ def train_step(spec: dict) -> dict:
         t0 = time.perf_counter()
         loss = step(int(spec["warmup"]) + k)
         times.append(time.perf_counter() - t0)
-    return {**stats(times), **_memory_record(setup, before, ok), "loss": loss}
+    return {**stats(times), **_memory_record(setup, before, ok), "loss": loss, **_threads_used(spec["side"])}
 
 
 def sample(spec: dict) -> dict:
@@ -162,6 +178,8 @@ def sample(spec: dict) -> dict:
         import torch
         import diffusers
         torch.manual_seed(0)
+        if spec.get("threads"):
+            torch.set_num_threads(int(spec["threads"]))
         net = _peer_model(model, params, torch, diffusers).eval()
         sch = diffusers.DDPMScheduler() if sampler == "ddpm" else diffusers.DDIMScheduler()
         gen = torch.Generator().manual_seed(0)
@@ -200,7 +218,7 @@ def sample(spec: dict) -> dict:
         result = {**stats(chains), "step": stats(step_s), "extrapolated": False, "measured_steps": len(step_s)}
     result["images_per_s"] = batch / (result["median_ms"] * 1e-3)
     result["finite_samples"] = bool(np.all(np.isfinite(x)))
-    return {**result, **_memory_record(setup, before, ok)}
+    return {**result, **_memory_record(setup, before, ok), **_threads_used(side)}
 
 
 def combine(results: list, spec: dict) -> dict:

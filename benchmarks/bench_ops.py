@@ -328,6 +328,8 @@ def run_ops(spec: dict) -> list:
         import torch
         import diffusers
         torch.manual_seed(0)
+        if spec.get("threads"):
+            torch.set_num_threads(int(spec["threads"]))     # the same count as NumPy's BLAS
     disc = discover(preset)
     gen = np.random.default_rng(0)
     out = []

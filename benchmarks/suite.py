@@ -190,6 +190,11 @@ def run(args, out=print) -> dict:
     train_b = _preset_batches(args.batch, TRAIN_BATCH)
     sample_b = _preset_batches(args.sample_batch, SAMPLE_BATCH)
     if args.inline:
+        if not args.no_peers:
+            try:
+                import torch  # noqa: F401  (imported first so that limit_threads pins it too)
+            except ImportError:
+                pass
         limit_threads(args.threads)
     from benchmarks.bench_ops import discover
     info = machine_info(args.threads, torch_too=not args.no_peers)
@@ -215,7 +220,7 @@ def run(args, out=print) -> dict:
                                  "train step = 3 x forward; sampling = steps x forward",
               "rows": []}
     notes = []
-    common = {"repeats": args.repeats, "warmup": args.warmup}
+    common = {"repeats": args.repeats, "warmup": args.warmup, "threads": args.threads}
     for preset in args.preset:
         disc = discover(preset)
         fwd_flops = disc["forward_flops_per_image"]
