@@ -21,8 +21,8 @@ torch is installed (we never unpickle anything ourselves). Safetensors files are
 Refusals. Anything the NumPy U-Net or samplers do not implement is refused with a ValueError naming
 the setting and its value, never approximated: block types other than DownBlock2D/AttnDownBlock2D/
 UpBlock2D/AttnUpBlock2D (and up blocks that do not mirror the down blocks), mid blocks other than
-UNetMidBlock2D, ``downsample_padding`` other than 0 (our downsampler pads right/bottom by one, the
-DDPM layout), activations other than SiLU, Fourier/learned timestep embeddings, class embeddings
+UNetMidBlock2D, ``downsample_padding`` other than 0 (pad right/bottom by one, the DDPM layout) and 1
+(symmetric padding 1, diffusers' default; both map onto ``UNetConfig.downsample_padding``), activations other than SiLU, Fourier/learned timestep embeddings, class embeddings
 other than a plain table, ``resnet_time_scale_shift`` other than "default", ``mid_block_scale_factor``
 other than 1, ``center_input_sample``, block widths that are not multiples of the first; scheduler
 classes other than DDPMScheduler/DDIMScheduler, beta schedules we cannot reproduce, variance types
@@ -273,7 +273,6 @@ def unet_config_from_diffusers(config, image_size=None, learned_variance=False, 
         ("center_input_sample", False, "False"),
         ("time_embedding_type", "positional", "'positional' (sinusoidal, DDPM)"),
         ("mid_block_type", "UNetMidBlock2D", "'UNetMidBlock2D'"),
-        ("downsample_padding", 0, "0 (pad right/bottom by one, then a stride-2 3x3 conv)"),
         ("downsample_type", "conv", "'conv'"),
         ("upsample_type", "conv", "'conv'"),
         ("resnet_time_scale_shift", "default", "'default' (the embedding is added)"),
@@ -286,6 +285,12 @@ def unet_config_from_diffusers(config, image_size=None, learned_variance=False, 
         _refuse(where, "act_fn", c["act_fn"], "'silu' (alias 'swish')")
     if c["mid_block_scale_factor"] != 1:
         _refuse(where, "mid_block_scale_factor", c["mid_block_scale_factor"], "1")
+    # Downsample2D: padding 0 pads (0, 1, 0, 1) then convolves unpadded; any other p convolves with
+    # symmetric padding p. We implement 0 (DDPM) and 1 (diffusers' default).
+    pad = c["downsample_padding"]
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad not in (0, 1):
+        _refuse(where, "downsample_padding", pad, "0 (pad right/bottom by one, then a stride-2 3x3 conv) "
+                "or 1 (a stride-2 3x3 conv with padding 1 on every side)")
 
     blocks = c["block_out_channels"]
     if not isinstance(blocks, (list, tuple)) or not blocks:
@@ -371,7 +376,8 @@ def unet_config_from_diffusers(config, image_size=None, learned_variance=False, 
             dropout=float(c["dropout"]), groups=groups, norm_eps=float(c["norm_eps"]),
             num_classes=num_classes, learned_variance=bool(learned_variance),
             flip_sin_to_cos=bool(c["flip_sin_to_cos"]), freq_shift=int(c["freq_shift"]),
-            mid_attention=bool(c["add_attention"]), num_timesteps=int(num_timesteps))
+            mid_attention=bool(c["add_attention"]), num_timesteps=int(num_timesteps),
+            downsample_padding=pad)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
 

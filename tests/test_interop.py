@@ -56,6 +56,12 @@ CONFIGS = {
                     up_block_types=("UpBlock2D", "UpBlock2D"), attention_head_dim=None,
                     norm_num_groups=4, norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1,
                     downsample_padding=0, num_class_embeds=5, add_attention=False, dropout=0.1),
+    # diffusers' default downsampler (symmetric padding 1, stride 2) at two downsamplings, with
+    # diffusers' default embedding (flip_sin_to_cos=True, freq_shift=0) and heads of 8
+    "padded": dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 16, 32),
+                   layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8,
+                   norm_num_groups=8, downsample_padding=1),
 }
 
 
@@ -136,7 +142,8 @@ def test_sharded_and_variant_weights(tmp_path):
 @pytest.mark.parametrize("key, value, named", [
     ("down_block_types", ("SkipDownBlock2D", "AttnDownBlock2D"), "SkipDownBlock2D"),
     ("up_block_types", ("UpBlock2D", "AttnUpBlock2D"), "up_block_types"),   # not mirrored
-    ("downsample_padding", 1, "downsample_padding=1"),
+    ("downsample_padding", 2, "downsample_padding=2"),
+    ("downsample_padding", True, "downsample_padding=True"),
     ("act_fn", "gelu", "act_fn='gelu'"),
     ("time_embedding_type", "fourier", "time_embedding_type='fourier'"),
     ("resnet_time_scale_shift", "scale_shift", "resnet_time_scale_shift='scale_shift'"),
@@ -156,16 +163,17 @@ def test_unsupported_unet_configs_are_refused_by_name(key, value, named):
 
 
 def test_absent_keys_take_diffusers_defaults():
-    """A config.json that omits keys means diffusers' defaults (downsample_padding=1): refused,
-    not silently read as the DDPM layout."""
-    with pytest.raises(ValueError, match="downsample_padding=1"):
-        interop.unet_config_from_diffusers({"sample_size": 8, "block_out_channels": [32, 64],
-                                            "down_block_types": ["DownBlock2D"] * 2,
-                                            "up_block_types": ["UpBlock2D"] * 2})
+    """A config.json that omits keys means diffusers' defaults (downsample_padding=1, the symmetric
+    downsampler), not the DDPM layout."""
+    cfg = interop.unet_config_from_diffusers({"sample_size": 8, "block_out_channels": [32, 64],
+                                              "down_block_types": ["DownBlock2D"] * 2,
+                                              "up_block_types": ["UpBlock2D"] * 2})
+    assert cfg.downsample_padding == 1
     cfg = interop.unet_config_from_diffusers({"sample_size": 8, "block_out_channels": [32, 64],
                                               "down_block_types": ["DownBlock2D"] * 2,
                                               "up_block_types": ["UpBlock2D"] * 2,
                                               "downsample_padding": 0})
+    assert cfg.downsample_padding == 0
     assert (cfg.flip_sin_to_cos, cfg.freq_shift, cfg.head_dim, cfg.norm_eps) == (True, 0, 8, 1e-5)
     with pytest.warns(UserWarning, match="not_a_key"):
         interop.unet_config_from_diffusers({**{k: (list(v) if isinstance(v, tuple) else v)
@@ -339,6 +347,34 @@ def test_export_then_import_is_exact_and_diffusers_reads_it(tmp_path):
         expected = pipe.unet(torch.from_numpy(x), torch.from_numpy(t),
                              class_labels=torch.from_numpy(y)).sample.numpy()
     assert _relative_error(model.forward(params, x, t, y)[0], expected) < 1e-4
+
+
+def test_downsample_padding_exports_and_reimports(tmp_path):
+    """Both downsamplers survive export -> config.json -> import, and diffusers builds the same
+    network from what we write (forward within 1e-4 relative, as test_forward_matches_diffusers)."""
+    from ddpm_ref.models.unet import UNet
+    g = np.random.default_rng(4)
+    x = g.standard_normal((2, 1, 8, 8)).astype(np.float32)                  # (N, C, H, W)
+    t = np.array([7, 640])
+    params = UNet.from_preset("tiny").init_params(seed=5)     # the padding changes no parameter
+    params += (0.1 * g.standard_normal(params.shape)).astype(np.float32)   # wake the zero layers
+    outs = []
+    for pad in (0, 1):
+        model = UNet.from_preset("tiny", downsample_padding=pad)
+        interop.save_diffusers(tmp_path / str(pad), model, params)
+        assert json.loads((tmp_path / str(pad) / "config.json").read_text())["downsample_padding"] == pad
+        model2, params2 = interop.load_unet(tmp_path / str(pad))
+        assert model2.config == model.config and np.array_equal(params2, params)
+        ref = diffusers.UNet2DModel.from_pretrained(tmp_path / str(pad)).eval()
+        assert ref.config.downsample_padding == pad
+        with torch.no_grad():
+            expected = ref(torch.from_numpy(x), torch.from_numpy(t)).sample.numpy()
+        ours = model.forward(params, x, t)[0]
+        assert _relative_error(ours, expected) < 1e-4
+        outs.append(ours)
+    # teeth: on the same weights the two downsamplers give outputs far apart (O(1e-1) relative, not
+    # rounding), so the 1e-4 agreements above can tell them apart
+    assert _relative_error(outs[1], outs[0]) > 1e-2
 
 
 # ---------------------------------------------------------------------- sampler steps vs diffusers
