@@ -8,7 +8,7 @@ What it measures (on a real NVIDIA GPU, CuPy arrays; refuses to run in the simul
    ``cupy`` copying one array (read 1 + write 1). Arrays of 65536 x 3 x 32 x 32 float32 (805 MB
    each) by default, so launch costs are negligible; both the kernel's throughput (back-to-back
    launches) and one public call are reported, v2 and v1. Target: >= 85% of the copy's GB/s.
-2. Convolution forward + backward (dx, dw, db), the public choice and the v1 / v2 tiles each, on
+2. Convolution forward + backward (dx, dw, db), the public choice and v1 / v2 / v3 each, on
    every convolution of the ``cifar`` preset U-Net
    (diffusers UNet2DModel, block_out (128, 256, 256, 256), 2 layers per block) at batch 128, each
    distinct shape timed once and weighted by how often it occurs, against PyTorch's cuDNN in FP32
@@ -180,12 +180,12 @@ def bench_conv(cupy, kc, time_it, repeats, batch, torch):
 
         fwd_s = time_it(lambda: kc.conv2d_forward(x, w, b, stride, padding), repeats)
         tot_s = time_it(ours, repeats)
-        v_s = {v: time_it(version(v), repeats) for v in ("v1", "v2")}
+        v_s = {v: time_it(version(v), repeats) for v in ("v1", "v2", "v3")}
         p, q = y.shape[2], y.shape[3]
         flops = 2.0 * batch * o * p * q * c * k * k * 3          # fwd + dx + dw GEMMs
         row = {"count": count, "C": c, "O": o, "H": h, "k": k, "stride": stride, "padding": padding,
                "ours_fwd_s": fwd_s, "ours_fwd_bwd_s": tot_s, "ours_TFLOPS": flops / tot_s / 1e12,
-               "v1_fwd_bwd_s": v_s["v1"], "v2_fwd_bwd_s": v_s["v2"]}
+               "v1_fwd_bwd_s": v_s["v1"], "v2_fwd_bwd_s": v_s["v2"], "v3_fwd_bwd_s": v_s["v3"]}
         if torch is not None:
             import torch.nn.functional as F
             xt = torch.as_tensor(x, device="cuda").requires_grad_(True)
@@ -211,10 +211,14 @@ def bench_conv(cupy, kc, time_it, repeats, batch, torch):
         rows.append(row)
     summary = {"ours_weighted_s": sum(r["count"] * r["ours_fwd_bwd_s"] for r in rows),
                "best_of_v1_v2_weighted_s": sum(r["count"] * min(r["v1_fwd_bwd_s"], r["v2_fwd_bwd_s"])
-                                               for r in rows)}
+                                               for r in rows),
+               "v3_weighted_s": sum(r["count"] * r["v3_fwd_bwd_s"] for r in rows),
+               "best_of_v1_v2_v3_weighted_s": sum(r["count"] * min(r["v1_fwd_bwd_s"], r["v2_fwd_bwd_s"],
+                                                                   r["v3_fwd_bwd_s"]) for r in rows)}
     if torch is not None:
         summary["cudnn_weighted_s"] = sum(r["count"] * r["cudnn_fwd_bwd_s"] for r in rows)
         summary["ratio"] = summary["ours_weighted_s"] / summary["cudnn_weighted_s"]
+        summary["ratio_v3"] = summary["v3_weighted_s"] / summary["cudnn_weighted_s"]
     return rows, summary
 
 
@@ -293,27 +297,33 @@ def main(argv=None):
                           "cuda_driver": cupy.cuda.runtime.driverGetVersion()},
               "repeats": repeats, "batch": args.batch}
     t0 = time.time()
+    def save():                                  # after every section: a timeout keeps what was measured
+        if args.out:
+            result["seconds"] = round(time.time() - t0, 1)
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+
     result["noise"] = bench_noise(cupy, noise, time_it, repeats, args.noise_batch)
+    save()
     print(f"{'noise kernel':48s} {'GB/s':>8s} {'of copy':>8s} {'ms':>8s}")
     for r in result["noise"]:
         print(f"{r['name']:48s} {r['GB/s']:8.1f} {r.get('fraction_of_copy', 1.0):8.2%} {r['seconds'] * 1e3:8.3f}")
     rows, summary = bench_conv(cupy, conv, time_it, repeats, args.batch, torch)
     result["conv"] = {"rows": rows, "summary": summary}
     print(f"\n{'conv (count x C->O @H, k, s)':34s} {'ours ms':>9s} {'TFLOP/s':>8s} {'v1 ms':>8s} {'v2 ms':>8s} "
-          f"{'cuDNN ms':>9s} {'ratio':>6s}")
+          f"{'v3 ms':>8s} {'cuDNN ms':>9s} {'ratio':>6s}")
     for r in rows:
         label = f"{r['count']} x {r['C']}->{r['O']} @{r['H']} k{r['k']} s{r['stride']}"
         peer = f"{r['cudnn_fwd_bwd_s'] * 1e3:9.3f} {r['ratio_fwd_bwd']:6.2f}" if "cudnn_fwd_bwd_s" in r else ""
         print(f"{label:34s} {r['ours_fwd_bwd_s'] * 1e3:9.3f} {r['ours_TFLOPS']:8.2f} "
-              f"{r['v1_fwd_bwd_s'] * 1e3:8.3f} {r['v2_fwd_bwd_s'] * 1e3:8.3f} {peer}")
+              f"{r['v1_fwd_bwd_s'] * 1e3:8.3f} {r['v2_fwd_bwd_s'] * 1e3:8.3f} {r['v3_fwd_bwd_s'] * 1e3:8.3f} {peer}")
     print("conv summary (count-weighted fwd+bwd):", json.dumps(summary))
+    save()
     result["norm_attention"] = bench_norm_attention(cupy, norm, attention, time_it, repeats, args.batch, torch)
     for r in result["norm_attention"]:
         print(r)
+    save()
     result["seconds"] = round(time.time() - t0, 1)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
     return result
 
 

@@ -31,8 +31,15 @@ whole kernel, so its pixel coordinates are decoded once):
 * v2: 128 x 128 tiles, 8 x 8 per thread: 16 loads per 64 FMAs, the classic SGEMM configuration,
   for the large CIFAR layers.
 
+* v3 (forward and dx; :func:`_tiled_kernels_v3`, in both tile sizes, V3S 64 x 64 and V3 128 x 128):
+  the reduction ordered (kernel offset, channel) so the gather needs no integer division per
+  element, and register prefetch of the next K step's global loads during the current step's FMAs.
+  The weight gradient stays v1/v2's. Validated by the same tests; not yet the public choice
+  (unmeasured on a GPU when written: benchmarks/bench_kernels.py reports it beside v1 and v2).
+
 The public ``conv2d_forward`` / ``conv2d_backward`` pick per GEMM (``_pick``: v2 when both sides are
-large and the tiles fill the GPU); ``conv2d_forward_v1`` / ``_v2`` force one, for the benchmarks.
+large and the tiles fill the GPU); ``conv2d_forward_v1`` / ``_v2`` / ``_v3`` force one, for the
+benchmarks.
 
 The forward epilogue fuses ``+ b[o]``, optionally ``+ temb[n, o]`` (the U-Net's time-embedding add,
 which the reference does as a separate broadcast add right after the conv) and ``+ residual[n, o, p,
@@ -47,8 +54,8 @@ the PTX: no local memory there); v2's forward epilogue, too large for the compil
 fully, reads them back through 256 bytes of per-thread local memory once per tile, which costs
 nothing next to the main loop.
 
-What it is not: tuned to cuDNN's level (no tensor cores: FP32 like the reference; no
-double-buffering or vector loads yet). Future versions go beside v1 and v2 (llm.c's dev/cuda style),
+What it is not: tuned to cuDNN's level (no tensor cores: FP32 like the reference; no vector
+loads yet; only v3 prefetches). Future versions go beside v1 and v2 (llm.c's dev/cuda style),
 each validated by the same tests.
 """
 from __future__ import annotations
@@ -61,7 +68,8 @@ from numba import float32, float64
 
 
 __all__ = ["conv2d_forward", "conv2d_backward", "conv_output_size", "conv2d_forward_v1",
-           "conv2d_backward_v1", "conv2d_forward_v2", "conv2d_backward_v2"]
+           "conv2d_backward_v1", "conv2d_forward_v2", "conv2d_backward_v2", "conv2d_forward_v3",
+           "conv2d_backward_v3"]
 
 _F4 = "float32[:, :, :, ::1]"
 _F3 = "float32[:, :, ::1]"
@@ -380,6 +388,274 @@ V1 = _tiled_kernels("v1", 64, 64, 8)
 V2 = _tiled_kernels("v2", 128, 128, 8)
 
 
+# ---------------------------------------------------------------------------------------------
+# Version 3: K reordered to (kernel offset, channel), division-free gathers, register prefetch
+# ---------------------------------------------------------------------------------------------
+
+def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True):
+    """Forward and dx kernels, version 3 (the weight gradient stays v1/v2's).
+
+    Differences from :func:`_tiled_kernels` (same thread layout, shared tiles and register tiles):
+
+    * The reduction index is ordered ``(r, t)`` outer, channel inner, and each BK step covers
+      BK channels of one kernel offset (channels padded to a multiple of BK with zeros). The
+      pixel a thread gathers and its bounds check are then fixed for a whole run of channels:
+      the inner gather is one multiply-add and one load, with no integer division per element
+      (v1/v2 divide ``k`` by ``kh kw`` and by ``kw`` for every gathered element). The weights are
+      read through a host-side transposed copy, ``(O, kh kw, C)`` for the forward pass and
+      ``(kh kw, O, C)`` for dx (w is small: one CuPy transpose per call).
+    * Register prefetch (software double buffering): the global loads of step s + 1 are issued
+      before the FMAs of step s, so their latency hides behind the arithmetic instead of stalling
+      every step.
+    * x and dy are read through flat views with per-offset base indices.
+    """
+    TX = tx
+    TY = ty
+    NT = TX * TY
+    TM = BM // TY
+    TN = BN // TX
+    A_ROWS_PER_PASS = NT // BK
+    B_ROWS_PER_PASS = NT // BN
+    NA = BM // A_ROWS_PER_PASS     # A values a thread gathers per step
+    NB = BK // B_ROWS_PER_PASS     # B values a thread gathers per step
+    BM_PAD = BM + 4                # as v1/v2: conflict-free As stores
+    if BM % TY or BN % TX or NT % BK or NT % BN or BM % A_ROWS_PER_PASS or BK % B_ROWS_PER_PASS:
+        raise ValueError(f"tile {BM}x{BN}x{BK} does not fit {TY}x{TX} threads")
+
+    @kernel(f"void(float32[::1], {_F3}, {_F1}, {_F2}, {_F3}, {_F3}, int32, int32, int32, int32, int32, "
+            f"int32, int32, int32)", name=f"conv2d_fwd_kernel_{version}", register=register)
+    def conv2d_fwd_kernel(x1, w3, bias, temb, residual, y3, C, H, W, stride, pad_top, pad_left,
+                          out_w, flags):
+        """y3 (N, O, P*Q) = w3 (O, kh*kw, C) @ im2col(x) in (offset, channel) order (+ epilogue).
+
+        x1 is x (N, C, H, W) flattened; kw = flags >> 8."""
+        O = w3.shape[0]
+        RS = w3.shape[1]
+        KW = flags >> 8
+        PQ = y3.shape[2]
+        N = y3.shape[0]
+        Q = out_w
+        NPQ = N * PQ
+        HW = H * W
+        CB = (C + BK - 1) // BK              # channel steps per kernel offset
+        S = RS * CB                          # BK steps in all
+        As = cuda.shared.array((BK, BM_PAD), float32)
+        Bs = cuda.shared.array((BK, BN), float32)
+        acc = cuda.local.array((TM, TN), float32)
+        a_reg = cuda.local.array(TM, float32)
+        b_reg = cuda.local.array(TN, float32)
+        a_pre = cuda.local.array(NA, float32)
+        b_pre = cuda.local.array(NB, float32)
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        tid = ty * TX + tx
+        m0 = cuda.blockIdx.y * BM
+        n0 = cuda.blockIdx.x * BN
+        for i in range(TM):
+            for j in range(TN):
+                acc[i, j] = float32(0.0)
+        bj = tid % BN
+        bk = tid // BN
+        col = n0 + bj
+        col_ok = col < NPQ
+        bn = col // PQ
+        pq = col - bn * PQ
+        bp = pq // Q
+        h_base = bp * stride - pad_top
+        w_base = (pq - bp * Q) * stride - pad_left
+        x_base = bn * C * HW                 # x1 index of x[bn, 0, 0, 0]
+        ak = tid % BK
+        am = tid // BK
+        # The step being loaded: kernel offset rs (r, t) and first channel c0.
+        rs = 0
+        c0 = 0
+        r = 0
+        t = 0
+        inside = False
+        pix = x_base
+        for s in range(S + 1):
+            if s > 0:                        # the prefetched step s - 1 goes to shared memory
+                for l in range(NA):
+                    As[ak, am + A_ROWS_PER_PASS * l] = a_pre[l]
+                for l in range(NB):
+                    Bs[bk + B_ROWS_PER_PASS * l, bj] = b_pre[l]
+                cuda.syncthreads()
+            if s < S:                        # prefetch step s into registers
+                if c0 == 0:                  # a new kernel offset: the gathered pixel moves
+                    h = h_base + r
+                    ww = w_base + t
+                    inside = col_ok and h >= 0 and h < H and ww >= 0 and ww < W
+                    pix = x_base + h * W + ww
+                for l in range(NA):
+                    m = m0 + am + A_ROWS_PER_PASS * l
+                    c = c0 + ak
+                    v = float32(0.0)
+                    if m < O and c < C:
+                        v = w3[m, rs, c]
+                    a_pre[l] = v
+                for l in range(NB):
+                    c = c0 + bk + B_ROWS_PER_PASS * l
+                    v = float32(0.0)
+                    if inside and c < C:
+                        v = x1[pix + c * HW]
+                    b_pre[l] = v
+                c0 += BK                     # advance to the next step (no division)
+                if c0 >= C:
+                    c0 = 0
+                    rs += 1
+                    t += 1
+                    if t == KW:
+                        t = 0
+                        r += 1
+            if s > 0:                        # FMAs on step s - 1 while step s's loads fly
+                for kk in range(BK):
+                    for i in range(TM):
+                        a_reg[i] = As[kk, ty + TY * i]
+                    for j in range(TN):
+                        b_reg[j] = Bs[kk, tx + TX * j]
+                    for i in range(TM):
+                        for j in range(TN):
+                            acc[i, j] += a_reg[i] * b_reg[j]
+                cuda.syncthreads()
+        for i in range(TM):
+            o = m0 + ty + TY * i
+            if o < O:
+                for j in range(TN):
+                    cj = n0 + tx + TX * j
+                    if cj < NPQ:
+                        n = cj // PQ
+                        v = acc[i, j]
+                        if flags & 1:
+                            v += bias[o]
+                        y3[n, o, cj - n * PQ] = v
+        if flags & 6:
+            for i in range(TM):
+                o = m0 + ty + TY * i
+                if o < O:
+                    for j in range(TN):
+                        cj = n0 + tx + TX * j
+                        if cj < NPQ:
+                            n = cj // PQ
+                            p = cj - n * PQ
+                            v = y3[n, o, p]
+                            if flags & 2:
+                                v += temb[n, o]
+                            if flags & 4:
+                                v += residual[n, o, p]
+                            y3[n, o, p] = v
+
+    @kernel(f"void(float32[::1], {_F3}, {_F3}, int32, int32, int32, int32, int32, int32, int32, int32)",
+            name=f"conv2d_dx_kernel_{version}", register=register)
+    def conv2d_dx_kernel(dy1, wt, dx3, O, P, Q, stride, pad_top, pad_left, in_w, kw):
+        """dx3 (N, C, H*W) = wt (kh*kw, O, C) gathered @ gathered dy, reduction in (offset, o) order.
+
+        dy1 is dy (N, O, P, Q) flattened."""
+        N = dx3.shape[0]
+        C = dx3.shape[1]
+        HW = dx3.shape[2]
+        RS = wt.shape[0]
+        W = in_w
+        PQ = P * Q
+        NHW = N * HW
+        OB = (O + BK - 1) // BK
+        S = RS * OB
+        As = cuda.shared.array((BK, BM_PAD), float32)
+        Bs = cuda.shared.array((BK, BN), float32)
+        acc = cuda.local.array((TM, TN), float32)
+        a_reg = cuda.local.array(TM, float32)
+        b_reg = cuda.local.array(TN, float32)
+        a_pre = cuda.local.array(NA, float32)
+        b_pre = cuda.local.array(NB, float32)
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        tid = ty * TX + tx
+        m0 = cuda.blockIdx.y * BM
+        n0 = cuda.blockIdx.x * BN
+        for i in range(TM):
+            for j in range(TN):
+                acc[i, j] = float32(0.0)
+        bj = tid % BN
+        bk = tid // BN
+        col = n0 + bj
+        col_ok = col < NHW
+        bn = col // HW
+        hw = col - bn * HW
+        bh = hw // W
+        h_base = bh + pad_top              # h + top = s p + r
+        w_base = hw - bh * W + pad_left
+        dy_base = bn * O * PQ              # dy1 index of dy[bn, 0, 0, 0]
+        ak = tid % BK
+        am = tid // BK
+        rs = 0
+        o0 = 0
+        r = 0
+        t = 0
+        inside = False
+        pix = dy_base
+        for s in range(S + 1):
+            if s > 0:
+                for l in range(NA):
+                    As[ak, am + A_ROWS_PER_PASS * l] = a_pre[l]
+                for l in range(NB):
+                    Bs[bk + B_ROWS_PER_PASS * l, bj] = b_pre[l]
+                cuda.syncthreads()
+            if s < S:
+                if o0 == 0:                  # a new kernel offset: the source pixel moves
+                    hp = h_base - r
+                    wp = w_base - t
+                    p = hp // stride
+                    q = wp // stride
+                    inside = (col_ok and hp >= 0 and wp >= 0 and p * stride == hp and q * stride == wp
+                              and p < P and q < Q)
+                    pix = dy_base + p * Q + q
+                for l in range(NA):
+                    m = m0 + am + A_ROWS_PER_PASS * l      # c
+                    o = o0 + ak
+                    v = float32(0.0)
+                    if m < C and o < O:
+                        v = wt[rs, o, m]
+                    a_pre[l] = v
+                for l in range(NB):
+                    o = o0 + bk + B_ROWS_PER_PASS * l
+                    v = float32(0.0)
+                    if inside and o < O:
+                        v = dy1[pix + o * PQ]
+                    b_pre[l] = v
+                o0 += BK
+                if o0 >= O:
+                    o0 = 0
+                    rs += 1
+                    t += 1
+                    if t == kw:
+                        t = 0
+                        r += 1
+            if s > 0:
+                for kk in range(BK):
+                    for i in range(TM):
+                        a_reg[i] = As[kk, ty + TY * i]
+                    for j in range(TN):
+                        b_reg[j] = Bs[kk, tx + TX * j]
+                    for i in range(TM):
+                        for j in range(TN):
+                            acc[i, j] += a_reg[i] * b_reg[j]
+                cuda.syncthreads()
+        for i in range(TM):
+            c = m0 + ty + TY * i
+            if c < C:
+                for j in range(TN):
+                    cj = n0 + tx + TX * j
+                    if cj < NHW:
+                        n = cj // HW
+                        dx3[n, c, cj - n * HW] = acc[i, j]
+
+    return Tiles(version, BM, BN, BK, TX, TY, conv2d_fwd_kernel, conv2d_dx_kernel, None)
+
+
+# v3 in the two tile sizes of v1 and v2 (the public functions' size choice applies to them too).
+V3 = _tiled_kernels_v3("v3", 128, 128, 8)
+V3S = _tiled_kernels_v3("v3s", 64, 64, 8)
+
+
 _DB_THREADS = 256
 
 
@@ -484,11 +760,19 @@ def _forward(tiles, x, w, b, stride, padding, temb, residual):
         residual3 = _dummy(xp, 3)
     if tiles is None:
         tiles = _pick(O, N * P * Q)
+    elif tiles == "v3":
+        tiles = _pick(O, N * P * Q, v3=True)
     y = xp.empty((N, O, P, Q), dtype=xp.float32)
     grid = (_ceil(N * P * Q, tiles.BN), _ceil(O, tiles.BM))
-    tiles.fwd[grid, (tiles.TX, tiles.TY)](x, w.reshape(O, C * KH * KW), b, temb, residual3,
-                              y.reshape(N, O, P * Q), np.int32(stride), np.int32(pt),
-                              np.int32(pl), np.int32(Q), np.int32(flags))
+    if tiles.dw is None:               # version 3: x flat, weights as (O, kh kw, C)
+        w3 = xp.ascontiguousarray(w.reshape(O, C, KH * KW).transpose(0, 2, 1))
+        tiles.fwd[grid, (tiles.TX, tiles.TY)](x.reshape(-1), w3, b, temb, residual3, y.reshape(N, O, P * Q),
+                                  np.int32(C), np.int32(H), np.int32(W), np.int32(stride),
+                                  np.int32(pt), np.int32(pl), np.int32(Q), np.int32(flags))
+    else:
+        tiles.fwd[grid, (tiles.TX, tiles.TY)](x, w.reshape(O, C * KH * KW), b, temb, residual3,
+                                  y.reshape(N, O, P * Q), np.int32(stride), np.int32(pt),
+                                  np.int32(pl), np.int32(Q), np.int32(flags))
     cache = {"x": x, "w": w, "has_bias": (flags & 1) == 1, "stride": stride,
              "padding": (pt, pb, pl, pr), "out_hw": (P, Q)}
     return y, cache
@@ -508,15 +792,17 @@ def _sm_count() -> int:
     return _SMS[dev.id]
 
 
-def _pick(rows: int, cols: int, split: bool = False):
+def _pick(rows: int, cols: int, split: bool = False, v3: bool = False):
     """Tile choice (a heuristic, to be confirmed by benchmarks/bench_kernels.py on the GPU): the
     128 x 128 tiles when both GEMM sides are large and there are enough tiles to fill every SM
-    (split-K always fills them), else the 64 x 64 tiles, which waste less on small layers."""
+    (split-K always fills them), else the 64 x 64 tiles, which waste less on small layers.
+    ``v3=True``: the same choice between version 3's two sizes (V3S 64 x 64, V3 128 x 128)."""
+    small, big = (V3S, V3) if v3 else (V1, V2)
     if rows < 96 or cols < 96:
-        return V1
+        return small
     if split:
-        return V2
-    return V2 if _ceil(rows, 128) * _ceil(cols, 128) >= _sm_count() else V1
+        return big
+    return big if _ceil(rows, 128) * _ceil(cols, 128) >= _sm_count() else small
 
 
 def _dw_splits(grid_xy: int, k_total: int, bk: int) -> int:
@@ -538,11 +824,17 @@ def _backward(dx_tiles, dw_tiles, dy, cache, input_grad):
     w2 = w.reshape(O, C * KH * KW)
     dx = None
     if input_grad:                     # dx: rows c, columns (n, h, v), reduction (o, r, t)
-        t = dx_tiles or _pick(C, N * H * W)
+        t = _pick(C, N * H * W, v3=True) if dx_tiles == "v3" else (dx_tiles or _pick(C, N * H * W))
         dx = xp.empty((N, C, H, W), dtype=xp.float32)
         grid = (_ceil(N * H * W, t.BN), _ceil(C, t.BM))
-        t.dx[grid, (t.TX, t.TY)](dy3, w2, dx.reshape(N, C, H * W), np.int32(stride), np.int32(pt),
-                             np.int32(pl), np.int32(Q), np.int32(W), np.int32(KW))
+        if t.dw is None:               # version 3: dy flat, weights as (kh kw, O, C)
+            wt = xp.ascontiguousarray(w.reshape(O, C, KH * KW).transpose(2, 0, 1))
+            t.dx[grid, (t.TX, t.TY)](dy.reshape(-1), wt, dx.reshape(N, C, H * W), np.int32(O), np.int32(P),
+                                 np.int32(Q), np.int32(stride), np.int32(pt), np.int32(pl), np.int32(W),
+                                 np.int32(KW))
+        else:
+            t.dx[grid, (t.TX, t.TY)](dy3, w2, dx.reshape(N, C, H * W), np.int32(stride), np.int32(pt),
+                                 np.int32(pl), np.int32(Q), np.int32(W), np.int32(KW))
     # dw: rows o, columns (c, r, t), reduction (n, p, q) split over blockIdx.z
     crs = C * KH * KW
     t = dw_tiles or _pick(O, crs, split=True)
@@ -603,3 +895,15 @@ def conv2d_forward_v2(x, w, b=None, stride=1, padding=1, temb=None, residual=Non
 def conv2d_backward_v2(dy, cache, input_grad=True):
     """:func:`conv2d_backward` with the 128 x 128 tiles."""
     return _backward(V2, V2, dy, cache, input_grad)
+
+
+def conv2d_forward_v3(x, w, b=None, stride=1, padding=1, temb=None, residual=None):
+    """:func:`conv2d_forward` with version 3 (division-free gathers, register prefetch), 64 x 64 or
+    128 x 128 tiles chosen as the public function chooses between v1 and v2."""
+    return _forward("v3", x, w, b, stride, padding, temb, residual)
+
+
+def conv2d_backward_v3(dy, cache, input_grad=True):
+    """:func:`conv2d_backward` with version 3 for dx; dw with the v1/v2 tiles (picked as the public
+    function does: version 3 has no weight-gradient kernel yet)."""
+    return _backward("v3", None, dy, cache, input_grad)

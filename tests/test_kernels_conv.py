@@ -55,6 +55,7 @@ def _close(got, want, k, what):
 # A tiny tile configuration built by the same factory as v1 and v2 (16 x 16 tiles on 4 x 4 threads,
 # K steps of 4): in the simulator it covers many row, column and K tiles at a sixteenth of the cost.
 TINY = conv._tiled_kernels("tiny", 16, 16, 4, tx=4, ty=4, register=False)
+TINY3 = conv._tiled_kernels_v3("tiny3", 16, 16, 4, tx=4, ty=4, register=False)   # version 3, same sizes
 
 
 def _check(n, c, h, w_, o, k, stride, padding, bias, fuse, seed, version=""):
@@ -70,9 +71,10 @@ def _check(n, c, h, w_, o, k, stride, padding, bias, fuse, seed, version=""):
         temb = r.normal(size=(n, o)).astype(np.float32)
         residual = r.normal(size=y_ref.shape).astype(np.float32)
         want = want + temb[:, :, None, None] + residual
-    if version == "tiny":
-        fwd = lambda x, w, b, s, p, temb, residual: conv._forward(TINY, x, w, b, s, p, temb, residual)  # noqa: E731
-        bwd = lambda dy, cache: conv._backward(TINY, TINY, dy, cache, True)  # noqa: E731
+    if version in ("tiny", "tiny3", "V3"):
+        tiles = {"tiny": TINY, "tiny3": TINY3, "V3": conv.V3}[version]
+        fwd = lambda x, w, b, s, p, temb, residual: conv._forward(tiles, x, w, b, s, p, temb, residual)  # noqa: E731
+        bwd = lambda dy, cache: conv._backward(tiles, TINY, dy, cache, True)  # noqa: E731
     else:
         fwd = getattr(conv, f"conv2d_forward{'_' + version if version else ''}")
         bwd = getattr(conv, f"conv2d_backward{'_' + version if version else ''}")
@@ -106,7 +108,21 @@ def test_conv_matches_reference(n, c, h, w_, o, k, stride, padding, bias, fuse, 
     _check(n, c, h, w_, o, k, stride, padding, bias, fuse, seed, "tiny")
 
 
-@pytest.mark.parametrize("version", ["v1", "v2"])
+@settings(max_examples=6)
+@given(n=st.integers(1, 2), c=st.integers(1, 9), h=st.integers(2, 6), w_=st.integers(2, 7),
+       o=st.integers(1, 20), k=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]),
+       padding=st.sampled_from([0, 1, (0, 1, 0, 1), (1, 0, 2, 1)]), bias=st.booleans(),
+       fuse=st.booleans(), seed=st.integers(0, 1000))
+def test_conv_v3_matches_reference(n, c, h, w_, o, k, stride, padding, bias, fuse, seed):
+    # Version 3's forward and dx on the tiny tiles (K steps of 4 channels per kernel offset, so
+    # c up to 9 covers partial channel steps; o up to 20 covers partial output-channel steps of dx).
+    pads = (padding,) * 4 if isinstance(padding, int) else padding
+    if h + pads[0] + pads[1] < k or w_ + pads[2] + pads[3] < k:
+        return
+    _check(n, c, h, w_, o, k, stride, padding, bias, fuse, seed, "tiny3")
+
+
+@pytest.mark.parametrize("version", ["v1", "v2", "v3", "V3"])   # v3 picks V3S here; V3 forces 128 x 128
 def test_conv_production_tiles(version):
     # The production configurations (256 threads per block) once each, on the DDPM downsampler
     # (3x3, stride 2, pad (0, 1, 0, 1)) with a fused epilogue: v1 and v2 come from the same factory
@@ -141,6 +157,6 @@ def test_conv_errors():
 @pytest.mark.parametrize("c,o,hw,stride,padding", [(128, 128, 32, 1, 1), (256, 256, 8, 1, 1),
                                                    (128, 128, 32, 2, (0, 1, 0, 1)), (3, 128, 32, 1, 1),
                                                    (256, 128, 16, 1, 1)])
-@pytest.mark.parametrize("version", ["", "v1", "v2"])
+@pytest.mark.parametrize("version", ["", "v1", "v2", "v3"])
 def test_conv_full_size(c, o, hw, stride, padding, version):
     _check(4, c, hw, hw, o, 3, stride, padding, True, True, 0, version)
