@@ -64,7 +64,7 @@ import numpy as np
 
 from . import runtime as _b
 from ._jit import cuda, kernel
-from numba import float32, float64
+from numba import float32, float64, uint64
 
 
 __all__ = ["conv2d_forward", "conv2d_backward", "conv_output_size", "conv2d_forward_v1",
@@ -407,7 +407,9 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True):
     * Register prefetch (software double buffering): the global loads of step s + 1 are issued
       before the FMAs of step s, so their latency hides behind the arithmetic instead of stalling
       every step.
-    * x and dy are read through flat views with per-offset base indices.
+    * x and dy are read through flat views with per-offset base indices; the shared tiles are
+      read with unsigned indices, so Numba emits no negative-index wraparound in the FMA loop (in
+      v1/v2 that bookkeeping is about as many instructions as the FMAs there).
     """
     TX = tx
     TY = ty
@@ -509,10 +511,11 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True):
                         r += 1
             if s > 0:                        # FMAs on step s - 1 while step s's loads fly
                 for kk in range(BK):
+                    ku = uint64(kk)          # unsigned indices: no negative-index wraparound code
                     for i in range(TM):
-                        a_reg[i] = As[kk, ty + TY * i]
+                        a_reg[i] = As[ku, uint64(ty + TY * i)]
                     for j in range(TN):
-                        b_reg[j] = Bs[kk, tx + TX * j]
+                        b_reg[j] = Bs[ku, uint64(tx + TX * j)]
                     for i in range(TM):
                         for j in range(TN):
                             acc[i, j] += a_reg[i] * b_reg[j]
@@ -631,10 +634,11 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True):
                         r += 1
             if s > 0:
                 for kk in range(BK):
+                    ku = uint64(kk)
                     for i in range(TM):
-                        a_reg[i] = As[kk, ty + TY * i]
+                        a_reg[i] = As[ku, uint64(ty + TY * i)]
                     for j in range(TN):
-                        b_reg[j] = Bs[kk, tx + TX * j]
+                        b_reg[j] = Bs[ku, uint64(tx + TX * j)]
                     for i in range(TM):
                         for j in range(TN):
                             acc[i, j] += a_reg[i] * b_reg[j]
