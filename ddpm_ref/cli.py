@@ -8,6 +8,7 @@ comes from those modules.
 
     ddpm train  --data digits --preset digits --steps 3000 --batch 128 --out runs/x [--resume|--force]
     ddpm sample --ckpt runs/x/checkpoint.npz -n 64 --sampler ddim --steps 100 [--animate gif]
+    ddpm sample --from-diffusers ddpm-cifar10-32 -n 16 --steps 50   # a diffusers folder, no torch
     ddpm forward --data digits                      # one image noised at increasing t, as a strip
     ddpm eval   --ckpt runs/x/checkpoint.npz        # bits/dim on the test split + sample quality
     ddpm demo                                       # train digits for a few minutes, sample, plot
@@ -139,14 +140,20 @@ def _add_train_args(p, demo=False):
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _add_sample_args(p, n_default, sampler_default, steps_help):
+def _add_sample_args(p, n_default, sampler_default, steps_help, from_diffusers=False):
+    """Sampling options. With ``from_diffusers`` (``ddpm sample``) --sampler, --spacing and --eta
+    default to None ("not given"): a diffusers pipeline's own settings apply unless they are given,
+    and :func:`_checkpoint_sample_defaults` fills in the checkpoint defaults."""
+    also = "; with --from-diffusers: the pipeline's" if from_diffusers else ""
     p.add_argument("-n", type=_positive_int, default=n_default, help=f"number of samples (default {n_default})")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default=sampler_default,
-                   help=f"reverse process (default {sampler_default})")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default=None if from_diffusers else sampler_default,
+                   help=f"reverse process (default {sampler_default}{also})")
     p.add_argument("--steps", type=_positive_int, default=None, help=steps_help)
-    p.add_argument("--spacing", choices=("leading", "trailing", "linspace"), default="leading",
-                   help="timestep respacing when --steps < T (default leading)")
-    p.add_argument("--eta", type=_float, default=0.0, help="DDIM eta (0: deterministic; default 0)")
+    p.add_argument("--spacing", choices=("leading", "trailing", "linspace"),
+                   default=None if from_diffusers else "leading",
+                   help=f"timestep respacing when --steps < T (default leading{also})")
+    p.add_argument("--eta", type=_float, default=None if from_diffusers else 0.0,
+                   help=f"DDIM eta (0: deterministic; default 0{also})")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="sampling seed (default 0)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
     p.add_argument("--batch", type=_positive_int, default=500, help="samples per network call (default 500)")
@@ -164,21 +171,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="draw samples from a checkpoint",
+    p = sub.add_parser("sample", help="draw samples from a checkpoint or a diffusers model",
                        description="Sample with DDPM ancestral steps or DDIM; writes a PNG (grid, or a "
-                                   "scatter plot for 2-D data) and the raw float32 array (.npy).")
-    p.add_argument("--ckpt", required=True, help="checkpoint.npz (or a run directory)")
-    _add_sample_args(p, 64, "ddpm", "reverse steps (default: T for ddpm, 100 for ddim)")
+                                   "scatter plot for 2-D data) and the raw float32 array (.npy). The model "
+                                   "is a checkpoint (--ckpt) or a diffusers UNet2DModel / DDPMPipeline / "
+                                   "DDIMPipeline folder (--from-diffusers, read with NumPy alone), whose "
+                                   "scheduler settings apply unless --sampler/--steps/--spacing/--eta/--clip "
+                                   "are given.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="checkpoint.npz (or a run directory)")
+    src.add_argument("--from-diffusers", metavar="DIR",
+                     help="a diffusers model folder (config.json + weights) or pipeline folder "
+                          "(model_index.json, unet/, scheduler/)")
+    _add_sample_args(p, 64, "ddpm", "reverse steps (default: T for ddpm, 100 for ddim; with --from-diffusers "
+                                    "the pipeline's: T for DDPMPipeline, 50 for DDIMPipeline)",
+                     from_diffusers=True)
     p.add_argument("--label", type=_nonneg_int, default=None, help="class to draw (class-conditional models)")
     p.add_argument("--guidance", type=_float, default=0.0,
                    help="classifier-free guidance scale w: (1 + w) eps(x, y) - w eps(x) (default 0)")
     p.add_argument("--clip", choices=("auto", "on", "off", "dynamic"), default="auto",
                    help="clip x0 predictions to [-1, 1]: auto (default) = on for images, off for vectors "
-                        "(the 2-D toys are standardised, not bounded)")
+                        "(the 2-D toys are standardised, not bounded); with --from-diffusers auto = the "
+                        "scheduler's clip_sample / thresholding")
     p.add_argument("--animate", choices=("gif", "apng", "strip"), default=None,
                    help="also write the reverse process: an animation, or a PNG strip")
     p.add_argument("--frames", type=_positive_int, default=40, help="animation frames (default 40)")
-    p.add_argument("--out", default=None, help="output path prefix (default: next to the checkpoint)")
+    p.add_argument("--out", default=None, help="output path prefix (default: next to the checkpoint; with "
+                                               "--from-diffusers in the current directory)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("forward", help="picture the forward process q(x_t | x_0)",
@@ -293,18 +312,30 @@ def _load(ckpt_path, no_ema=False):
 
 
 def _draw(model, schedule, params, tcfg, n, args, y=None, guidance=0.0, trajectory=False, clip="auto",
-          progress=True):
+          progress=True, settings=None):
     """Samples (n, ...) float32 (and the trajectory, if asked) in chunks of args.batch, with
     index_offset so that sample i's noise is the same whatever the chunking. ``clip="auto"`` clips
-    x0 predictions to [-1, 1] for images (data scaled to [-1, 1]) and not for vectors."""
+    x0 predictions to [-1, 1] for images (data scaled to [-1, 1]) and not for vectors.
+
+    ``settings``: the complete keyword arguments of :func:`ddpm_ref.samplers.sample` plus ``shape``
+    (as :func:`ddpm_ref.interop.load_diffusers` returns them, CLI overrides applied); then ``tcfg``,
+    ``clip`` and the sampling options of ``args`` are not consulted."""
     from . import samplers
 
-    shape = tuple(int(s) for s in _data_shape(model))
-    if clip == "auto":
-        clip = len(shape) == 3
-    num_steps = args.steps
-    if num_steps is None:
-        num_steps = schedule.T if args.sampler == "ddpm" else min(100, schedule.T)
+    if settings is None:
+        shape = tuple(int(s) for s in _data_shape(model))
+        if clip == "auto":
+            clip = len(shape) == 3
+        num_steps = args.steps
+        if num_steps is None:
+            num_steps = schedule.T if args.sampler == "ddpm" else min(100, schedule.T)
+        kw = dict(sampler=args.sampler, num_steps=num_steps, spacing=args.spacing, eta=args.eta,
+                  prediction=tcfg.get("prediction", "epsilon"), variance=tcfg.get("variance", "fixed_small"),
+                  clip=clip)
+    else:
+        kw = dict(settings)
+        shape = tuple(int(s) for s in kw.pop("shape"))
+        num_steps = kw.get("num_steps") or schedule.T
     if num_steps > schedule.T:
         raise ValueError(f"--steps {num_steps} exceeds the model's T = {schedule.T}")
     den = model.denoiser(params)
@@ -319,13 +350,11 @@ def _draw(model, schedule, params, tcfg, n, args, y=None, guidance=0.0, trajecto
             now = time.monotonic()
             if progress and (now - last[0] >= 0.5 or i + 1 == total):
                 last[0] = now
-                sys.stderr.write(f"\rsampling {start + m}/{n}: step {i + 1}/{total} ({args.sampler}, "
+                sys.stderr.write(f"\rsampling {start + m}/{n}: step {i + 1}/{total} ({kw['sampler']}, "
                                  f"{now - t0:.0f} s)   ")
                 sys.stderr.flush()
 
-        res = samplers.sample(den, schedule, shape, m, args.seed, sampler=args.sampler, num_steps=num_steps,
-                              spacing=args.spacing, eta=args.eta, prediction=tcfg.get("prediction", "epsilon"),
-                              variance=tcfg.get("variance", "fixed_small"), clip=clip, y=yy, guidance=guidance,
+        res = samplers.sample(den, schedule, shape, m, args.seed, **kw, y=yy, guidance=guidance,
                               return_trajectory=trajectory, index_offset=start, progress=report)
         if trajectory:
             x, traj = res
@@ -406,19 +435,56 @@ def cmd_train(args):
     return 0
 
 
+def _diffusers_settings(args, settings):
+    """interop's sampler settings with the options given on the command line applied on top."""
+    kw = dict(settings)
+    if args.sampler is not None:
+        kw["sampler"] = args.sampler
+    if args.steps is not None:
+        kw["num_steps"] = args.steps
+    if args.spacing is not None:
+        kw["spacing"] = args.spacing
+    if args.eta is not None:
+        kw["eta"] = args.eta
+    if args.clip != "auto":
+        kw["clip"] = {"on": True, "off": False, "dynamic": "dynamic"}[args.clip]
+    return kw
+
+
+def _checkpoint_sample_defaults(args):
+    """The checkpoint defaults of the options ``ddpm sample`` leaves unset for --from-diffusers."""
+    args.sampler = args.sampler or "ddpm"
+    args.spacing = args.spacing or "leading"
+    args.eta = 0.0 if args.eta is None else args.eta
+
+
 def cmd_sample(args):
-    ckpt_path, ck, model, schedule, params, tcfg = _load(args.ckpt, args.no_ema)
+    settings = None
+    if args.from_diffusers is not None:
+        from . import interop
+
+        src = args.from_diffusers
+        model, params, schedule, loaded = interop.load_diffusers(src)
+        settings = _diffusers_settings(args, loaded)
+        tcfg = {}
+        name = os.path.basename(os.path.normpath(os.path.abspath(src))) or "diffusers"
+        sampler, steps = settings["sampler"], settings["num_steps"] or schedule.T
+        default_prefix = os.path.join(os.getcwd(), f"{name}_samples_{sampler}{steps}_seed{args.seed}")
+    else:
+        _checkpoint_sample_defaults(args)
+        ckpt_path, ck, model, schedule, params, tcfg = _load(args.ckpt, args.no_ema)
+        steps = args.steps or (schedule.T if args.sampler == "ddpm" else min(100, schedule.T))
+        default_prefix = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)),
+                                      f"samples_{args.sampler}{steps}_seed{args.seed}")
     y = _labels(model, args.n, args.label)
     if args.guidance and y is None:
         raise ValueError("--guidance needs --label (and a class-conditional model)")
     clip = {"auto": "auto", "on": True, "off": False, "dynamic": "dynamic"}[args.clip]
     want_traj = args.animate is not None
     res = _draw(model, schedule, params, tcfg, args.n, args, y=y, guidance=args.guidance, trajectory=want_traj,
-                clip=clip)
+                clip=clip, settings=settings)
     x, traj = res if want_traj else (res, None)
-    steps = args.steps or (schedule.T if args.sampler == "ddpm" else min(100, schedule.T))
-    prefix = args.out or os.path.join(os.path.dirname(os.path.abspath(ckpt_path)),
-                                      f"samples_{args.sampler}{steps}_seed{args.seed}")
+    prefix = args.out or default_prefix
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     np.save(prefix + ".npy", x)
     if x.ndim == 4:
