@@ -31,10 +31,11 @@ whole kernel, so its pixel coordinates are decoded once):
 * v2: 128 x 128 tiles, 8 x 8 per thread: 16 loads per 64 FMAs, the classic SGEMM configuration,
   for the large CIFAR layers.
 
-* v3 (forward and dx; :func:`_tiled_kernels_v3`, in both tile sizes, V3S 64 x 64 and V3 128 x 128):
-  the reduction ordered (kernel offset, channel) so the gather needs no integer division per
-  element, and register prefetch of the next K step's global loads during the current step's FMAs.
-  The weight gradient stays v1/v2's. Validated by the same tests; not yet the public choice
+* v3 (:func:`_tiled_kernels_v3`, in both tile sizes, V3S 64 x 64 and V3 128 x 128): forward and dx
+  with the reduction ordered (kernel offset, channel) so the gather needs no integer division per
+  element; dw with each gathered row's (n, p, q) advanced by carries instead of divided out; all
+  three with register prefetch of the next K step's global loads during the current step's FMAs
+  and unsigned shared-tile indices (no wraparound code in the FMA loop). Validated by the same tests; not yet the public choice
   (unmeasured on a GPU when written: benchmarks/bench_kernels.py reports it beside v1 and v2).
 
 The public ``conv2d_forward`` / ``conv2d_backward`` pick per GEMM (``_pick``: v2 when both sides are
@@ -64,7 +65,7 @@ import numpy as np
 
 from . import runtime as _b
 from ._jit import cuda, kernel
-from numba import float32, float64, uint64
+from numba import float32, float64, int64, uint64
 
 
 __all__ = ["conv2d_forward", "conv2d_backward", "conv_output_size", "conv2d_forward_v1",
@@ -80,9 +81,10 @@ _F1 = "float32[::1]"
 class Tiles:
     """One tile configuration: the three tiled kernels built for it, and its sizes."""
 
-    def __init__(self, version, BM, BN, BK, TX, TY, fwd, dx, dw):
+    def __init__(self, version, BM, BN, BK, TX, TY, fwd, dx, dw, v3=False):
         self.version, self.BM, self.BN, self.BK, self.TX, self.TY = version, BM, BN, BK, TX, TY
         self.fwd, self.dx, self.dw = fwd, dx, dw
+        self.v3 = v3                   # version 3's argument layout (flat x / dy, transposed w)
 
 
 def _tiled_kernels(version, BM, BN, BK, tx=16, ty=16, register=True):
@@ -393,7 +395,7 @@ V2 = _tiled_kernels("v2", 128, 128, 8)
 # ---------------------------------------------------------------------------------------------
 
 def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True):
-    """Forward and dx kernels, version 3 (the weight gradient stays v1/v2's).
+    """Forward, dx and dw kernels, version 3.
 
     Differences from :func:`_tiled_kernels` (same thread layout, shared tiles and register tiles):
 
@@ -652,7 +654,123 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True):
                         n = cj // HW
                         dx3[n, c, cj - n * HW] = acc[i, j]
 
-    return Tiles(version, BM, BN, BK, TX, TY, conv2d_fwd_kernel, conv2d_dx_kernel, None)
+    @kernel(f"void(float32[::1], float32[::1], {_F3}, int32, int32, int32, int32, int32, int32, int32, int32, "
+            f"int32, int32, int32, int32)", name=f"conv2d_dw_kernel_{version}", register=register)
+    def conv2d_dw_kernel(dy1, x1, part, N, O, P, Q, C, H, W, stride, pad_top, pad_left, kw, k_chunk):
+        """part[z] (O, C*kh*kw) = dy (O, K_z) @ gathered x (K_z, C*kh*kw) over K slice z of N*P*Q.
+
+        dy1, x1: dy (N, O, P, Q) and x (N, C, H, W) flattened. Each gathered K row's (n, p, q) is
+        decoded once and then advanced by BK per step (a carry or two, no division)."""
+        CRS = part.shape[2]
+        RS = CRS // C
+        PQ = P * Q
+        HW = H * W
+        K = N * PQ
+        k_begin = cuda.blockIdx.z * k_chunk
+        k_end = min(K, k_begin + k_chunk)
+        S = (k_end - k_begin + BK - 1) // BK
+        As = cuda.shared.array((BK, BM_PAD), float32)
+        Bs = cuda.shared.array((BK, BN), float32)
+        acc = cuda.local.array((TM, TN), float32)
+        a_reg = cuda.local.array(TM, float32)
+        b_reg = cuda.local.array(TN, float32)
+        a_pre = cuda.local.array(NA, float32)
+        b_pre = cuda.local.array(NB, float32)
+        bn_s = cuda.local.array(NB, int64)
+        bp_s = cuda.local.array(NB, int64)
+        bq_s = cuda.local.array(NB, int64)
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        tid = ty * TX + tx
+        m0 = cuda.blockIdx.y * BM
+        n0 = cuda.blockIdx.x * BN
+        for i in range(TM):
+            for j in range(TN):
+                acc[i, j] = float32(0.0)
+        bj = tid % BN
+        bk = tid // BN
+        col = n0 + bj                      # (c, r, t)
+        col_ok = col < CRS
+        bc = col // RS
+        rs = col - bc * RS
+        br = rs // kw
+        bt = rs - br * kw
+        x_c = bc * HW                      # offset of channel bc inside one sample
+        ak = tid % BK
+        am = tid // BK
+        ka = k_begin + ak                  # the A row this thread gathers: (na, pqa)
+        na = ka // PQ
+        pqa = ka - na * PQ
+        for l in range(NB):                # the B rows: (n, p, q), decoded once
+            kb = k_begin + bk + B_ROWS_PER_PASS * l
+            n_ = kb // PQ
+            pq_ = kb - n_ * PQ
+            p_ = pq_ // Q
+            bn_s[l] = n_
+            bp_s[l] = p_
+            bq_s[l] = pq_ - p_ * Q
+        for s in range(S + 1):
+            if s > 0:
+                for l in range(NA):
+                    As[ak, am + A_ROWS_PER_PASS * l] = a_pre[l]
+                for l in range(NB):
+                    Bs[bk + B_ROWS_PER_PASS * l, bj] = b_pre[l]
+                cuda.syncthreads()
+            if s < S:
+                k0 = k_begin + s * BK
+                ok_a = k0 + ak < k_end
+                for l in range(NA):
+                    m = m0 + am + A_ROWS_PER_PASS * l      # o
+                    v = float32(0.0)
+                    if m < O and ok_a:
+                        v = dy1[uint64((na * O + m) * PQ + pqa)]
+                    a_pre[l] = v
+                for l in range(NB):
+                    v = float32(0.0)
+                    if col_ok and k0 + bk + B_ROWS_PER_PASS * l < k_end:
+                        h = bp_s[l] * stride - pad_top + br
+                        ww = bq_s[l] * stride - pad_left + bt
+                        if h >= 0 and h < H and ww >= 0 and ww < W:
+                            v = x1[uint64(bn_s[l] * C * HW + x_c + h * W + ww)]
+                    b_pre[l] = v
+                pqa += BK                          # advance every decoded row by BK
+                while pqa >= PQ:
+                    pqa -= PQ
+                    na += 1
+                for l in range(NB):
+                    q_ = bq_s[l] + BK
+                    p_ = bp_s[l]
+                    n_ = bn_s[l]
+                    while q_ >= Q:
+                        q_ -= Q
+                        p_ += 1
+                    while p_ >= P:
+                        p_ -= P
+                        n_ += 1
+                    bn_s[l] = n_
+                    bp_s[l] = p_
+                    bq_s[l] = q_
+            if s > 0:
+                for kk in range(BK):
+                    ku = uint64(kk)
+                    for i in range(TM):
+                        a_reg[i] = As[ku, uint64(ty + TY * i)]
+                    for j in range(TN):
+                        b_reg[j] = Bs[ku, uint64(tx + TX * j)]
+                    for i in range(TM):
+                        for j in range(TN):
+                            acc[i, j] += a_reg[i] * b_reg[j]
+                cuda.syncthreads()
+        z = cuda.blockIdx.z
+        for i in range(TM):
+            o = m0 + ty + TY * i
+            if o < O:
+                for j in range(TN):
+                    cj = n0 + tx + TX * j
+                    if cj < CRS:
+                        part[z, o, cj] = acc[i, j]
+
+    return Tiles(version, BM, BN, BK, TX, TY, conv2d_fwd_kernel, conv2d_dx_kernel, conv2d_dw_kernel, v3=True)
 
 
 # v3 in the two tile sizes of v1 and v2 (the public functions' size choice applies to them too).
@@ -768,7 +886,7 @@ def _forward(tiles, x, w, b, stride, padding, temb, residual):
         tiles = _pick(O, N * P * Q, v3=True)
     y = xp.empty((N, O, P, Q), dtype=xp.float32)
     grid = (_ceil(N * P * Q, tiles.BN), _ceil(O, tiles.BM))
-    if tiles.dw is None:               # version 3: x flat, weights as (O, kh kw, C)
+    if tiles.v3:                       # version 3: x flat, weights as (O, kh kw, C)
         w3 = xp.ascontiguousarray(w.reshape(O, C, KH * KW).transpose(0, 2, 1))
         tiles.fwd[grid, (tiles.TX, tiles.TY)](x.reshape(-1), w3, b, temb, residual3, y.reshape(N, O, P * Q),
                                   np.int32(C), np.int32(H), np.int32(W), np.int32(stride),
@@ -831,7 +949,7 @@ def _backward(dx_tiles, dw_tiles, dy, cache, input_grad):
         t = _pick(C, N * H * W, v3=True) if dx_tiles == "v3" else (dx_tiles or _pick(C, N * H * W))
         dx = xp.empty((N, C, H, W), dtype=xp.float32)
         grid = (_ceil(N * H * W, t.BN), _ceil(C, t.BM))
-        if t.dw is None:               # version 3: dy flat, weights as (kh kw, O, C)
+        if t.v3:                       # version 3: dy flat, weights as (kh kw, O, C)
             wt = xp.ascontiguousarray(w.reshape(O, C, KH * KW).transpose(2, 0, 1))
             t.dx[grid, (t.TX, t.TY)](dy.reshape(-1), wt, dx.reshape(N, C, H * W), np.int32(O), np.int32(P),
                                  np.int32(Q), np.int32(stride), np.int32(pt), np.int32(pl), np.int32(W),
@@ -841,15 +959,21 @@ def _backward(dx_tiles, dw_tiles, dy, cache, input_grad):
                                  np.int32(pl), np.int32(Q), np.int32(W), np.int32(KW))
     # dw: rows o, columns (c, r, t), reduction (n, p, q) split over blockIdx.z
     crs = C * KH * KW
-    t = dw_tiles or _pick(O, crs, split=True)
+    t = _pick(O, crs, split=True, v3=True) if dw_tiles == "v3" else (dw_tiles or _pick(O, crs, split=True))
     gx, gy = _ceil(crs, t.BN), _ceil(O, t.BM)
     k_total = N * P * Q
     splits = _dw_splits(gx * gy, k_total, t.BK)
     k_chunk = _ceil(_ceil(k_total, splits), t.BK) * t.BK
     splits = _ceil(k_total, k_chunk)
     part = xp.empty((splits, O, crs), dtype=xp.float32)
-    t.dw[(gx, gy, splits), (t.TX, t.TY)](dy3, x, part, np.int32(stride), np.int32(pt), np.int32(pl),
-                                     np.int32(Q), np.int32(KW), np.int32(k_chunk))
+    if t.v3:
+        t.dw[(gx, gy, splits), (t.TX, t.TY)](dy.reshape(-1), x.reshape(-1), part, np.int32(N), np.int32(O),
+                                         np.int32(P), np.int32(Q), np.int32(C), np.int32(H), np.int32(W),
+                                         np.int32(stride), np.int32(pt), np.int32(pl), np.int32(KW),
+                                         np.int32(k_chunk))
+    else:
+        t.dw[(gx, gy, splits), (t.TX, t.TY)](dy3, x, part, np.int32(stride), np.int32(pt), np.int32(pl),
+                                         np.int32(Q), np.int32(KW), np.int32(k_chunk))
     dw = part.sum(axis=0).reshape(O, C, KH, KW) if splits > 1 else part.reshape(O, C, KH, KW)
     db = None
     if cache["has_bias"]:
@@ -908,6 +1032,5 @@ def conv2d_forward_v3(x, w, b=None, stride=1, padding=1, temb=None, residual=Non
 
 
 def conv2d_backward_v3(dy, cache, input_grad=True):
-    """:func:`conv2d_backward` with version 3 for dx; dw with the v1/v2 tiles (picked as the public
-    function does: version 3 has no weight-gradient kernel yet)."""
-    return _backward("v3", None, dy, cache, input_grad)
+    """:func:`conv2d_backward` with version 3 (dx and dw), tile size picked as the public function does."""
+    return _backward("v3", "v3", dy, cache, input_grad)
