@@ -45,7 +45,7 @@ import numpy as np
 
 from . import runtime as _b
 from ._jit import cuda, device, kernel
-from numba import float32, float64, uint32  # noqa: E402  (numba is importable once ._jit imported)
+from numba import float32, float64, uint32, uint64  # noqa: E402  (numba is importable once ._jit imported)
 from .rng import philox4x32_10, philox4x32_10_v2, philox_normal4, philox_normal4_v2, word_to_uniform
 
 __all__ = [
@@ -418,10 +418,10 @@ def _normals_to_tile(buf, t0, nb, idx, st, sb, seed, stream, kind):
             z2 = word_to_uniform(w2)
             z3 = word_to_uniform(w3)
         p = 4 * tid
-        buf[_tile_slot(p)] = z0
-        buf[_tile_slot(p + 1)] = z1
-        buf[_tile_slot(p + 2)] = z2
-        buf[_tile_slot(p + 3)] = z3
+        buf[uint64(_tile_slot(p))] = z0
+        buf[uint64(_tile_slot(p + 1))] = z1
+        buf[uint64(_tile_slot(p + 2))] = z2
+        buf[uint64(_tile_slot(p + 3))] = z3
 
 
 @device
@@ -429,7 +429,7 @@ def _load_or_zero(a, i, e, size):
     """a[i, e] when e < size, else 0 (a tile's tail)."""
     v = float32(0.0)
     if e < size:
-        v = a[i, e]
+        v = a[uint64(i), uint64(e)]                  # unsigned: no negative-index wraparound code
     return v
 
 
@@ -454,7 +454,7 @@ def philox_float_kernel_v2(out, params, seed, stream, kind):
             for k in range(4):
                 p = tid + k * nt
                 if e0 + p < size:
-                    out[i, e0 + p] = buf[_tile_slot(p)]
+                    out[uint64(i), uint64(e0 + p)] = buf[uint64(_tile_slot(p))]
             cuda.syncthreads()
             t0 += cuda.gridDim.x * nt
 
@@ -488,7 +488,7 @@ def q_sample_kernel_v2(x0, xt, target, params, seed, stream, mode, store_target)
                 p = tid + k * nt
                 e = e0 + p
                 if e < size:
-                    eps = buf[_tile_slot(p)]
+                    eps = buf[uint64(_tile_slot(p))]
                     if k == 0:
                         v = v0
                     elif k == 1:
@@ -497,9 +497,9 @@ def q_sample_kernel_v2(x0, xt, target, params, seed, stream, mode, store_target)
                         v = v2
                     else:
                         v = v3
-                    xt[i, e] = ai * v + bi * eps          # eq. 4: sqrt(ab) x0 + sqrt(1 - ab) eps
+                    xt[uint64(i), uint64(e)] = ai * v + bi * eps          # eq. 4: sqrt(ab) x0 + sqrt(1 - ab) eps
                     if store_target != 0:
-                        target[i, e] = _target_of(v, eps, ai, bi, mode)
+                        target[uint64(i), uint64(e)] = _target_of(v, eps, ai, bi, mode)
             cuda.syncthreads()
             t0 += cuda.gridDim.x * nt
 
@@ -551,9 +551,9 @@ def mse_noise_kernel_v2(pred, x0, params, seed, stream, mode, dpred, sq_sum):
                         pv, v = p2, v2
                     else:
                         pv, v = p3, v3
-                    d = pv - _target_of(v, buf[_tile_slot(p)], ai, bi, mode)
+                    d = pv - _target_of(v, buf[uint64(_tile_slot(p))], ai, bi, mode)
                     s4 += d * d
-                    dpred[i, e] = gi * d
+                    dpred[uint64(i), uint64(e)] = gi * d
             acc += float64(s4)
             cuda.syncthreads()
             t0 += nt
