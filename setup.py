@@ -5,12 +5,14 @@ Installing needs numpy alone. Extras:
          (PyTorch CPU, diffusers, safetensors) plus Numba's CUDA simulator for the GPU kernels
   torch  PyTorch and diffusers alone (cross-checks, weight conversion, benchmarks)
   cli    Pillow and tqdm (animations, nicer progress bars); the CLI works without them
-  gpu    CuPy and numba-cuda for the GPU backend (ddpm_ref.kernels)
+  gpu    CuPy and numba-cuda for the GPU backend (ddpm_ref.kernels), CUDA 12 builds
 """
 from setuptools import setup
 
 TORCH = ["torch==2.13.0", "diffusers>=0.30", "safetensors"]
-SIM = ["numba>=0.60", "numba-cuda>=0.10"]
+# The CUDA simulator runs the kernels on the CPU; NVRTC lets the compile check build PTX for sm_90
+# without a GPU (libnvvm comes from the machine's CUDA toolkit; the check skips, naming it, without).
+SIM = ["numba>=0.60", "numba-cuda>=0.30", "nvidia-cuda-nvrtc==13.*"]
 
 setup(
     name="ddpm-ref",
@@ -27,7 +29,8 @@ setup(
         "test": ["pytest>=7", "hypothesis>=6"] + TORCH + SIM,
         "torch": TORCH,
         "cli": ["pillow", "tqdm"],
-        "gpu": ["cupy-cuda12x"] + SIM,
+        # CUDA 12 drivers; on a CUDA 13 driver use cupy-cuda13x and numba-cuda[cu13] instead.
+        "gpu": ["cupy-cuda12x", "numba>=0.60", "numba-cuda[cu12]>=0.30"],
     },
     entry_points={"console_scripts": ["ddpm=ddpm_ref.cli:main"]},
 )
