@@ -15,19 +15,25 @@ weights: our parameter names are its state_dict keys) on PyTorch CPU at the same
   work as a step of the full chain: one network evaluation and one update) and extrapolates:
   chain time = median step time x number of steps; the output says so.
 
-Each (row, side) runs in a fresh worker process (:func:`benchmarks.common.run_worker`) so that the
-peak RSS is that of the measurement alone; the figures are medians of ``repeats`` timed runs (steps or
-chains) after ``warmup`` untimed ones.
+Timing: the training step of ours and of the peer run in one worker, alternating step by step
+(:func:`train_pair`), so that both meet the same machine load; each sampling (row, side) runs in a
+fresh worker (``--rounds`` alternates several). Memory: every (row, side) also runs in a fresh worker
+process (:func:`benchmarks.common.run_worker`) so that the peak RSS is that of the measurement alone.
+``+work`` (``delta_mib``) is the peak minus the RSS after building the model: ours includes no
+optimizer state (AdamW's moments are allocated when it is built), torch's includes AdamW's moments
+(allocated at the first step), about 8 bytes per parameter. The figures are medians of ``repeats``
+timed runs (steps or chains) after ``warmup`` untimed ones.
 
 What it is not: a training-quality or sample-quality benchmark (the weights are an initialisation).
 """
 from __future__ import annotations
 
+import itertools
 import time
 
 import numpy as np
 
-from benchmarks.common import MIB, median, reset_peak, rss_kib, stats
+from benchmarks.common import MIB, interleaved, median, reset_peak, rss_kib, stats
 
 E2E_ROWS = ("train", "ddpm", "ddim")
 SAMPLER_STEPS = {"ddpm": 1000, "ddim": 50}
@@ -249,4 +255,22 @@ def combine(results: list, spec: dict) -> dict:
     return out
 
 
-WORKERS = {"train": train_step, "sample": sample}
+def train_pair(spec: dict) -> dict:
+    """Time our training step and the peer's in one process, alternating step by step
+    (:func:`benchmarks.common.interleaved`: ours, peer, peer, ours, ...), so that both meet the same
+    machine load. Returns ``{"ours": {...}, "peer": {...}}`` (stats, last loss, threads). Memory is not
+    measured here (both models share this process); the suite takes it from fresh workers."""
+    steps = {side: build_train_step({**spec, "side": side}) for side in ("ours", "peer")}
+    counters = {side: itertools.count() for side in steps}
+    losses = {}
+
+    def run_one(side):
+        def fn():
+            losses[side] = steps[side](next(counters[side]))
+        return fn
+
+    times = interleaved({side: run_one(side) for side in steps}, spec["repeats"], spec["warmup"])
+    return {side: {**stats(times[side]), "loss": losses[side], **_threads_used(side)} for side in steps}
+
+
+WORKERS = {"train": train_step, "sample": sample, "train_pair": train_pair}

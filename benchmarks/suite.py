@@ -69,8 +69,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per figure, median reported (default 5)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="end-to-end rows: run ours and the peer this many times each, alternating "
-                         "(ours, peer, peer, ours, ...), and pool the runs; 2 or more on a busy machine")
+                    help="sampling rows (and the train row with --no-peers): run ours and the peer in "
+                         "this many fresh workers each, alternating, and pool the runs; 2 or more on a busy "
+                         "machine (the train row always alternates ours and the peer step by step in one "
+                         "worker, with memory from a fresh worker per side)")
     ap.add_argument("--batch", nargs="+", metavar="PRESET:N", help="op/train batch (default "
                     + ", ".join(f"{k}:{v}" for k, v in TRAIN_BATCH.items()) + ")")
     ap.add_argument("--sample-batch", nargs="+", metavar="PRESET:N", help="sampling batch (default "
@@ -133,7 +135,7 @@ def worker_main(spec: dict) -> dict:
     if kind == "ops":
         from benchmarks.bench_ops import run_ops
         return {"rows": run_ops(spec)}
-    if kind in ("train", "sample"):
+    if kind in ("train", "sample", "train_pair"):
         from benchmarks.bench_e2e import WORKERS
         return WORKERS[kind](spec)
     raise ValueError(f"unknown worker kind {kind!r}; expected gemm, ops, train or sample")
@@ -265,6 +267,17 @@ def run(args, out=print) -> dict:
                     notes.append(f"{preset} {name}: chain time extrapolated from the median of "
                                  f"{max(args.quick, args.repeats)} measured steps x {steps} steps (--quick)")
             sides = ("ours",) if args.no_peers else ("ours", "peer")
+            if name == "train" and not args.no_peers:
+                # Time: both steps in one worker, alternating step by step (same load for both).
+                # Memory: a fresh worker per side (2 steps each), whose own timing is kept as "isolated".
+                pair = _measure({**spec, "kind": "train_pair"}, args)
+                for side in sides:
+                    iso = _measure({**spec, "side": side, "repeats": 2, "warmup": 0}, args)
+                    row[side] = {**pair[side], "timing": "alternating steps in one process",
+                                 **{k: iso.get(k) for k in ("peak_mib", "delta_mib", "setup_mib", "before_timed_mib")},
+                                 "isolated_median_ms": iso["median_ms"]}
+                result["rows"].append(_derive(row, peak["gflops"]))
+                continue
             got = {side: [] for side in sides}
             for r in range(args.rounds):                  # alternate, so drifting load hits both sides
                 for side in (sides if r % 2 == 0 else sides[::-1]):

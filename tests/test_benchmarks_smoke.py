@@ -121,6 +121,8 @@ def test_end_to_end_rows_memory_and_throughput(inline_run):
                 assert s["finite_samples"] is True and s["extrapolated"] is False
             else:
                 assert math.isfinite(s["loss"]) and s["loss"] > 0
+                # timed alternating with the peer in one process; the fresh-process run kept beside it
+                assert s["timing"] == "alternating steps in one process" and _finite_pos(s["isolated_median_ms"])
             if "threads_used" in s:       # the peer's torch and our BLAS ran at --threads (1)
                 assert s["threads_used"] == 1, (side, s["threads_used"])
 
