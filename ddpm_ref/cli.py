@@ -590,7 +590,7 @@ def cmd_eval(args):
             k = "all" if args.bpd_timesteps is None else args.bpd_timesteps
 
             def prog(done, total):
-                sys.stderr.write(f"\rbits/dim: {done}/{total} denoiser calls   ")
+                sys.stderr.write(f"\rbits/dim: {done}/{total} (sample, timestep) terms   ")
                 sys.stderr.flush()
 
             bpd = diffusion.bits_per_dim(schedule, model.denoiser(params), xb,

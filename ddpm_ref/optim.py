@@ -39,7 +39,7 @@ import math
 
 import numpy as np
 
-__all__ = ["AdamW", "global_norm", "clip_grad_norm", "warmup_lr", "ema_decay", "ema_update"]
+__all__ = ["AdamW", "check_state", "global_norm", "clip_grad_norm", "warmup_lr", "ema_decay", "ema_update"]
 
 _CHUNK = 1 << 20   # elements per float64 chunk when summing squares
 
@@ -109,6 +109,22 @@ def ema_update(ema: np.ndarray, params: np.ndarray, d: float, scratch: np.ndarra
     else:
         np.multiply(params, np.float32(1.0 - d), out=scratch)
         ema += scratch
+
+
+def check_state(state: dict, size: int):
+    """Validate an AdamW ``state_dict`` for ``size`` parameters; returns ``(m, v, step)``.
+
+    Shared by this optimizer and the GPU one (``ddpm_ref.kernels.optim``), whose state has the same format.
+    """
+    m = np.asarray(state["m"])
+    v = np.asarray(state["v"])
+    step = int(state["step"])
+    for name, a in (("m", m), ("v", v)):
+        if a.shape != (size,) or a.dtype != np.float32:
+            raise ValueError(f"optimizer state {name!r} must be float32 ({size},), got {a.dtype} {a.shape}")
+    if step < 0:
+        raise ValueError(f"optimizer step must be >= 0, got {step}")
+    return m, v, step
 
 
 class AdamW:
@@ -205,15 +221,7 @@ class AdamW:
         return {"m": self.m.copy(), "v": self.v.copy(), "step": int(self.step_count)}
 
     def load_state_dict(self, state: dict) -> None:
-        m = np.asarray(state["m"])
-        v = np.asarray(state["v"])
-        step = int(state["step"])
-        for name, a in (("m", m), ("v", v)):
-            if a.shape != (self.size,) or a.dtype != np.float32:
-                raise ValueError(f"optimizer state {name!r} must be float32 ({self.size},), got "
-                                 f"{a.dtype} {a.shape}")
-        if step < 0:
-            raise ValueError(f"optimizer step must be >= 0, got {step}")
+        m, v, step = check_state(state, self.size)
         self.m[...] = m
         self.v[...] = v
         self.step_count = step

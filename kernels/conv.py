@@ -67,6 +67,9 @@ from . import runtime as _b
 from ._jit import cuda, kernel
 from numba import float32, float64, int64, uint64
 
+# Padding and output-size rules are the reference's, not a copy of them.
+from ddpm_ref.ops.conv import _normalize_padding, conv_output_size  # noqa: E402
+
 
 __all__ = ["conv2d_forward", "conv2d_backward", "conv_output_size", "conv2d_forward_v1",
            "conv2d_backward_v1", "conv2d_forward_v2", "conv2d_backward_v2", "conv2d_forward_v3",
@@ -811,29 +814,6 @@ def conv2d_db_kernel(dy3, db):
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-
-def _normalize_padding(padding):
-    """int, (vertical, horizontal) or (top, bottom, left, right) -> 4-tuple, as the reference."""
-    if isinstance(padding, (int, np.integer)):
-        pads = (int(padding),) * 4
-    else:
-        try:
-            pads = tuple(int(p) for p in padding)
-        except TypeError:
-            raise ValueError(f"padding must be an int or (top, bottom, left, right), got {padding!r}") from None
-        if len(pads) == 2:
-            pads = (pads[0], pads[0], pads[1], pads[1])
-        if len(pads) != 4:
-            raise ValueError(f"padding must be an int or (top, bottom, left, right), got {padding!r}")
-    if min(pads) < 0:
-        raise ValueError(f"padding must be non-negative, got {padding!r}")
-    return pads
-
-
-def conv_output_size(size, k, stride, pad_before, pad_after):
-    """Output length along one axis: floor((size + pads - k) / stride) + 1."""
-    return (size + pad_before + pad_after - k) // stride + 1
-
 
 def _ceil(a, b):
     return (a + b - 1) // b

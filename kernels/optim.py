@@ -24,6 +24,7 @@ import numpy as np
 
 from . import runtime as _b
 from ._jit import cuda, kernel
+from ddpm_ref.optim import check_state
 
 __all__ = ["AdamW", "global_norm", "clip_grad_norm", "ema_update", "adamw_ema_kernel",
            "grad_sq_norm_kernel"]
@@ -218,15 +219,7 @@ class AdamW:
         return {"m": _b.to_host(self.m), "v": _b.to_host(self.v), "step": int(self.step_count)}
 
     def load_state_dict(self, state: dict) -> None:
-        m = np.asarray(state["m"])
-        v = np.asarray(state["v"])
-        step = int(state["step"])
-        for name, a in (("m", m), ("v", v)):
-            if a.shape != (self.size,) or a.dtype != np.float32:
-                raise ValueError(f"optimizer state {name!r} must be float32 ({self.size},), got "
-                                 f"{a.dtype} {a.shape}")
-        if step < 0:
-            raise ValueError(f"optimizer step must be >= 0, got {step}")
+        m, v, step = check_state(state, self.size)
         self.m[...] = _b.to_device(m)
         self.v[...] = _b.to_device(v)
         self.step_count = step

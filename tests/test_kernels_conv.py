@@ -11,39 +11,14 @@ BLAS, plus FMA contraction on a GPU). The float32 rounding error of such a sum i
 K * 6e-8 * sum |terms|; with standard-normal data the terms are O(1), so we allow
 atol = 2e-7 * K * max(1, max|ref|) and rtol 1e-5.
 """
-import os
-import sys
-
-
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-pytest.importorskip("numba_cuda", reason="the GPU kernel tests need numba-cuda (the `test` extra)")
-
-from ddpm_ref.kernels import runtime as kb  # noqa: E402
-
-kb.simulate_unless_disabled()   # before numba.cuda is imported (NUMBA_ENABLE_CUDASIM=0: a real GPU)
-
-try:
-    kb.require_gpu()
-except kb.GPUUnavailableError as exc:
-    pytest.skip(f"no GPU and the simulator is off in this process: {exc}", allow_module_level=True)
+from kernel_setup import kb, FULL, fast_simulator_barriers  # noqa: E402,F401  (GPU or simulator; skips without numba-cuda)
 
 from ddpm_ref.kernels import conv  # noqa: E402
 from ddpm_ref.ops import conv as ref  # noqa: E402
-
-SIM = kb.is_simulator()
-FULL = os.environ.get("DDPM_KERNELS_FULL", "0") == "1" and not SIM
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_simulator_barriers():
-    old = sys.getswitchinterval()   # cheaper simulated syncthreads() (see test_kernels_norm.py)
-    if SIM:
-        sys.setswitchinterval(1e-4)
-    yield
-    sys.setswitchinterval(old)
 
 
 def _close(got, want, k, what):

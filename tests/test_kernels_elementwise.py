@@ -10,37 +10,14 @@ Tolerance table:
 - embeddings: exact (a gather; the scatter adds repeated ids in index order, as np.add.at does;
   the timestep table is the reference's own, copied).
 """
-import sys
-
-
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-pytest.importorskip("numba_cuda", reason="the GPU kernel tests need numba-cuda (the `test` extra)")
-
-from ddpm_ref.kernels import runtime as kb  # noqa: E402
-
-kb.simulate_unless_disabled()   # before numba.cuda is imported (NUMBA_ENABLE_CUDASIM=0: a real GPU)
-
-try:
-    kb.require_gpu()
-except kb.GPUUnavailableError as exc:
-    pytest.skip(f"no GPU and the simulator is off in this process: {exc}", allow_module_level=True)
+from kernel_setup import kb, fast_simulator_barriers  # noqa: E402,F401  (GPU or simulator; skips without numba-cuda)
 
 from ddpm_ref.kernels import activation, embedding, linear, resample  # noqa: E402
 from ddpm_ref.ops import activation as ref_act, embedding as ref_emb, linear as ref_lin, resample as ref_res  # noqa: E402,E501
-
-SIM = kb.is_simulator()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_simulator_barriers():
-    old = sys.getswitchinterval()   # cheaper simulated syncthreads() (see test_kernels_norm.py)
-    if SIM:
-        sys.setswitchinterval(1e-4)
-    yield
-    sys.setswitchinterval(old)
 
 
 @settings(max_examples=8)

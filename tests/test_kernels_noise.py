@@ -16,40 +16,16 @@ Tolerance table (why each number is what it is):
 - loss: rtol 1e-5; the kernel sums squares in float64, the reference in float32 (pairwise), so the
   reference is the less accurate one by ~D * 6e-8 relative.
 """
-import os
-import sys
-
-
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-pytest.importorskip("numba_cuda", reason="the GPU kernel tests need numba-cuda (the `test` extra)")
-
+from kernel_setup import kb, FULL, fast_simulator_barriers  # noqa: E402,F401  (GPU or simulator; skips without numba-cuda)
 from ddpm_ref import diffusion, rng  # noqa: E402
-from ddpm_ref.kernels import runtime as kb  # noqa: E402
-
-kb.simulate_unless_disabled()   # before numba.cuda is imported (NUMBA_ENABLE_CUDASIM=0: a real GPU)
-
-try:
-    kb.require_gpu()
-except kb.GPUUnavailableError as exc:  # numba.cuda imported earlier without the simulator, no GPU
-    pytest.skip(f"no GPU and the simulator is off in this process: {exc}", allow_module_level=True)
 
 from ddpm_ref.kernels import noise  # noqa: E402
 from ddpm_ref.schedule import Schedule  # noqa: E402
 
-SIM = kb.is_simulator()
-FULL = os.environ.get("DDPM_KERNELS_FULL", "0") == "1" and not SIM
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_simulator_barriers():
-    old = sys.getswitchinterval()   # cheaper simulated syncthreads() (see test_kernels_norm.py)
-    if SIM:
-        sys.setswitchinterval(1e-4)
-    yield
-    sys.setswitchinterval(old)
 
 shapes = st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple)
 indices = st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=3)

@@ -9,41 +9,14 @@ Tolerance table (reference in float64 on the same float32 inputs):
 - dgamma, dbeta: sums over N*S float32 terms (float64 accumulation, float32 products): atol
   1e-6 * N * S * max(1, max|ref|).
 """
-import os
-import sys
-
-
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-pytest.importorskip("numba_cuda", reason="the GPU kernel tests need numba-cuda (the `test` extra)")
-
-from ddpm_ref.kernels import runtime as kb  # noqa: E402
-
-kb.simulate_unless_disabled()   # before numba.cuda is imported (NUMBA_ENABLE_CUDASIM=0: a real GPU)
-
-try:
-    kb.require_gpu()
-except kb.GPUUnavailableError as exc:
-    pytest.skip(f"no GPU and the simulator is off in this process: {exc}", allow_module_level=True)
+from kernel_setup import kb, FULL, fast_simulator_barriers  # noqa: E402,F401  (GPU or simulator; skips without numba-cuda)
 
 from ddpm_ref.kernels import norm  # noqa: E402
 from ddpm_ref.ops import norm as ref  # noqa: E402
-
-SIM = kb.is_simulator()
-FULL = os.environ.get("DDPM_KERNELS_FULL", "0") == "1" and not SIM
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_simulator_barriers():
-    # The simulator runs one Python thread per CUDA thread and polls them at every syncthreads();
-    # a shorter GIL switch interval makes those barriers ~5x cheaper. Restored afterwards.
-    old = sys.getswitchinterval()
-    if SIM:
-        sys.setswitchinterval(1e-4)
-    yield
-    sys.setswitchinterval(old)
 
 
 def _check(shape, groups, silu, eps, seed):

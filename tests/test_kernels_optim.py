@@ -9,38 +9,16 @@ Tolerance table:
   steps relative differences stay below 1e-5 (asserted at full size in gpu_check.sh runs).
 - the global norm: float64 sums in a different order: rtol 1e-12.
 """
-import sys
-
-
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-pytest.importorskip("numba_cuda", reason="the GPU kernel tests need numba-cuda (the `test` extra)")
-
+from kernel_setup import kb, SIM, fast_simulator_barriers  # noqa: E402,F401  (GPU or simulator; skips without numba-cuda)
 from ddpm_ref import optim as ref  # noqa: E402
-from ddpm_ref.kernels import runtime as kb  # noqa: E402
-
-kb.simulate_unless_disabled()   # before numba.cuda is imported (NUMBA_ENABLE_CUDASIM=0: a real GPU)
-
-try:
-    kb.require_gpu()
-except kb.GPUUnavailableError as exc:
-    pytest.skip(f"no GPU and the simulator is off in this process: {exc}", allow_module_level=True)
 
 from ddpm_ref.kernels import optim  # noqa: E402
 
-SIM = kb.is_simulator()
 TOL = dict(rtol=1e-6, atol=1e-9) if SIM else dict(rtol=1e-5, atol=1e-8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_simulator_barriers():
-    old = sys.getswitchinterval()   # cheaper simulated syncthreads() (see test_kernels_norm.py)
-    if SIM:
-        sys.setswitchinterval(1e-4)
-    yield
-    sys.setswitchinterval(old)
 
 
 @settings(max_examples=6)

@@ -11,39 +11,17 @@ Tolerance table:
   run feeds float32 results back (as the reference does), so one-ulp flips can propagate through
   10 steps whose coefficients are bounded by ~1/sqrt(alpha) ~ 1.01 each.
 """
-import sys
-
-
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-pytest.importorskip("numba_cuda", reason="the GPU kernel tests need numba-cuda (the `test` extra)")
-
+from kernel_setup import kb, fast_simulator_barriers  # noqa: E402,F401  (GPU or simulator; skips without numba-cuda)
 from ddpm_ref import diffusion, rng, samplers  # noqa: E402
-from ddpm_ref.kernels import runtime as kb  # noqa: E402
-
-kb.simulate_unless_disabled()   # before numba.cuda is imported (NUMBA_ENABLE_CUDASIM=0: a real GPU)
-
-try:
-    kb.require_gpu()
-except kb.GPUUnavailableError as exc:
-    pytest.skip(f"no GPU and the simulator is off in this process: {exc}", allow_module_level=True)
 
 from ddpm_ref.kernels import noise  # noqa: E402
 from ddpm_ref.schedule import Schedule  # noqa: E402
 
-SIM = kb.is_simulator()
 TOL = dict(rtol=1e-6, atol=1e-6)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_simulator_barriers():
-    old = sys.getswitchinterval()   # cheaper simulated syncthreads() (see test_kernels_norm.py)
-    if SIM:
-        sys.setswitchinterval(1e-4)
-    yield
-    sys.setswitchinterval(old)
 
 
 @settings(max_examples=12)

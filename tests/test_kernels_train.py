@@ -19,43 +19,21 @@ Tolerance table:
   ~1e-3 * 1e-5 per step plus float32 rounding of O(1) values (6e-8); a wrong gradient sign would
   differ by ~2e-3.
 """
-import sys
-
-
 import numpy as np
 import pytest
 
-pytest.importorskip("numba_cuda", reason="the GPU kernel tests need numba-cuda (the `test` extra)")
-
+from kernel_setup import kb, fast_simulator_barriers  # noqa: E402,F401  (GPU or simulator; skips without numba-cuda)
 from ddpm_ref import diffusion, optim as ref_optim, rng  # noqa: E402
-from ddpm_ref.kernels import runtime as kb  # noqa: E402
-
-kb.simulate_unless_disabled()   # before numba.cuda is imported (NUMBA_ENABLE_CUDASIM=0: a real GPU)
-
-try:
-    kb.require_gpu()
-except kb.GPUUnavailableError as exc:
-    pytest.skip(f"no GPU and the simulator is off in this process: {exc}", allow_module_level=True)
 
 from ddpm_ref.kernels import conv as kconv, noise as knoise, norm as knorm, optim as koptim  # noqa: E402
 from ddpm_ref.ops import conv as rconv, loss as rloss, norm as rnorm  # noqa: E402
 from ddpm_ref.schedule import Schedule  # noqa: E402
 
-SIM = kb.is_simulator()
 C, HID, HW, GROUPS, N, T = 2, 4, 3, 2, 2, 20
 SHAPES = [("w1", (HID, C, 3, 3)), ("b1", (HID,)), ("gamma", (HID,)), ("beta", (HID,)),
           ("w2", (C, HID, 3, 3)), ("b2", (C,))]
 SIZES = [int(np.prod(s)) for _, s in SHAPES]
 OFFSETS = np.concatenate([[0], np.cumsum(SIZES)])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_simulator_barriers():
-    old = sys.getswitchinterval()   # cheaper simulated syncthreads() (see test_kernels_norm.py)
-    if SIM:
-        sys.setswitchinterval(1e-4)
-    yield
-    sys.setswitchinterval(old)
 
 
 def _views(flat):
