@@ -14,7 +14,9 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["ParamLayout"]
+from . import rng
+
+__all__ = ["ParamLayout", "fan_avg_uniform"]
 
 
 class ParamLayout:
@@ -114,3 +116,15 @@ class ParamLayout:
     def to_list(self) -> List[Tuple[str, Tuple[int, ...]]]:
         """The ``(name, shape)`` list (JSON-able with lists for shapes)."""
         return [(n, self.shapes[n]) for n in self.names]
+
+
+def fan_avg_uniform(seed: int, tensor_index: int, shape, fan_in: int, fan_out: int) -> np.ndarray:
+    """The paper's initialiser (TF ``variance_scaling(1, "fan_avg", "uniform")``) as float32.
+
+    ``U(-limit, limit)`` with ``limit = sqrt(3 / ((fan_in + fan_out) / 2))``; the uniforms come from
+    ``rng.uniform(seed, Stream.INIT, [tensor_index], 0, shape)``, so a tensor's values depend only on the
+    seed and its position in the layout. Shared by the U-Net and the MLP.
+    """
+    limit = np.sqrt(3.0 / ((fan_in + fan_out) / 2.0))
+    u = rng.uniform(seed, rng.Stream.INIT, [tensor_index], 0, shape)[0]     # (0, 1)
+    return ((2.0 * u.astype(np.float64) - 1.0) * limit).astype(np.float32)

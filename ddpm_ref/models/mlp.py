@@ -31,7 +31,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from ddpm_ref import rng
-from ddpm_ref.params import ParamLayout
+from ddpm_ref.params import ParamLayout, fan_avg_uniform
 from ddpm_ref.ops import activation as _act
 from ddpm_ref.ops import embedding as _emb
 from ddpm_ref.ops import linear as _lin
@@ -142,9 +142,7 @@ class MLP:
                 views[name][...] = rng.normal(seed, rng.Stream.INIT, [k], 0, shape)[0]
             elif name.endswith(".weight") and name not in self._zero_init:
                 fan_out, fan_in = shape
-                limit = np.sqrt(3.0 / ((fan_in + fan_out) / 2.0))
-                u = rng.uniform(seed, rng.Stream.INIT, [k], 0, shape)[0]
-                views[name][...] = ((2.0 * u.astype(np.float64) - 1.0) * limit).astype(np.float32)
+                views[name][...] = fan_avg_uniform(seed, k, shape, fan_in, fan_out)
         return flat
 
     def _check_inputs(self, params, x, t, y):

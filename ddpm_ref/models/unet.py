@@ -37,13 +37,13 @@ a pure function of the seed.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from ddpm_ref import rng
-from ddpm_ref.params import ParamLayout
+from ddpm_ref.params import ParamLayout, fan_avg_uniform
 from ddpm_ref.ops import activation as _act
 from ddpm_ref.ops import attention as _attn
 from ddpm_ref.ops import conv as _conv
@@ -389,9 +389,7 @@ class UNet:
                 if name in self._zero_init:
                     continue                                   # TF code: scale 1e-10; here exactly 0
                 fan_in, fan_out = self._fans[name]
-                limit = np.sqrt(3.0 / ((fan_in + fan_out) / 2.0))
-                u = rng.uniform(seed, rng.Stream.INIT, [k], 0, shape)[0]    # (0, 1)
-                views[name][...] = ((2.0 * u.astype(np.float64) - 1.0) * limit).astype(np.float32)
+                views[name][...] = fan_avg_uniform(seed, k, shape, fan_in, fan_out)
             elif name.endswith(".weight"):                    # GroupNorm gamma
                 views[name][...] = 1.0
             # biases and GroupNorm beta stay 0
