@@ -234,33 +234,30 @@ def load_file(path, mmap_mode=False, raw_float=False):
     return _decode(buffer, entries, start, raw_float, copy=False)
 
 
-def read_header(path):
-    """The validated header of a file: dict name -> {"dtype", "shape", "data_offsets"} (no data)."""
+def _parse_file(path):
+    """(entries, metadata) of a file's header, read through a memory map (the data is not read)."""
     path = os.fspath(path)
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             _fail(path, "file is 0 bytes, too short for the 8-byte header length")
         buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        entries, _, _ = _parse_header(buffer, path)
+        entries, metadata, _ = _parse_header(buffer, path)
     finally:
         buffer.close()
+    return entries, metadata
+
+
+def read_header(path):
+    """The validated header of a file: dict name -> {"dtype", "shape", "data_offsets"} (no data)."""
+    entries, _ = _parse_file(path)
     return {k: {"dtype": d, "shape": list(s), "data_offsets": [b, e]}
             for k, (d, s, b, e) in entries.items()}
 
 
 def read_metadata(path):
     """The ``__metadata__`` dict (strings to strings) of a file, {} when it has none."""
-    path = os.fspath(path)
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            _fail(path, "file is 0 bytes, too short for the 8-byte header length")
-        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    try:
-        _, metadata, _ = _parse_header(buffer, path)
-    finally:
-        buffer.close()
-    return metadata
+    return _parse_file(path)[1]
 
 
 def _encode(tensors, metadata, bf16):
