@@ -510,6 +510,14 @@ def cmd_sample(args):
     return 0
 
 
+def _has_pillow() -> bool:
+    try:
+        import PIL  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _write_reverse(prefix, traj, kind, frames):
     """The reverse process as an animation (gif/apng) or a PNG strip; returns the path."""
     from . import image
@@ -671,7 +679,8 @@ def cmd_demo(args):
     np.save(os.path.join(out, "samples.npy"), x)
     paths = [os.path.join(out, "samples.png")]
     _grid_png(paths[0], x)
-    paths.append(_write_reverse(os.path.join(out, "samples"), traj, "gif", 40))
+    # GIF through Pillow (the `cli` extra) when installed; otherwise an APNG, which needs nothing.
+    paths.append(_write_reverse(os.path.join(out, "samples"), traj, "gif" if _has_pillow() else "apng", 40))
     paths.append(_write_reverse(os.path.join(out, "samples"), traj, "strip", 10))
     lc = _loss_curve(out, os.path.join(out, "loss.png"))
     if lc:

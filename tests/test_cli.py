@@ -183,6 +183,19 @@ def test_demo_tiny(tmp_path, capsys):
     assert rc == 1 and "--force" in err
 
 
+def test_demo_without_pillow_writes_an_apng(tmp_path, capsys, monkeypatch):
+    # The README's main command installs numpy alone: the demo must not need the `cli` extra.
+    monkeypatch.setitem(sys.modules, "PIL", None)          # `import PIL` now raises ImportError
+    d = tmp_path / "demo"
+    rc, out, err = _run(capsys, "demo", "--out", d, "--steps", "2", "--batch", "8", "--samples", "4",
+                        "--sample-steps", "3", "--quiet")
+    assert rc == 0, err
+    anim = d / "samples_reverse_anim.png"
+    assert str(anim) in out and not (d / "samples_reverse.gif").exists()
+    data = anim.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and b"acTL" in data   # an animated PNG
+
+
 def test_python_dash_m(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ddpm_ref", "forward", "--frames", "3", "--out",
                         str(tmp_path / "f.png")], capture_output=True, text=True, timeout=120)
