@@ -470,6 +470,8 @@ def _checkpoint_sample_defaults(args):
 
 
 def cmd_sample(args):
+    if args.animate == "gif" and not _has_pillow():      # fail before sampling, not after
+        raise ImportError("--animate gif needs Pillow: pip install 'ddpm-ref[cli]' (or use --animate apng)")
     settings = None
     if args.from_diffusers is not None:
         from . import interop

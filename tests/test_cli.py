@@ -196,6 +196,13 @@ def test_demo_without_pillow_writes_an_apng(tmp_path, capsys, monkeypatch):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and b"acTL" in data   # an animated PNG
 
 
+def test_gif_without_pillow_fails_before_sampling(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    rc, out, err = _run(capsys, "sample", "--ckpt", tmp_path / "missing.npz", "--animate", "gif")
+    # the Pillow check comes first: the (missing) checkpoint is never opened
+    assert rc == 1 and "Pillow" in err and "apng" in err and err.count("\n") == 1
+
+
 def test_python_dash_m(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ddpm_ref", "forward", "--frames", "3", "--out",
                         str(tmp_path / "f.png")], capture_output=True, text=True, timeout=120)
