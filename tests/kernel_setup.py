@@ -7,9 +7,17 @@
 * ``SIM``: running in the simulator; ``FULL``: a real GPU asked to run the full-size shapes
   (``DDPM_KERNELS_FULL=1``).
 * ``fast_simulator_barriers``: an autouse fixture for the importing module (import it by name).
+* ``_make_simulator_shared_arrays_atomic``: the simulator's ``cuda.shared.array`` looks up and
+  stores a block's array in a dict without a lock, so two threads of a block that reach the line
+  together can each allocate their own (uninitialised) array and never see each other's writes.
+  The short GIL switch interval below makes that likely (1 full run in ~5 failed with values
+  ~1e35 in v2 noise/conv kernels); the patch makes the lookup atomic.
 """
 import os
 import sys
+import threading
+
+import numpy as np
 
 import pytest
 
@@ -25,6 +33,39 @@ except kb.GPUUnavailableError as exc:  # numba.cuda imported earlier without the
     pytest.skip(f"no GPU and the simulator is off in this process: {exc}", allow_module_level=True)
 
 SIM = kb.is_simulator()
+
+
+def _make_simulator_shared_arrays_atomic():
+    """Replace ``FakeCUDAShared.array`` with a locked copy (idempotent); see the module docstring.
+    Static arrays are keyed, as in the simulator, by the calling kernel line (file, line number);
+    a wrapper calling the original would key every array by the wrapper's line and alias them."""
+    from numba.cuda.simulator import kernelapi
+
+    shared = kernelapi.FakeCUDAShared
+    if getattr(shared.array, "_ddpm_atomic", False):
+        return
+    unlocked = shared.array
+    lock = threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if alignment is not None or shape == 0:       # errors and dynamic shared memory: no lookup
+            return unlocked(self, shape, dtype, alignment)
+        if isinstance(dtype, kernelapi.types.Type):
+            dtype = kernelapi.numpy_support.as_dtype(dtype)
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)
+        with lock:
+            res = self._allocations.get(key)
+            if res is None:
+                res = self._allocations[key] = np.empty(shape, dtype)
+        return res
+
+    array._ddpm_atomic = True
+    shared.array = array
+
+
+if SIM:
+    _make_simulator_shared_arrays_atomic()
 FULL = os.environ.get("DDPM_KERNELS_FULL", "0") == "1" and not SIM
 
 
