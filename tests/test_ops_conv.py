@@ -7,24 +7,27 @@ from gradcheck import check_op
 from ddpm_ref.ops import conv as conv_mod
 from ddpm_ref.ops.conv import conv2d_backward, conv2d_forward
 
-PATHS = {"shift": (0, 0, 0), "im2col": (1 << 40, 1 << 40, 1 << 40)}   # forcing each stride-1 path
+PATHS = ("shift", "im2col", "dense")   # every non-pointwise formulation, forced in turn
+
+
+def expected_path(path, stride):
+    """The path a forced conv takes: "shift" needs stride 1 and falls back to im2col."""
+    return "im2col" if path == "shift" and stride != 1 else path
 
 
 class force_path:
-    """Set conv's path thresholds so stride-1 convs take the named path (restored on exit)."""
-    NAMES = ("_IM2COL_TINY", "_IM2COL_MAX_PIXELS", "_IM2COL_MAX_ELEMENTS")
+    """Make every padded or strided conv take the named path (restored on exit)."""
 
     def __init__(self, path):
-        self.values = PATHS[path]
+        assert path in PATHS
+        self.path = path
 
     def __enter__(self):
-        self.old = [getattr(conv_mod, n) for n in self.NAMES]
-        for n, v in zip(self.NAMES, self.values):
-            setattr(conv_mod, n, v)
+        self.old = conv_mod._FORCED_PATH
+        conv_mod._FORCED_PATH = self.path
 
     def __exit__(self, *exc):
-        for n, v in zip(self.NAMES, self.old):
-            setattr(conv_mod, n, v)
+        conv_mod._FORCED_PATH = self.old
 
 
 def naive_conv2d(x, w, b, stride, pads):
@@ -89,7 +92,7 @@ def test_conv_forward_matches_naive_loop(path, case):
     if case["k"] == 1 and case["stride"] == 1 and not any(case["pads"]):
         assert cache["path"] == "pointwise"          # unpadded 1x1: GEMMs on NCHW directly
     else:
-        assert cache["path"] == (path if case["stride"] == 1 else "im2col")
+        assert cache["path"] == expected_path(path, case["stride"])
     ref = naive_conv2d(x, w, b, case["stride"], case["pads"])
     # Same sums in a different order, float64: agreement to ~1e-15 relative; 1e-12 leaves margin.
     np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
@@ -173,7 +176,7 @@ def test_conv_matches_torch_float32(path, shape, k, stride, pad):
 
 
 def test_conv_paths_agree_on_a_large_float32_case():
-    """The shift and im2col formulations give the same float32 numbers at a U-Net-like size."""
+    """The shift, im2col and dense formulations give the same float32 numbers at a U-Net-like size."""
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 16, 16, 16)).astype(np.float32)
     w = (rng.standard_normal((8, 16, 3, 3)) * 0.1).astype(np.float32)
@@ -187,8 +190,9 @@ def test_conv_paths_agree_on_a_large_float32_case():
             outs[path] = (y,) + conv2d_backward(dy, cache)
     # 144-term float32 dot products (forward, dx) and 512-term sums (dw, db) in different orders:
     # a few ulps of the magnitudes involved; 1e-4 absolute covers it.
-    for a, c in zip(outs["shift"], outs["im2col"]):
-        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-4)
+    for other in ("im2col", "dense"):
+        for a, c in zip(outs["shift"], outs[other]):
+            np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -205,6 +209,26 @@ def test_conv_backward_without_input_grad(path, k, stride, pad):
     assert none is None
     np.testing.assert_array_equal(dw2, dw)     # the same computation, bit for bit
     np.testing.assert_array_equal(db2, db)
+
+
+@pytest.mark.parametrize("N,C,H,O,stride,path", [
+    (128, 32, 4, 32, 1, "dense"),     # the digits preset's 4x4 level, batch 128
+    (128, 16, 8, 1, 1, "dense"),      # its conv_out: one output channel
+    (128, 16, 8, 16, 2, "im2col"),    # its downsampler, 8x8 -> 4x4 (dense within 10%: a tie)
+    (128, 16, 8, 16, 1, "shift"),     # its 8x8 level: many rows, so no im2col
+    (8, 256, 4, 256, 1, "im2col"),    # cifar's 4x4 level at batch 8: the dense matrix is too big
+    (8, 256, 8, 256, 1, "im2col"),    # cifar's 8x8 level at batch 8: 64 rows
+    (64, 64, 8, 64, 1, "shift"),      # the small preset's 8x8 level at batch 64
+    (8, 128, 32, 128, 1, "shift"),    # cifar's 32x32 level
+    (8, 128, 32, 128, 2, "im2col"),   # cifar's first downsampler
+])
+def test_conv_path_choice_at_preset_shapes(N, C, H, O, stride, path):
+    """The choice the sweep in benchmarks/conv_paths.py measured as fastest (or within ~10% of it)
+    at the presets' shapes; pins _choose_path so that a change to it is deliberate."""
+    pads = 1 if stride == 1 else (0, 1, 0, 1)
+    Ho = conv_mod.conv_output_size(H, 3, stride, *(pads[:2] if stride != 1 else (1, 1)))
+    assert conv_mod._choose_path(N, C, Ho, Ho, 3, 3, stride, (1,) * 4 if stride == 1 else pads,
+                                 O=O, H=H, W=H) == path
 
 
 def test_conv_float64_stays_float64():

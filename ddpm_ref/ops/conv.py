@@ -15,7 +15,7 @@ and its gradients, each a sum over the same index set:
     dxp[n, c, s*h + i, s*w + j] += sum_o w[o, c, i, j] * dy[n, o, h, w]      (then crop the pad)
     db[o]          = sum_{n, h, w} dy[n, o, h, w]
 
-Three GEMM formulations, picked per call by ``_choose_path`` (all give the same numbers up to
+Four GEMM formulations, picked per call by ``_choose_path`` (all give the same numbers up to
 rounding; the choice was measured on the CIFAR and `small` preset shapes in float32 with
 benchmarks/ops_speed.py). Memory: the cache holds one copy of the (padded) input, or x itself;
 an im2col buffer, where one is used, lives only inside a single call (rebuilt in the backward
@@ -44,8 +44,21 @@ pass, freed before the input-gradient GEMM allocates its own).
   backward GEMMs are ``dw2 = dy2 @ col^T`` and ``dcol = w2^T @ dy2``, and ``dcol`` is scattered back
   with one strided slice add per kernel offset (kh*kw adds, no ``np.add.at``).
 
+* "dense" (tiny images, any stride: the 4x4 level of the digits U-Net, conv_out's single output
+  channel): the whole convolution as one dense matrix ``Wd[(c, p), (o, q)] = w[o, c, i, j]`` for
+  every input pixel ``p`` that output pixel ``q`` reads through offset ``(i, j)`` (zero elsewhere:
+  padding), so ``y = x2 @ Wd`` with ``x2 = x.reshape(N, C*H*W)`` straight from NCHW and the result
+  already NCHW: no padding copy, no im2col, no col2im. Backward: ``dx2 = dy2 @ Wd^T`` and
+  ``dWd = x2^T @ dy2``, whose entries at the (p, q) pairs of each offset are summed into ``dw``
+  (one small GEMM with a 0/1 offset-membership matrix). It multiplies by zeros (at 4x4 with a
+  3x3 kernel 256 pixel pairs per channel pair where 100 are real: 2.56x the work), but on tiny images the other
+  paths' copies with 4- or 8-float inner loops cost several times their GEMMs (measured: a 4x4
+  3x3 conv, 32 -> 32 channels, batch 128, spent ~75% of its forward time copying). Chosen by
+  ``_dense_wins``; the matrix lives in the cache (at most _DENSE_MAX_ELEMENTS).
+
 Python loops run over the kh*kw kernel offsets only, never over batch, pixels or channels.
 """
+import functools
 import os
 
 import numpy as np
@@ -53,14 +66,24 @@ import numpy as np
 __all__ = ["conv2d_forward", "conv2d_backward", "conv_output_size"]
 
 # Path choice for stride 1 (see _choose_path): im2col when the output is at most this many pixels
-# per image (the shift method's thrown-away border is >= 27% extra work at 8x8 with a 3x3 kernel)
-# and its buffer stays below _IM2COL_MAX_ELEMENTS; always im2col below _IM2COL_TINY elements.
-# Measured (one thread, float32, fwd+bwd): im2col wins at the cifar preset's 4x4 and 8x8 convs
-# (batch 8, buffers of 0.3M-1.2M elements), the shift path at the small preset's 8x8 convs
-# (batch 64, 2.4M-4.7M elements), where im2col's strided copies of 8-float rows dominate.
+# per image (the shift method's thrown-away border is >= 27% extra work at 8x8 with a 3x3 kernel),
+# its buffer stays below _IM2COL_MAX_ELEMENTS and the batch has at most _IM2COL_MAX_ROWS output
+# rows (N*Ho): im2col's copies run one inner loop of Wo floats per (offset, channel, image, row),
+# the shift path's one memcpy per (offset, channel), so im2col pays per row and wins only on
+# small batches. Measured (one thread, float32, fwd+bwd, /tmp-style sweeps of every path):
+# im2col wins at the cifar preset's 4x4 and 8x8 convs (batch 8: 32-64 rows, by 1.2-1.3x); the
+# shift path at 256-1024 rows (the small preset at batch 64, the digits preset at batch 128: by
+# 1.5x, up to 30x for conv_out's single output channel before the dense path took that one).
 _IM2COL_MAX_PIXELS = 100
 _IM2COL_MAX_ELEMENTS = 3 << 19        # 1.5M elements: 6 MB in float32
-_IM2COL_TINY = 1 << 18
+_IM2COL_MAX_ROWS = 128
+# The "dense" path (see _dense_wins): its matrix Wd holds C*H*W x O*Ho*Wo elements, at most this
+# many (4M: 16 MB in float32; the digits preset's largest is 0.26M, cifar's 4x4 level would need
+# 16.8M and is left to im2col).
+_DENSE_MAX_ELEMENTS = 1 << 22
+# Tests set this to "shift", "im2col" or "dense" to force a path (None: choose; "shift" needs
+# stride 1 and falls back to "im2col" otherwise). Unpadded 1x1 convs always take "pointwise".
+_FORCED_PATH = None
 
 
 def _blas_threads():
@@ -114,16 +137,43 @@ def _check_float(name, a):
         raise ValueError(f"{name} must be a floating-point array, got dtype {a.dtype} with shape {a.shape}")
 
 
-def _choose_path(N, C, Ho, Wo, kh, kw, stride, pads=(0, 0, 0, 0)):
-    """"pointwise" for unpadded 1x1, "im2col" for strided convs and small images, else "shift"."""
+def _dense_wins(N, C, O, H, W, Ho, Wo, kh, kw):
+    """Whether the "dense" path is expected to beat im2col (a cost model in nanoseconds, its
+    constants measured on one float32 BLAS thread of the 2-core development machine with
+    benchmarks/ops_speed.py-style timings at the digits preset's shapes):
+
+    * dense: the GEMMs do ``2 N C O (H W)(Ho Wo)`` flops at ~50 flop/ns, and building/folding the
+      matrix costs ~2 ns per element of it (``C O (H W)(Ho Wo)``);
+    * im2col: its GEMMs do ``2 N C O kh kw Ho Wo`` flops at ~50 flop/ns, and its copies (padding,
+      im2col, col2im) cost ~(1 + 16 / Wo) ns per element of the column buffer ``N C kh kw Ho Wo``:
+      copies with inner loops of Wo floats, dominated by per-loop overhead when Wo is small.
+
+    Forward and backward scale alike (three GEMMs each way), so one comparison serves both.
+    """
+    pixels = (H * W) * (Ho * Wo)
+    if C * O * pixels > _DENSE_MAX_ELEMENTS:
+        return False
+    dense = 2 * N * C * O * pixels / 50 + 2 * C * O * pixels
+    col = N * C * kh * kw * Ho * Wo
+    im2col = 2 * col * O / 50 + col * (1 + 16 / Wo)
+    return dense < im2col
+
+
+def _choose_path(N, C, Ho, Wo, kh, kw, stride, pads=(0, 0, 0, 0), O=None, H=None, W=None):
+    """"pointwise" for unpadded 1x1; "dense" for tiny images where _dense_wins; "im2col" for
+    strided convs and small images; else "shift". (O, H, W default to C, Ho, Wo.)"""
     if kh == kw == 1 and stride == 1 and not any(pads):
         return "pointwise"
+    if _FORCED_PATH is not None:
+        return "im2col" if _FORCED_PATH == "shift" and stride != 1 else _FORCED_PATH
+    O = C if O is None else O
+    H, W = (Ho, Wo) if H is None else (H, W)
+    if _dense_wins(N, C, O, H, W, Ho, Wo, kh, kw):
+        return "dense"
     if stride != 1:
         return "im2col"
-    col_elements = kh * kw * C * N * Ho * Wo
-    if col_elements <= _IM2COL_TINY:
-        return "im2col"
-    if Ho * Wo <= _IM2COL_MAX_PIXELS and col_elements <= _IM2COL_MAX_ELEMENTS:
+    if (Ho * Wo <= _IM2COL_MAX_PIXELS and kh * kw * C * N * Ho * Wo <= _IM2COL_MAX_ELEMENTS
+            and N * Ho <= _IM2COL_MAX_ROWS):
         return "im2col"
     return "shift"
 
@@ -162,7 +212,7 @@ def conv2d_forward(x, w, b=None, stride=1, padding=1):
                          f"{(pt, pb, pl, pr)}")
     dt = x.dtype
     w = w.astype(dt, copy=False)
-    path = _choose_path(N, C, Ho, Wo, kh, kw, stride, (pt, pb, pl, pr))
+    path = _choose_path(N, C, Ho, Wo, kh, kw, stride, (pt, pb, pl, pr), O=O, H=H, W=W)
 
     if path == "pointwise":
         # 1x1, no padding: a GEMM per image straight on the NCHW layout, no copies at all;
@@ -174,6 +224,16 @@ def conv2d_forward(x, w, b=None, stride=1, padding=1):
         cache.update(w=w, has_bias=b is not None, x_shape=x.shape, stride=stride,
                      padding=(pt, pb, pl, pr), out_hw=(Ho, Wo))
         return y.reshape(N, O, Ho, Wo), cache
+    if path == "dense":
+        # One GEMM from NCHW to NCHW: y2 (N, O*Ho*Wo) = x2 (N, C*H*W) @ Wd (C*H*W, O*Ho*Wo).
+        Wd = _dense_matrix(w, H, W, Ho, Wo, stride, pt, pl)
+        y = (x.reshape(N, C * H * W) @ Wd).reshape(N, O, Ho, Wo)
+        if b is not None:
+            y += b.astype(dt, copy=False)[None, :, None, None]
+        cache = {"path": path, "x": x, "Wd": Wd}
+        cache.update(w=w, has_bias=b is not None, x_shape=x.shape, stride=stride,
+                     padding=(pt, pb, pl, pr), out_hw=(Ho, Wo))
+        return y, cache
     if path == "shift":
         Hs, Ws, base, M, L = _shift_layout(H, W, Ho, Wo, kh, kw, pt, pb, pl, pr, N)
         xr = np.zeros((C, L), dtype=dt)         # (C, L) zero-padded input, one row per channel
@@ -267,6 +327,38 @@ def _stack_shifts(xr, lo, hi, kw, Ws, M):
     return col
 
 
+@functools.lru_cache(maxsize=64)
+def _dense_pairs(H, W, Ho, Wo, kh, kw, stride, pt, pl):
+    """The (input pixel p, output pixel q, offset kk) triples of a conv's dense matrix, and the
+    (kh*kw, P) 0/1 matrix saying which triple belongs to which offset (read-only arrays).
+
+    Output pixel q = (h, v) reads input pixel p = (s h + i - pt, s v + j - pl) through offset
+    kk = i*kw + j when that pixel is inside the image (else it reads padding: no triple).
+    """
+    h, v, i, j = np.meshgrid(np.arange(Ho), np.arange(Wo), np.arange(kh), np.arange(kw), indexing="ij")
+    r, c = stride * h + i - pt, stride * v + j - pl
+    inside = (r >= 0) & (r < H) & (c >= 0) & (c < W)
+    p = (r * W + c)[inside]
+    q = (h * Wo + v)[inside]
+    kk = (i * kw + j)[inside]
+    member = np.zeros((kh * kw, p.size))
+    member[kk, np.arange(p.size)] = 1.0
+    for a in (p, q, kk, member):
+        a.flags.writeable = False
+    return p, q, kk, member
+
+
+def _dense_matrix(w, H, W, Ho, Wo, stride, pt, pl):
+    """Wd (C*H*W, O*Ho*Wo): Wd[(c, p), (o, q)] = w[o, c, i, j] over the triples of _dense_pairs."""
+    O, C, kh, kw = w.shape
+    p, q, kk, _ = _dense_pairs(H, W, Ho, Wo, kh, kw, stride, pt, pl)
+    Wd = np.zeros((C, H * W, O, Ho * Wo), dtype=w.dtype)
+    # Advanced indices on axes 1 and 3 (split by a slice) index the triples on a leading axis:
+    # Wd[:, p, :, q] is (P, C, O), filled from wk[kk] = w[:, :, i, j].T per triple.
+    Wd[:, p, :, q] = w.transpose(2, 3, 1, 0).reshape(kh * kw, C, O)[kk]
+    return Wd.reshape(C * H * W, O * Ho * Wo)
+
+
 def _im2col(xp, kh, kw, stride, Ho, Wo):
     """col[(i, j, c), (n, h, w)] = xp[c, n, s*h + i, s*w + j]; xp is (C, N, Hp, Wp) C-contiguous."""
     C, N = xp.shape[:2]
@@ -306,6 +398,20 @@ def conv2d_backward(dy, cache, input_grad=True):
         if not input_grad:
             return None, dw, db
         dx = np.matmul(w[:, :, 0, 0].T, dy3)                              # (C, O) @ (N, O, HW)
+        return dx.reshape(N, C, H, W), dw, db
+    if cache["path"] == "dense":
+        x2 = cache["x"].astype(dt, copy=False).reshape(N, C * H * W)     # (N, C*H*W)
+        dy2 = dy.reshape(N, O * Ho * Wo)                                  # (N, O*Ho*Wo)
+        db = dy.sum(axis=(0, 2, 3)) if cache["has_bias"] else None        # (O,)
+        p, q, kk, member = _dense_pairs(H, W, Ho, Wo, kh, kw, stride, pt, pl)
+        dWd = (x2.T @ dy2).reshape(C, H * W, O, Ho * Wo)                  # d loss / d Wd
+        # dw[o, c, i, j] = sum of dWd[c, p, o, q] over the triples of offset (i, j).
+        per_pair = dWd[:, p, :, q].reshape(p.size, C * O)                 # (P, C*O)
+        dwk = member.astype(dt, copy=False) @ per_pair                    # (kh*kw, C*O)
+        dw = np.ascontiguousarray(dwk.reshape(kh, kw, C, O).transpose(3, 2, 0, 1))  # (O, C, kh, kw)
+        if not input_grad:
+            return None, dw, db
+        dx = dy2 @ cache["Wd"].astype(dt, copy=False).T                  # (N, C*H*W)
         return dx.reshape(N, C, H, W), dw, db
     if cache["path"] == "shift":
         xr = cache["xr"].astype(dt, copy=False)                           # (C, L)
