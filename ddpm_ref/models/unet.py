@@ -203,8 +203,11 @@ UNET_PRESETS: Dict[str, dict] = {
                  groups=4, dropout=0.1),
     # The embedded 8x8 digits, sized for a ~10-minute CPU run of ~3000 steps at batch 128: 176,849
     # parameters, 2.9 GFLOP of convolutions per training step at batch 128 (ch 32 would be 11.5).
+    # No dropout: in a 10-minute run (~2,600 steps) it only slowed learning (DDIM-100 precision /
+    # recall 0.857 / 0.880 without it, 0.808 / 0.863 with 0.1 in 1,734 steps of older code), and
+    # no sample was a near-copy of a training image either way.
     "digits": dict(in_channels=1, image_size=8, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-                   groups=4, dropout=0.1),
+                   groups=4, dropout=0.0),
     # 1x16x16: ch 32, ch_mult (1, 2), 2 blocks per level, attention at 8x8, 8 groups.
     "small": dict(in_channels=1, image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(8,),
                   groups=8, dropout=0.1),

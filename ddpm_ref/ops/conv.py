@@ -16,8 +16,8 @@ and its gradients, each a sum over the same index set:
     db[o]          = sum_{n, h, w} dy[n, o, h, w]
 
 Four GEMM formulations, picked per call by ``_choose_path`` (all give the same numbers up to
-rounding; the choice was measured on the CIFAR and `small` preset shapes in float32 with
-benchmarks/ops_speed.py). Memory: the cache holds one copy of the (padded) input, or x itself;
+rounding; the choice was measured on the digits, `small` and CIFAR preset shapes in float32 with
+benchmarks/conv_paths.py, which times every path at every such shape). Memory: the cache holds one copy of the (padded) input, or x itself;
 an im2col buffer, where one is used, lives only inside a single call (rebuilt in the backward
 pass, freed before the input-gradient GEMM allocates its own).
 
@@ -51,8 +51,8 @@ pass, freed before the input-gradient GEMM allocates its own).
   already NCHW: no padding copy, no im2col, no col2im. Backward: ``dx2 = dy2 @ Wd^T`` and
   ``dWd = x2^T @ dy2``, whose entries at the (p, q) pairs of each offset are summed into ``dw``
   (one small GEMM with a 0/1 offset-membership matrix). It multiplies by zeros (at 4x4 with a
-  3x3 kernel 256 pixel pairs per channel pair where 100 are real: 2.56x the work), but on tiny images the other
-  paths' copies with 4- or 8-float inner loops cost several times their GEMMs (measured: a 4x4
+  3x3 kernel 256 pixel pairs per channel pair where 100 are real: 2.56x the work), but on tiny
+  images the other paths' copies with 4- or 8-float inner loops cost several times their GEMMs (measured: a 4x4
   3x3 conv, 32 -> 32 channels, batch 128, spent ~75% of its forward time copying). Chosen by
   ``_dense_wins``; the matrix lives in the cache (at most _DENSE_MAX_ELEMENTS).
 
@@ -70,7 +70,7 @@ __all__ = ["conv2d_forward", "conv2d_backward", "conv_output_size"]
 # its buffer stays below _IM2COL_MAX_ELEMENTS and the batch has at most _IM2COL_MAX_ROWS output
 # rows (N*Ho): im2col's copies run one inner loop of Wo floats per (offset, channel, image, row),
 # the shift path's one memcpy per (offset, channel), so im2col pays per row and wins only on
-# small batches. Measured (one thread, float32, fwd+bwd, /tmp-style sweeps of every path):
+# small batches. Measured (one thread, float32, fwd+bwd, benchmarks/conv_paths.py):
 # im2col wins at the cifar preset's 4x4 and 8x8 convs (batch 8: 32-64 rows, by 1.2-1.3x); the
 # shift path at 256-1024 rows (the small preset at batch 64, the digits preset at batch 128: by
 # 1.5x, up to 30x for conv_out's single output channel before the dense path took that one).
@@ -138,9 +138,9 @@ def _check_float(name, a):
 
 
 def _dense_wins(N, C, O, H, W, Ho, Wo, kh, kw):
-    """Whether the "dense" path is expected to beat im2col (a cost model in nanoseconds, its
-    constants measured on one float32 BLAS thread of the 2-core development machine with
-    benchmarks/ops_speed.py-style timings at the digits preset's shapes):
+    """Whether the "dense" path is expected to beat the copying paths: a cost model in nanoseconds
+    whose constants were fitted to the sweep of benchmarks/conv_paths.py (one float32 BLAS thread
+    on the 2-core development machine, where BLAS reaches ~50-65 flop/ns on these GEMMs):
 
     * dense: the GEMMs do ``2 N C O (H W)(Ho Wo)`` flops at ~50 flop/ns, and building/folding the
       matrix costs ~2 ns per element of it (``C O (H W)(Ho Wo)``);
@@ -148,7 +148,10 @@ def _dense_wins(N, C, O, H, W, Ho, Wo, kh, kw):
       im2col, col2im) cost ~(1 + 16 / Wo) ns per element of the column buffer ``N C kh kw Ho Wo``:
       copies with inner loops of Wo floats, dominated by per-loop overhead when Wo is small.
 
-    Forward and backward scale alike (three GEMMs each way), so one comparison serves both.
+    Forward and backward scale alike (three GEMMs each way), so one comparison serves both. On the
+    sweep it picks the fastest path or one within ~12% of it (a near-tie at the 8x8 -> 4x4
+    downsampler); it rules out cifar's 4x4 level (16.8M-element matrix) and every 8x8+ conv with
+    more than a handful of output channels.
     """
     pixels = (H * W) * (Ho * Wo)
     if C * O * pixels > _DENSE_MAX_ELEMENTS:
