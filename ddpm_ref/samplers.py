@@ -46,7 +46,8 @@ Noise (the contract of ``rng.py``): sample ``i`` of a call gets index ``index_of
 ``x_T = rng.normal(seed, Stream.SAMPLE_INIT, index, 0, shape)`` and the noise ``z`` of the step
 *from* timestep ``t`` is ``rng.normal(seed, Stream.SAMPLE_STEP, index, t, shape)``. So a sample does
 not depend on the batch it was drawn in, and a GPU sampler following the same contract draws the
-same images.
+same images: its noise is bit-identical, and the rest agrees to float32 rounding (the network's GEMMs
+may round differently with the batch's shape, as BLAS picks its kernels by matrix size).
 """
 from __future__ import annotations
 
