@@ -227,6 +227,93 @@ def sample(spec: dict) -> dict:
     return {**result, **_memory_record(setup, before, ok), **_threads_used(side)}
 
 
+def build_sample_step(spec: dict):
+    """``step() -> None`` doing the next step of a respaced sampling chain of ``spec`` (``preset``,
+    ``batch``, ``side``, ``sampler``, ``steps``), cycling through the chain when it ends: one network
+    evaluation and one sampler update, the work of one iteration of the chain's loop.
+
+    Ours is the loop body of ``ddpm_ref.samplers.sample`` (denoiser call, the finiteness check, the
+    step's counter-RNG noise, ``ddpm_step`` / ``ddim_step`` with clipping); the peer's is diffusers'
+    ``UNet2DModel`` forward plus ``DDPMScheduler.step`` / ``DDIMScheduler.step`` (eta 0)."""
+    from ddpm_ref.models import UNet
+    preset, batch, side, sampler = spec["preset"], int(spec["batch"]), spec["side"], spec["sampler"]
+    n_steps = int(spec["steps"])
+    if sampler not in SAMPLER_STEPS:
+        raise ValueError(f"sampler must be one of {sorted(SAMPLER_STEPS)}, got {sampler!r}")
+    model = UNet.from_preset(preset)
+    cfg = model.config
+    params = _params(model)
+    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    if side == "ours":
+        from ddpm_ref import diffusion, rng, samplers
+        from ddpm_ref.schedule import Schedule
+        schedule = Schedule.linear(1000)
+        den = model.denoiser(params)
+        ts = samplers.timesteps(1000, n_steps, "leading")
+        ts_prev = samplers.previous_timesteps(ts)
+        index = np.arange(batch, dtype=np.int64)
+        state = {"i": 0, "x": rng.normal(0, rng.Stream.SAMPLE_INIT, index, 0, shape)}
+
+        def step():
+            i = state["i"]
+            t, t_prev = int(ts[i]), int(ts_prev[i])
+            x, tt = state["x"], np.full(batch, t, dtype=np.int64)
+            out = np.asarray(den(x, tt, None))
+            if not np.all(np.isfinite(out)):
+                raise RuntimeError(f"non-finite network output at t = {t}")
+            noisy = t_prev >= 0 and sampler == "ddpm"
+            z = rng.normal(0, rng.Stream.SAMPLE_STEP, index, t, shape) if noisy else None
+            if sampler == "ddpm":
+                x_new, _ = samplers.ddpm_step(schedule, out, x, tt, t_prev, z)
+            else:
+                x_new, _ = samplers.ddim_step(schedule, diffusion.split_output(out, "fixed_small")[0], x, tt,
+                                              t_prev, 0.0, z)
+            state["x"] = x_new.astype(np.float32, copy=False)
+            state["i"] = (i + 1) % len(ts)
+    elif side == "peer":
+        import torch
+        import diffusers
+        torch.manual_seed(0)
+        if spec.get("threads"):
+            torch.set_num_threads(int(spec["threads"]))     # the same count as NumPy's BLAS
+        net = _peer_model(model, params, torch, diffusers).eval()
+        sch = diffusers.DDPMScheduler() if sampler == "ddpm" else diffusers.DDIMScheduler()
+        sch.set_timesteps(n_steps)
+        gen = torch.Generator().manual_seed(0)
+        state = {"i": 0, "x": torch.randn((batch,) + shape, generator=gen)}
+
+        def step():
+            t = sch.timesteps[state["i"]]
+            with torch.inference_mode():
+                out = net(state["x"], t).sample
+                res = sch.step(out, t, state["x"], generator=gen) if sampler == "ddpm" else sch.step(
+                    out, t, state["x"], eta=0.0)
+            state["x"] = res.prev_sample
+            state["i"] = (state["i"] + 1) % len(sch.timesteps)
+    else:
+        raise ValueError(f"side must be 'ours' or 'peer', got {side!r}")
+    step.state = state                  # {"i": next step of the chain, "x": the current sample}
+    return step
+
+
+def sample_pair(spec: dict) -> dict:
+    """Time one sampling step of ours and of the peer in one process, alternating step by step
+    (:func:`benchmarks.common.interleaved`), so that both meet the same machine load; the chain time
+    is the median step times ``spec["steps"]`` (every step of a respaced chain does the same work).
+    Returns ``{"ours": {...}, "peer": {...}}`` with ``step`` stats and the extrapolated chain."""
+    steps = {side: build_sample_step({**spec, "side": side}) for side in ("ours", "peer")}
+    n_meas = max(int(spec.get("quick") or 0), int(spec["repeats"]))
+    times = interleaved(steps, n_meas, spec["warmup"])
+    out = {}
+    for side in steps:
+        step_stats = stats(times[side])
+        chain = stats([step_stats["median_ms"] * 1e-3 * int(spec["steps"])])
+        out[side] = {**chain, "step": step_stats, "extrapolated": True, "measured_steps": n_meas,
+                     "images_per_s": int(spec["batch"]) / (chain["median_ms"] * 1e-3), "finite_samples": True,
+                     **_threads_used(side)}
+    return out
+
+
 def combine(results: list, spec: dict) -> dict:
     """Pool the runs of several workers of one (row, side) (``--rounds``): times concatenated and the
     median retaken, peak memory the largest, throughput recomputed from the pooled median."""
@@ -273,4 +360,4 @@ def train_pair(spec: dict) -> dict:
     return {side: {**stats(times[side]), "loss": losses[side], **_threads_used(side)} for side in steps}
 
 
-WORKERS = {"train": train_step, "sample": sample, "train_pair": train_pair}
+WORKERS = {"train": train_step, "sample": sample, "train_pair": train_pair, "sample_pair": sample_pair}

@@ -78,7 +78,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--sample-batch", nargs="+", metavar="PRESET:N", help="sampling batch (default "
                     + ", ".join(f"{k}:{v}" for k, v in SAMPLE_BATCH.items()) + ")")
     ap.add_argument("--quick", type=int, default=0, metavar="K",
-                    help="sampling: time K (>= repeats) steps and extrapolate to the full chain")
+                    help="sampling: time K (>= repeats) steps and extrapolate to the full chain; with peers, "
+                         "ours and the peer's steps alternate in one process (memory from a fresh one each)")
     ap.add_argument("--ddpm-steps", type=int, default=1000, help="DDPM chain length (default 1000)")
     ap.add_argument("--ddim-steps", type=int, default=50, help="DDIM chain length (default 50)")
     ap.add_argument("--gemm-n", type=int, default=2048, help="matrix size of the GEMM peak (default 2048)")
@@ -135,10 +136,10 @@ def worker_main(spec: dict) -> dict:
     if kind == "ops":
         from benchmarks.bench_ops import run_ops
         return {"rows": run_ops(spec)}
-    if kind in ("train", "sample", "train_pair"):
+    if kind in ("train", "sample", "train_pair", "sample_pair"):
         from benchmarks.bench_e2e import WORKERS
         return WORKERS[kind](spec)
-    raise ValueError(f"unknown worker kind {kind!r}; expected gemm, ops, train or sample")
+    raise ValueError(f"unknown worker kind {kind!r}; expected gemm, ops, train, sample, train_pair or sample_pair")
 
 
 def _measure(spec, args):
@@ -273,6 +274,17 @@ def run(args, out=print) -> dict:
                 pair = _measure({**spec, "kind": "train_pair"}, args)
                 for side in sides:
                     iso = _measure({**spec, "side": side, "repeats": 2, "warmup": 0}, args)
+                    row[side] = {**pair[side], "timing": "alternating steps in one process",
+                                 **{k: iso.get(k) for k in ("peak_mib", "delta_mib", "setup_mib", "before_timed_mib")},
+                                 "isolated_median_ms": iso["median_ms"]}
+                result["rows"].append(_derive(row, peak["gflops"]))
+                continue
+            if name != "train" and args.quick and not args.no_peers:
+                # --quick sampling: time both sides' steps in one worker, alternating step by step
+                # (same load for both); memory and a short isolated run from a fresh worker per side.
+                pair = _measure({**spec, "kind": "sample_pair"}, args)
+                for side in sides:
+                    iso = _measure({**spec, "side": side, "repeats": 2, "warmup": 1, "quick": 2}, args)
                     row[side] = {**pair[side], "timing": "alternating steps in one process",
                                  **{k: iso.get(k) for k in ("peak_mib", "delta_mib", "setup_mib", "before_timed_mib")},
                                  "isolated_median_ms": iso["median_ms"]}

@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -223,3 +224,36 @@ def test_conv_paths_sweep_times_every_applicable_path():
     assert auto1 in t1 and auto2 in t2
     assert all(_finite_pos(f) and _finite_pos(b) for t in (t1, t2) for f, b in t.values())
     assert conv_mod._FORCED_PATH is None
+
+
+def test_quick_sampling_alternates_ours_and_peer_in_one_process():
+    """--quick sampling with peers: both sides' steps timed alternating in one process, the chain
+    extrapolated from the median step, memory and an isolated run from a fresh worker per side."""
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    args = _args("--preset", "tiny", "--inline", "--rows", "ddpm", "ddim", "--repeats", "3", "--warmup", "1",
+                 "--quick", "4", "--gemm-n", "64")
+    result = suite.run(args, out=lambda line: None)
+    rows = result["rows"]
+    assert [r["name"] for r in rows] == ["ddpm 1000 steps (batch 2)", "ddim 50 steps (batch 2)"]
+    for r in rows:
+        for side in ("ours", "peer"):
+            s = r[side]
+            assert s["timing"] == "alternating steps in one process" and s["extrapolated"] is True
+            assert s["measured_steps"] == 4 and len(s["step"]["times_ms"]) == 4
+            want = s["step"]["median_ms"] * r["steps"]
+            assert abs(s["median_ms"] - want) <= DERIVED_RTOL * want
+            assert abs(s["images_per_s"] - 2 / (s["median_ms"] * 1e-3)) <= DERIVED_RTOL * s["images_per_s"]
+            assert _finite_pos(s["isolated_median_ms"])
+        assert abs(r["ratio"] - r["ours"]["median_ms"] / r["peer"]["median_ms"]) <= DERIVED_RTOL * r["ratio"]
+
+
+def test_sample_step_cycles_through_the_chain_and_stays_finite():
+    """Ours' single-step driver walks the respaced chain and wraps around to x_T's timestep."""
+    from benchmarks.bench_e2e import build_sample_step
+
+    step = build_sample_step({"preset": "tiny", "batch": 2, "side": "ours", "sampler": "ddpm", "steps": 3})
+    for _ in range(7):                                     # two full chains and one more step
+        step()
+    state = step.state
+    assert state["i"] == 7 % 3 and state["x"].shape == (2, 1, 8, 8) and np.all(np.isfinite(state["x"]))
