@@ -138,6 +138,20 @@ def test_toy_train_sample_eval(tmp_path, capsys):
     assert r["energy_distance"] > 0 and r["energy_floor"] > 0
     # 3 training steps are far from the data: much worse than two held-out draws
     assert r["ratio_to_floor"] > 1.2 and "energy distance" in out
+    # the figures are medians over the reference draws (8 by default), each recorded
+    assert r["floor_draws"] == 8 and len(r["energy_distances"]) == len(r["energy_floors"]) == 8
+    assert r["energy_distance"] == float(np.median(r["energy_distances"]))
+    assert r["energy_floor"] == float(np.median(r["energy_floors"]))
+    # a held-out draw is the same points whatever else is drawn: the floor with one reference draw
+    # is the first of the eight
+    js1 = d / "e1.json"
+    rc, out, err = _run(capsys, "eval", "--ckpt", d, "-n", "200", "--steps", "5", "--floor-draws", "1",
+                        "--json", js1)
+    assert rc == 0, err
+    r1 = json.loads(js1.read_text())
+    assert r1["energy_floor"] == r["energy_floors"][0] and r1["energy_distance"] == r["energy_distances"][0]
+    code, err = _usage_error(capsys, "eval", "--ckpt", d, "--floor-draws", "0")
+    assert code == 2 and "--floor-draws" in err
 
 
 def test_forward_strip(tmp_path, capsys):
