@@ -74,13 +74,20 @@ __all__ = ["conv2d_forward", "conv2d_backward", "conv_output_size"]
 # im2col wins at the cifar preset's 4x4 and 8x8 convs (batch 8: 32-64 rows, by 1.2-1.3x); the
 # shift path at 256-1024 rows (the small preset at batch 64, the digits preset at batch 128: by
 # 1.5x, up to 30x for conv_out's single output channel before the dense path took that one).
+# Below _IM2COL_TINY column elements (conv_in's 1-3 input channels) im2col's copies are cheap
+# whatever the batch: it won there by 1.1-1.4x (small's conv_in at batch 64, cifar's at batch 4).
 _IM2COL_MAX_PIXELS = 100
 _IM2COL_MAX_ELEMENTS = 3 << 19        # 1.5M elements: 6 MB in float32
 _IM2COL_MAX_ROWS = 128
+_IM2COL_TINY = 1 << 18
 # The "dense" path (see _dense_wins): its matrix Wd holds C*H*W x O*Ho*Wo elements, at most this
 # many (4M: 16 MB in float32; the digits preset's largest is 0.26M, cifar's 4x4 level would need
 # 16.8M and is left to im2col).
 _DENSE_MAX_ELEMENTS = 1 << 22
+# ... and only for images of at most 8x8 in and out (H*W*Ho*Wo <= 64*64): at 16x16 the matrix is
+# 98% zeros and the shift path won by 6x (small's conv_out at batch 64), which the cost model of
+# _dense_wins, written against im2col, does not see.
+_DENSE_MAX_PIXEL_PAIRS = 64 * 64
 # Tests set this to "shift", "im2col" or "dense" to force a path (None: choose; "shift" needs
 # stride 1 and falls back to "im2col" otherwise). Unpadded 1x1 convs always take "pointwise".
 _FORCED_PATH = None
@@ -151,10 +158,11 @@ def _dense_wins(N, C, O, H, W, Ho, Wo, kh, kw):
     Forward and backward scale alike (three GEMMs each way), so one comparison serves both. On the
     sweep it picks the fastest path or one within ~12% of it (a near-tie at the 8x8 -> 4x4
     downsampler); it rules out cifar's 4x4 level (16.8M-element matrix) and every 8x8+ conv with
-    more than a handful of output channels.
+    more than a handful of output channels; images above 8x8 never get here
+    (_DENSE_MAX_PIXEL_PAIRS).
     """
     pixels = (H * W) * (Ho * Wo)
-    if C * O * pixels > _DENSE_MAX_ELEMENTS:
+    if pixels > _DENSE_MAX_PIXEL_PAIRS or C * O * pixels > _DENSE_MAX_ELEMENTS:
         return False
     dense = 2 * N * C * O * pixels / 50 + 2 * C * O * pixels
     col = N * C * kh * kw * Ho * Wo
@@ -174,6 +182,8 @@ def _choose_path(N, C, Ho, Wo, kh, kw, stride, pads=(0, 0, 0, 0), O=None, H=None
     if _dense_wins(N, C, O, H, W, Ho, Wo, kh, kw):
         return "dense"
     if stride != 1:
+        return "im2col"
+    if kh * kw * C * N * Ho * Wo <= _IM2COL_TINY:
         return "im2col"
     if (Ho * Wo <= _IM2COL_MAX_PIXELS and kh * kw * C * N * Ho * Wo <= _IM2COL_MAX_ELEMENTS
             and N * Ho <= _IM2COL_MAX_ROWS):
