@@ -34,10 +34,10 @@ from benchmarks.bench_ops import OPS_ROWS
 from benchmarks.common import (gflops, limit_threads, machine_info, machine_lines, run_worker,
                                table_lines, write_json)
 
-PRESETS = ("tiny", "small", "cifar")
+PRESETS = ("tiny", "digits", "small", "cifar")
 # Batch of the op rows and of the training step; batch of the sampling rows ("a small batch").
-TRAIN_BATCH = {"tiny": 4, "small": 64, "cifar": 8}
-SAMPLE_BATCH = {"tiny": 2, "small": 16, "cifar": 4}
+TRAIN_BATCH = {"tiny": 4, "digits": 128, "small": 64, "cifar": 8}
+SAMPLE_BATCH = {"tiny": 2, "digits": 64, "small": 16, "cifar": 4}
 ROW_GROUPS = {"ops": OPS_ROWS, "e2e": E2E_ROWS, "all": OPS_ROWS + E2E_ROWS}
 
 
