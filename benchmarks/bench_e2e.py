@@ -153,21 +153,26 @@ def train_step(spec: dict) -> dict:
     return {**stats(times), **_memory_record(setup, before, ok), "loss": loss, **_threads_used(spec["side"])}
 
 
-def sample(spec: dict) -> dict:
-    """Sampling throughput (``spec``: preset, batch, side, sampler "ddpm"|"ddim", steps, quick,
-    repeats, warmup). Full mode times ``repeats`` whole chains; quick mode times one respaced chain of
-    ``max(quick, repeats)`` steps and extrapolates from the median step."""
+def _sampling_setup(spec: dict):
+    """Validate a sampling ``spec`` and build its model: (batch, side, sampler, steps, model, params,
+    image shape)."""
     from ddpm_ref.models import UNet
-    preset, batch, side, sampler = spec["preset"], int(spec["batch"]), spec["side"], spec["sampler"]
-    steps, quick = int(spec["steps"]), int(spec.get("quick") or 0)
+    batch, side, sampler, steps = int(spec["batch"]), spec["side"], spec["sampler"], int(spec["steps"])
     if sampler not in SAMPLER_STEPS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLER_STEPS)}, got {sampler!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    model = UNet.from_preset(preset)
+    model = UNet.from_preset(spec["preset"])
     cfg = model.config
-    params = _params(model)
-    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    return batch, side, sampler, steps, model, _params(model), (cfg.in_channels, cfg.image_size, cfg.image_size)
+
+
+def sample(spec: dict) -> dict:
+    """Sampling throughput (``spec``: preset, batch, side, sampler "ddpm"|"ddim", steps, quick,
+    repeats, warmup). Full mode times ``repeats`` whole chains; quick mode times one respaced chain of
+    ``max(quick, repeats)`` steps and extrapolates from the median step."""
+    batch, side, sampler, steps, model, params, shape = _sampling_setup(spec)
+    quick = int(spec.get("quick") or 0)
     if side == "ours":
         from ddpm_ref import samplers
         from ddpm_ref.schedule import Schedule
@@ -235,15 +240,7 @@ def build_sample_step(spec: dict):
     Ours is the loop body of ``ddpm_ref.samplers.sample`` (denoiser call, the finiteness check, the
     step's counter-RNG noise, ``ddpm_step`` / ``ddim_step`` with clipping); the peer's is diffusers'
     ``UNet2DModel`` forward plus ``DDPMScheduler.step`` / ``DDIMScheduler.step`` (eta 0)."""
-    from ddpm_ref.models import UNet
-    preset, batch, side, sampler = spec["preset"], int(spec["batch"]), spec["side"], spec["sampler"]
-    n_steps = int(spec["steps"])
-    if sampler not in SAMPLER_STEPS:
-        raise ValueError(f"sampler must be one of {sorted(SAMPLER_STEPS)}, got {sampler!r}")
-    model = UNet.from_preset(preset)
-    cfg = model.config
-    params = _params(model)
-    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    batch, side, sampler, n_steps, model, params, shape = _sampling_setup(spec)
     if side == "ours":
         from ddpm_ref import diffusion, rng, samplers
         from ddpm_ref.schedule import Schedule
