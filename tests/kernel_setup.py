@@ -66,6 +66,7 @@ def _make_simulator_shared_arrays_atomic():
 
 if SIM:
     _make_simulator_shared_arrays_atomic()
+
 FULL = os.environ.get("DDPM_KERNELS_FULL", "0") == "1" and not SIM
 
 
