@@ -306,7 +306,8 @@ def sample_pair(spec: dict) -> dict:
         step_stats = stats(times[side])
         chain = stats([step_stats["median_ms"] * 1e-3 * int(spec["steps"])])
         out[side] = {**chain, "step": step_stats, "extrapolated": True, "measured_steps": n_meas,
-                     "images_per_s": int(spec["batch"]) / (chain["median_ms"] * 1e-3), "finite_samples": True,
+                     "images_per_s": int(spec["batch"]) / (chain["median_ms"] * 1e-3),
+                     "finite_samples": bool(np.all(np.isfinite(np.asarray(steps[side].state["x"])))),
                      **_threads_used(side)}
     return out
 

@@ -7,7 +7,7 @@ each formulation wins, and a changed cost model should be checked against it. Th
 one after another per shape, so load from other processes hits all three alike; set one BLAS thread
 (``OPENBLAS_NUM_THREADS=1``) for the figures the choice was tuned on. No test asserts a time.
 
-    OPENBLAS_NUM_THREADS=1 python benchmarks/conv_paths.py [--runs 15] [--quick]
+    OPENBLAS_NUM_THREADS=1 python -m benchmarks.conv_paths [--runs 15] [--quick]
 
 Shapes are (N, C, H, O, stride) for a 3x3 kernel: the digits preset at batch 128 (every 4x4 and 8x8
 conv, conv_out, the downsampler), the small preset at batch 64, and cifar's small levels at batch 8.
@@ -15,10 +15,10 @@ conv, conv_out, the downsampler), the small preset at batch 64, and cifar's smal
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
+from benchmarks.common import interleaved, stats
 from ddpm_ref.ops import conv as conv_mod
 
 SHAPES = [
@@ -36,13 +36,8 @@ SHAPES = [
 
 
 def _median_ms(fn, runs):
-    fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
+    """Median wall time of ``runs`` calls after one warm-up call, in ms."""
+    return stats(interleaved({"call": fn}, runs, warmup=1)["call"])["median_ms"]
 
 
 def sweep(shapes, runs):

@@ -598,7 +598,9 @@ def cmd_eval(args):
         # reference draws r_k: distance = median_k ED(x, r_k), floor = median_k ED(r_0, r_k), with
         # r_0 the draw at the data seed and r_k the draws at the next K seeds.
         n, k_draws = args.n, args.floor_draws
-        draw = lambda k: load_dataset(data_name, split="test", seed=(data_seed + k) % 2**32, n=n).x
+        def draw(k):
+            return load_dataset(data_name, split="test", seed=(data_seed + k) % 2**32, n=n).x
+
         r0 = draw(0)
         nc = getattr(model.config, "num_classes", None)
         x = _draw(model, schedule, params, tcfg, n, args,

@@ -230,8 +230,8 @@ def test_conv_path_choice_at_preset_shapes(N, C, H, O, stride, path):
     at the presets' shapes; pins _choose_path so that a change to it is deliberate."""
     pads = 1 if stride == 1 else (0, 1, 0, 1)
     Ho = conv_mod.conv_output_size(H, 3, stride, *(pads[:2] if stride != 1 else (1, 1)))
-    assert conv_mod._choose_path(N, C, Ho, Ho, 3, 3, stride, (1,) * 4 if stride == 1 else pads,
-                                 O=O, H=H, W=H) == path
+    assert conv_mod._choose_path(N, C, O, H, H, Ho, Ho, 3, 3, stride,
+                                 (1,) * 4 if stride == 1 else pads) == path
 
 
 def test_conv_float64_stays_float64():

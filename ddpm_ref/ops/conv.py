@@ -170,15 +170,13 @@ def _dense_wins(N, C, O, H, W, Ho, Wo, kh, kw):
     return dense < im2col
 
 
-def _choose_path(N, C, Ho, Wo, kh, kw, stride, pads=(0, 0, 0, 0), O=None, H=None, W=None):
+def _choose_path(N, C, O, H, W, Ho, Wo, kh, kw, stride, pads):
     """"pointwise" for unpadded 1x1; "dense" for tiny images where _dense_wins; "im2col" for
-    strided convs and small images; else "shift". (O, H, W default to C, Ho, Wo.)"""
+    strided convs, tiny column buffers and small batches; else "shift"."""
     if kh == kw == 1 and stride == 1 and not any(pads):
         return "pointwise"
     if _FORCED_PATH is not None:
         return "im2col" if _FORCED_PATH == "shift" and stride != 1 else _FORCED_PATH
-    O = C if O is None else O
-    H, W = (Ho, Wo) if H is None else (H, W)
     if _dense_wins(N, C, O, H, W, Ho, Wo, kh, kw):
         return "dense"
     if stride != 1:
@@ -225,7 +223,7 @@ def conv2d_forward(x, w, b=None, stride=1, padding=1):
                          f"{(pt, pb, pl, pr)}")
     dt = x.dtype
     w = w.astype(dt, copy=False)
-    path = _choose_path(N, C, Ho, Wo, kh, kw, stride, (pt, pb, pl, pr), O=O, H=H, W=W)
+    path = _choose_path(N, C, O, H, W, Ho, Wo, kh, kw, stride, (pt, pb, pl, pr))
 
     if path == "pointwise":
         # 1x1, no padding: a GEMM per image straight on the NCHW layout, no copies at all;
