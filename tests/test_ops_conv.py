@@ -265,3 +265,24 @@ def test_conv_rejects_integers_and_bad_bias():
     y, cache = conv2d_forward(np.zeros((1, 1, 3, 3)), np.zeros((2, 1, 3, 3)))
     with pytest.raises(ValueError, match=r"\(1, 2, 3, 3\)"):
         conv2d_backward(np.zeros((1, 2, 2, 3)), cache)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_conv_epilogue_adds_temb_and_residual(path):
+    """conv2d_forward(..., temb, residual) = conv + b + temb[:, :, None, None] + residual, on every path;
+    the cache (and so the backward pass) is the plain convolution's. Same float64 arithmetic in the
+    same order on both sides, so the tolerance is a few ulps."""
+    r = np.random.default_rng(7)
+    x, w, b = r.standard_normal((2, 3, 5, 5)), r.standard_normal((4, 3, 3, 3)), r.standard_normal(4)
+    temb, res = r.standard_normal((2, 4)), r.standard_normal((2, 4, 5, 5))
+    with force_path(path):
+        y0, c0 = conv2d_forward(x, w, b, 1, 1)
+        y, c = conv2d_forward(x, w, b, 1, 1, temb=temb, residual=res)
+        np.testing.assert_allclose(y, y0 + temb[:, :, None, None] + res, rtol=0, atol=1e-13)
+        dy = r.standard_normal(y.shape)
+        for g, g0 in zip(conv2d_backward(dy, c), conv2d_backward(dy, c0)):
+            np.testing.assert_array_equal(g, g0)
+    with pytest.raises(ValueError, match=r"temb must have shape \(2, 4\).*\(4, 2\)"):
+        conv2d_forward(x, w, b, 1, 1, temb=temb.T)
+    with pytest.raises(ValueError, match=r"residual must have the output's shape"):
+        conv2d_forward(x, w, b, 1, 1, residual=res[:, :3])

@@ -189,14 +189,36 @@ def _choose_path(N, C, O, H, W, Ho, Wo, kh, kw, stride, pads):
     return "shift"
 
 
-def conv2d_forward(x, w, b=None, stride=1, padding=1):
+def conv2d_forward(x, w, b=None, stride=1, padding=1, temb=None, residual=None):
     """Convolve ``x (N, C, H, W)`` with ``w (O, C, kh, kw)``, add ``b (O,)``; returns ``(y, cache)``.
 
     ``y`` has shape ``(N, O, Ho, Wo)``, ``Ho = (H + top + bottom - kh) // stride + 1`` (likewise Wo),
     and the dtype of ``x`` (``w`` and ``b`` are cast to it). ``padding`` is an int (all four sides),
     a pair ``(vertical, horizontal)``, or ``(top, bottom, left, right)``.
     The cache holds the padded input (the only activation the backward pass needs) and the weight.
+
+    The epilogue the GPU kernel fuses (``ddpm_ref.kernels.conv``, same signature): ``temb (N, O)`` is
+    added to every pixel (the U-Net's time-embedding projection) and ``residual (N, O, Ho, Wo)`` is
+    added as is: ``y = conv(x, w) + b + temb[:, :, None, None] + residual``. Their gradients are not
+    the convolution's: ``dy.sum((2, 3))`` and ``dy`` itself, which the caller forms.
     """
+    y, cache = _conv2d(x, w, b, stride, padding)
+    N, O = y.shape[:2]
+    if temb is not None:
+        _check_float("temb", temb)
+        if temb.shape != (N, O):
+            raise ValueError(f"conv2d temb must have shape ({N}, {O}) (batch, output channels), got {temb.shape}")
+        y += temb.astype(y.dtype, copy=False)[:, :, None, None]
+    if residual is not None:
+        _check_float("residual", residual)
+        if residual.shape != y.shape:
+            raise ValueError(f"conv2d residual must have the output's shape {y.shape}, got {residual.shape}")
+        y += residual
+    return y, cache
+
+
+def _conv2d(x, w, b, stride, padding):
+    """:func:`conv2d_forward` without the epilogue: the convolution and its bias."""
     _check_float("x", x)
     _check_float("w", w)
     if x.ndim != 4:
