@@ -4,7 +4,8 @@ What it is: the update rules DDPM training uses (Ho et al. 2020, appendix B: Ada
 warmup, gradient clipping at global norm 1, an exponential moving average of the weights used for
 sampling), written for the one flat parameter buffer of ``ddpm_ref.params`` so that a whole model
 updates in a handful of vectorised NumPy calls, in place, without per-tensor Python loops.
-What it is not: a general optimiser library (no parameter groups, no schedulers beyond warmup).
+What it is not: a general optimiser library (no parameter groups, no schedulers beyond warmup and
+one decay to zero).
 
 AdamW (Loshchilov & Hutter 2019, "Decoupled weight decay regularization", algorithm 2), with the
 bias correction of Adam (Kingma & Ba 2015, algorithm 1). At update k = 1, 2, ... with gradient g:
@@ -18,6 +19,13 @@ which is exactly the arithmetic of ``torch.optim.AdamW`` (the test compares agai
 
 Warmup: ``lr_k = lr * min(1, k / warmup)`` for the k-th update (1-based), so the first update is
 not wasted at lr 0; ``warmup = 0`` means the constant rate ``lr``.
+
+Decay (optional, ``schedule`` "cosine" or "linear", over ``total`` updates): after the warmup the rate
+falls from ``lr`` towards 0 with progress ``p = (k - warmup) / (total + 1 - warmup)``, clipped to
+[0, 1]: cosine ``lr * (1 + cos(pi p)) / 2`` (Loshchilov & Hutter 2017, SGDR, without restarts),
+linear ``lr * (1 - p)``. The ``+ 1`` keeps the last update (k = total) at a small non-zero rate
+rather than wasting it at exactly 0; updates beyond ``total`` get 0. ``schedule`` "constant" (the
+default) is warmup only, as before.
 
 Clipping (Pascanu et al. 2013): the global norm ``||g||_2`` over the whole flat buffer is summed in
 float64 (chunked, so no full float64 copy is made); when it exceeds ``max_norm`` the gradient is
@@ -39,7 +47,10 @@ import math
 
 import numpy as np
 
-__all__ = ["AdamW", "check_state", "global_norm", "clip_grad_norm", "warmup_lr", "ema_decay", "ema_update"]
+__all__ = ["AdamW", "check_state", "global_norm", "clip_grad_norm", "warmup_lr", "scheduled_lr", "LR_SCHEDULES",
+           "ema_decay", "ema_update"]
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 _CHUNK = 1 << 20   # elements per float64 chunk when summing squares
 
@@ -85,6 +96,26 @@ def warmup_lr(lr: float, k: int, warmup: int) -> float:
     if warmup <= 0:
         return float(lr)
     return float(lr) * min(1.0, k / warmup)
+
+
+def scheduled_lr(lr: float, k: int, warmup: int, schedule: str = "constant", total: int | None = None) -> float:
+    """Learning rate of the k-th update (1-based): warmup, then ``schedule``'s decay to 0 at ``total``.
+
+    "constant": ``warmup_lr``. "cosine" / "linear" (module docstring): after the warmup, progress
+    ``p = clip((k - warmup) / (total + 1 - warmup), 0, 1)`` and the rate ``lr (1 + cos(pi p)) / 2``
+    or ``lr (1 - p)``. ``total`` (the number of updates of the run, > warmup) is needed for a decay.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    base = warmup_lr(lr, k, warmup)
+    if schedule == "constant" or k <= warmup:
+        return base
+    if total is None or int(total) <= warmup:
+        raise ValueError(f"lr schedule {schedule!r} needs total > warmup = {warmup} updates, got total={total!r}")
+    p = min(1.0, max(0.0, (k - warmup) / (int(total) + 1 - warmup)))
+    if schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * p))
+    return base * (1.0 - p)
 
 
 def ema_decay(decay: float, k: int, warmup: bool = True) -> float:
@@ -135,11 +166,14 @@ class AdamW:
     clipped in place. A non-finite gradient norm skips the update entirely (params, moments and the
     count unchanged, ``skipped`` True) so that the caller can stop on a clean state.
     ``decay_mask`` (optional bool (P,)) restricts weight decay to the marked entries.
+    ``schedule`` / ``total``: the learning-rate decay after the warmup (``scheduled_lr``); the default
+    "constant" is warmup only.
     """
 
     def __init__(self, size: int, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999,
                  eps: float = 1e-8, weight_decay: float = 0.0, warmup: int = 0,
-                 max_grad_norm: float | None = None, decay_mask: np.ndarray | None = None):
+                 max_grad_norm: float | None = None, decay_mask: np.ndarray | None = None,
+                 schedule: str = "constant", total: int | None = None):
         size = int(size)
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
@@ -156,6 +190,12 @@ class AdamW:
             raise ValueError(f"warmup must be >= 0 steps, got {warmup}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+        if schedule not in LR_SCHEDULES:
+            raise ValueError(f"schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+        if schedule != "constant" and (total is None or isinstance(total, bool) or int(total) != total
+                                       or int(total) <= int(warmup)):
+            raise ValueError(f"schedule {schedule!r} needs an integer total > warmup = {int(warmup)} updates, "
+                             f"got total={total!r}")
         if decay_mask is not None:
             decay_mask = np.asarray(decay_mask, dtype=bool)
             if decay_mask.shape != (size,):
@@ -169,14 +209,16 @@ class AdamW:
         self.warmup = int(warmup)
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.decay_mask = decay_mask
+        self.schedule = schedule
+        self.total = None if total is None else int(total)
         self.m = np.zeros(size, np.float32)       # first moment (P,)
         self.v = np.zeros(size, np.float32)       # second moment (P,)
         self.step_count = 0                       # updates done so far
         self._tmp = np.empty(size, np.float32)    # scratch, so an update allocates nothing
 
     def lr_at(self, k: int) -> float:
-        """Learning rate of the k-th update (1-based)."""
-        return warmup_lr(self.lr, k, self.warmup)
+        """Learning rate of the k-th update (1-based): warmup, then the decay of ``schedule``."""
+        return scheduled_lr(self.lr, k, self.warmup, self.schedule, self.total)
 
     def step(self, params: np.ndarray, grad: np.ndarray) -> dict:
         """One AdamW update of ``params`` in place from ``grad`` (clipped in place first)."""

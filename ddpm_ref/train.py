@@ -51,7 +51,7 @@ import numpy as np
 from . import diffusion, rng
 from .ops import loss as _loss
 from .checkpoint import Checkpoint, CheckpointError, atomic_write, load_checkpoint, save_checkpoint
-from .optim import AdamW, ema_decay, ema_update
+from .optim import LR_SCHEDULES, AdamW, ema_decay, ema_update
 from .schedule import Schedule
 
 __all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "RunDirError", "train", "batch_indices",
@@ -81,7 +81,9 @@ class TrainConfig:
     prediction: "epsilon" | "sample" | "v"; variance: "fixed_small" | "fixed_large" | "learned_range";
     loss: "simple" (L_simple, weighted by ``weighting``) or "hybrid" (needs learned_range).
     timestep_sampler: "uniform" or "loss_aware" (improved-diffusion's importance sampler).
-    lr, beta1, beta2, adam_eps, weight_decay: AdamW; warmup: linear warmup steps; grad_clip: global
+    lr, beta1, beta2, adam_eps, weight_decay: AdamW; warmup: linear warmup steps; lr_schedule:
+    "constant" (warmup only) or a decay to 0 over ``steps`` ("cosine" | "linear", optim.scheduled_lr;
+    raising ``steps`` on resume stretches the decay from there on); grad_clip: global
     norm limit (None: no clipping); ema_decay: 0 disables the EMA; ema_warmup: see optim.ema_decay.
     class_cond: condition on the data set's labels; p_uncond: label-drop probability (CFG).
     hflip: random horizontal flips (images only). seed: every random stream; data_seed: the toy draw
@@ -109,6 +111,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
     warmup: int = 100
+    lr_schedule: str = "constant"          # absent from older checkpoints: constant, their behaviour
     grad_clip: Optional[float] = 1.0
     ema_decay: float = 0.999
     ema_warmup: bool = True
@@ -136,6 +139,7 @@ class TrainConfig:
         choice("loss", ("simple", "hybrid"))
         choice("weighting", diffusion.WEIGHTINGS)
         choice("timestep_sampler", ("uniform", "loss_aware"))
+        choice("lr_schedule", LR_SCHEDULES)
         if self.loss == "hybrid" and self.variance != "learned_range":
             raise ValueError(f"loss='hybrid' needs variance='learned_range', got variance={self.variance!r}")
         if self.variance == "learned_range" and self.loss != "hybrid":
@@ -147,6 +151,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, (int, np.integer)) or self.warmup < 0:
             raise ValueError(f"warmup must be a non-negative integer, got {self.warmup!r}")
+        if self.lr_schedule != "constant" and self.steps <= self.warmup:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} decays after the warmup: steps must exceed "
+                             f"warmup = {self.warmup}, got steps={self.steps}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -336,7 +343,8 @@ class Trainer:
         self.params = self.model.init_params(cfg.seed)
         self.ema = self.params.copy() if cfg.ema_decay > 0 else None
         self.opt = AdamW(self.params.size, lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.adam_eps,
-                         weight_decay=cfg.weight_decay, warmup=cfg.warmup, max_grad_norm=cfg.grad_clip)
+                         weight_decay=cfg.weight_decay, warmup=cfg.warmup, max_grad_norm=cfg.grad_clip,
+                         schedule=cfg.lr_schedule, total=cfg.steps)
         if cfg.timestep_sampler == "uniform":
             self.sampler = diffusion.UniformSampler(cfg.T)
         else:

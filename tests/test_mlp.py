@@ -28,6 +28,29 @@ def test_toy_preset_layout_and_config():
         MLP.from_preset("toy", emb_dim=7)
 
 
+def test_x_raw_input():
+    # the raw coordinates widen the input layer by D and enter it unscaled; everything else is unchanged
+    plain = MLP.from_preset("tiny", x_raw=False)
+    raw = MLP.from_preset("tiny", x_raw=True)
+    assert plain.layout.shapes["input.weight"] == (16, 2 * 8 + 8)
+    assert raw.layout.shapes["input.weight"] == (16, 2 * 8 + 2 + 8) and raw.config.in_features == 26
+    assert raw.num_params == plain.num_params + 2 * 16
+    # configs saved before the field existed load with the old layout
+    old = {k: v for k, v in plain.config.to_dict().items() if k != "x_raw"}
+    assert MLPConfig.from_dict(old) == plain.config
+    # with only the raw-x columns of the input weight non-zero (and biases zero), h = W_x x exactly,
+    # so the network is x -> out linear in x away from the silu: check the columns are the x ones
+    p = np.zeros(raw.num_params, np.float64)
+    P = raw.named(p)
+    P["input.weight"][:, 16:18] = np.eye(16, 2)       # h_0 = x_0, h_1 = x_1
+    P["output.weight"][...] = np.eye(2, 16)            # out = silu(h)[:2]
+    x = np.array([[0.5, -1.0], [2.0, 3.0]])
+    out, _ = raw.forward(p, x, np.array([3, 500]))
+    np.testing.assert_allclose(out, x / (1 + np.exp(-x)), rtol=1e-15)   # silu(x), float64
+    with pytest.raises(ValueError, match="x_raw must be True or False, got 1"):
+        MLPConfig(x_raw=1)
+
+
 def test_init_is_reproducible_with_zero_residual_branches():
     model = MLP.from_preset("toy")
     a = model.init_params(4)
@@ -47,10 +70,11 @@ def _loss(model, p, x, t, y, R):
     return float(np.sum(out * R))
 
 
-def test_mlp_gradient_check_float64():
+@pytest.mark.parametrize("x_raw", [False, True])
+def test_mlp_gradient_check_float64(x_raw):
     """Every parameter tensor (4 random entries each) and every input entry, centred differences on a
-    random projection, with dropout, class labels and learned variance on."""
-    model = MLP.from_preset("tiny", num_classes=3, dropout=0.2, learned_variance=True)
+    random projection, with dropout, class labels and learned variance on (and the raw-x input)."""
+    model = MLP.from_preset("tiny", num_classes=3, dropout=0.2, learned_variance=True, x_raw=x_raw)
     rs = np.random.default_rng(5)
     p = _perturbed(model)
     x = rs.standard_normal((4, 2))

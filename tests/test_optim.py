@@ -14,18 +14,33 @@ def _problem(seed, p=257):
     return theta0, grads
 
 
-@pytest.mark.parametrize("seed,wd,warmup,clip", [(0, 0.0, 0, None), (1, 0.01, 5, None), (2, 0.1, 3, 1.0),
-                                                 (3, 0.0, 0, 0.5)])
-def test_adamw_matches_torch(seed, wd, warmup, clip):
+def _torch_lambda(warmup, schedule, total):
+    """torch LambdaLR factor for update s + 1, the spec of optim.scheduled_lr written out independently."""
+    def f(s):
+        k = s + 1
+        if k <= warmup:
+            return k / warmup
+        if schedule == "constant":
+            return 1.0
+        p = min(1.0, (k - warmup) / (total + 1 - warmup))
+        return 0.5 * (1 + math.cos(math.pi * p)) if schedule == "cosine" else 1 - p
+    return f
+
+
+@pytest.mark.parametrize("seed,wd,warmup,clip,schedule", [
+    (0, 0.0, 0, None, "constant"), (1, 0.01, 5, None, "constant"), (2, 0.1, 3, 1.0, "constant"),
+    (3, 0.0, 0, 0.5, "constant"), (4, 0.1, 3, None, "cosine"), (5, 0.01, 0, 1.0, "linear")])
+def test_adamw_matches_torch(seed, wd, warmup, clip, schedule):
     torch = pytest.importorskip("torch")
     theta0, grads = _problem(seed)
     lr = 1e-2
     ours = theta0.copy()
+    total = len(grads) if schedule != "constant" else None      # the decay reaches its end in this run
     opt = optim.AdamW(ours.size, lr=lr, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=wd, warmup=warmup,
-                      max_grad_norm=clip)
+                      max_grad_norm=clip, schedule=schedule, total=total)
     tp = torch.nn.Parameter(torch.from_numpy(theta0.copy()))
     topt = torch.optim.AdamW([tp], lr=lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=wd)
-    sched = torch.optim.lr_scheduler.LambdaLR(topt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(topt, _torch_lambda(warmup, schedule, total))
     for k, g in enumerate(grads, start=1):
         info = opt.step(ours, g.copy())
         tp.grad = torch.from_numpy(g.copy())
@@ -92,6 +107,41 @@ def test_warmup_lr():
     assert optim.warmup_lr(1e-3, 1, 0) == 1e-3
 
 
+def test_scheduled_lr_decay():
+    lr = 1e-3
+    # constant: warmup only, whatever total says
+    assert optim.scheduled_lr(lr, 7, 4, "constant", 10) == optim.warmup_lr(lr, 7, 4) == lr
+    # warmup then cosine over total = 104 updates: progress (k - 4) / (104 + 1 - 4) = (k - 4) / 101
+    assert optim.scheduled_lr(lr, 2, 4, "cosine", 104) == pytest.approx(5e-4, rel=1e-15)   # still warming up
+    assert optim.scheduled_lr(lr, 4, 4, "cosine", 104) == lr                              # end of warmup: p = 0
+    assert optim.scheduled_lr(lr, 4 + 101 // 2, 4, "cosine", 104) == pytest.approx(
+        lr * 0.5 * (1 + math.cos(math.pi * 50 / 101)), rel=1e-15)
+    # the last update (k = total) still moves, at the small rate of p = 100/101; beyond total: 0
+    last = optim.scheduled_lr(lr, 104, 4, "cosine", 104)
+    assert 0 < last == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * 100 / 101)), rel=1e-12)
+    assert last < 3e-4 * lr
+    assert optim.scheduled_lr(lr, 105, 4, "cosine", 104) == 0.0
+    assert optim.scheduled_lr(lr, 10**6, 4, "linear", 104) == 0.0
+    # linear: lr (1 - p); no warmup: p = k / (total + 1)
+    assert optim.scheduled_lr(lr, 5, 0, "linear", 9) == pytest.approx(lr * 0.5, rel=1e-15)
+    assert optim.scheduled_lr(lr, 9, 0, "linear", 9) == pytest.approx(lr * 0.1, rel=1e-12)
+    # monotone non-increasing after the warmup
+    rates = [optim.scheduled_lr(lr, k, 10, "cosine", 500) for k in range(10, 502)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    opt = optim.AdamW(3, lr=lr, warmup=4, schedule="cosine", total=104)
+    assert opt.lr_at(104) == last and (opt.schedule, opt.total) == ("cosine", 104)
+    with pytest.raises(ValueError, match="'step'"):
+        optim.scheduled_lr(lr, 5, 0, "step", 9)
+    with pytest.raises(ValueError, match="total > warmup = 4 updates, got total=None"):
+        optim.scheduled_lr(lr, 5, 4, "cosine")
+    with pytest.raises(ValueError, match="schedule must be one of .* got 'exp'"):
+        optim.AdamW(3, schedule="exp", total=10)
+    with pytest.raises(ValueError, match="needs an integer total > warmup = 10 updates, got total=10"):
+        optim.AdamW(3, warmup=10, schedule="linear", total=10)
+    with pytest.raises(ValueError, match="got total=None"):
+        optim.AdamW(3, schedule="cosine")
+
+
 def test_ema_formula():
     # d = min(decay, (1 + s) / (10 + s)), s = k - 1
     assert optim.ema_decay(0.999, 1) == pytest.approx(0.1, rel=1e-15)
@@ -146,3 +196,23 @@ def test_decay_mask():
     opt.step(p, np.zeros(4, np.float32))
     # zero gradient: only decay acts, theta * (1 - 0.1 * 0.5) = 0.95 on masked entries
     np.testing.assert_allclose(p, [0.95, 0.95, 1.0, 1.0], rtol=1e-7)
+
+
+def test_train_config_lr_schedule_reaches_the_optimizer():
+    # TrainConfig.lr_schedule decays over cfg.steps through Trainer's AdamW; configs saved before the
+    # field existed (no "lr_schedule" key) load as "constant", their old behaviour.
+    from ddpm_ref.data import load_dataset
+    from ddpm_ref.train import TrainConfig, Trainer
+
+    kw = dict(data="moons", model="mlp", preset="tiny", T=100, batch=8, steps=6, warmup=2, lr=1e-2)
+    tr = Trainer(TrainConfig(lr_schedule="cosine", **kw), load_dataset("moons", split="train", n=64))
+    rates = [tr.train_step()["lr"] for _ in range(6)]
+    assert rates == [optim.scheduled_lr(1e-2, k, 2, "cosine", 6) for k in range(1, 7)]
+    assert rates[1] == 1e-2 and 0 < rates[5] < rates[4] < rates[2]
+    old = TrainConfig(**kw).to_dict()
+    del old["lr_schedule"]
+    assert TrainConfig.from_dict(old).lr_schedule == "constant"
+    with pytest.raises(ValueError, match="lr_schedule must be one of .* got 'step'"):
+        TrainConfig(lr_schedule="step")
+    with pytest.raises(ValueError, match="steps must exceed warmup = 100, got steps=100"):
+        TrainConfig(lr_schedule="linear", steps=100)

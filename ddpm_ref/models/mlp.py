@@ -12,13 +12,16 @@ Network, shapes for a batch of N (E = emb_dim, Hd = hidden)::
     fx   = [sin, cos](x_scale * x_d * freqs)  per coordinate          (N, D*E)
     ft   = timestep_embedding(t, E) (+ class_embedding[y])             (N, E)
     h    = input(concat[fx, ft])                                       (N, Hd)
+           (with x_raw: input(concat[fx, x, ft]), the raw coordinates too: (N, D*E + D + E) in)
     h    = h + linear_2(dropout(silu(linear_1(silu(h)))))  x num_blocks (pre-activation residual blocks)
     out  = output(silu(h))                                             (N, D or 2D)
 
 No normalisation layer (the toys are standardised to unit variance and the network is shallow; the
 residual branches start at zero, so the initial network is a well-conditioned linear-in-features map).
 The frequencies are those of the Transformer embedding (``timestep_embedding`` with freq_shift=1),
-``x_scale`` (default 25) stretching them over the unit-scale data. Initialisation as the U-Net
+``x_scale`` (default 25) stretching them over the unit-scale data: the features then have periods
+from 0.25 up to ~2.5e4, so the lowest few hardly vary over the data (sin(w x) ~ w x with w ~ 1e-2
+is a tiny signal); ``x_raw`` adds the coordinates themselves at full scale. Initialisation as the U-Net
 (TF DDPM variance_scaling(1, fan_avg, uniform); the last layer of each residual branch and the output
 layer zeros; biases zero; class embedding N(0, 1)), drawn from ``rng`` Stream.INIT by tensor number.
 """
@@ -49,6 +52,7 @@ class MLPConfig:
     num_blocks: int = 3
     emb_dim: int = 32
     x_scale: float = 25.0
+    x_raw: bool = False            # absent from older configs: False, their layout
     dropout: float = 0.0
     num_classes: Optional[int] = None
     learned_variance: bool = False
@@ -65,8 +69,15 @@ class MLPConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not float(self.x_scale) > 0:
             raise ValueError(f"x_scale must be > 0, got {self.x_scale}")
+        if not isinstance(self.x_raw, (bool, np.bool_)):
+            raise ValueError(f"x_raw must be True or False, got {self.x_raw!r}")
         if self.num_classes is not None and (isinstance(self.num_classes, bool) or int(self.num_classes) < 1):
             raise ValueError(f"num_classes must be None or a positive integer, got {self.num_classes!r}")
+
+    @property
+    def in_features(self) -> int:
+        """Width of the input layer: D*E sinusoidal features, D raw coordinates with x_raw, E for t."""
+        return self.dim * self.emb_dim + (self.dim if self.x_raw else 0) + self.emb_dim
 
     @property
     def out_dim(self) -> int:
@@ -107,7 +118,7 @@ class MLP:
             raise ValueError(f"config must be an MLPConfig or dict, got {type(config).__name__}")
         self.config = cfg = config
         E, Hd = cfg.emb_dim, cfg.hidden
-        entries = [("input.weight", (Hd, cfg.dim * E + E)), ("input.bias", (Hd,))]
+        entries = [("input.weight", (Hd, cfg.in_features)), ("input.bias", (Hd,))]
         if cfg.num_classes is not None:
             entries.append(("class_embedding.weight", (cfg.num_classes + 1, E)))
         for i in range(cfg.num_blocks):
@@ -198,7 +209,8 @@ class MLP:
         if cfg.num_classes is not None:
             lab, c_y = _emb.embedding_forward(y, P["class_embedding.weight"])            # (N, E)
             ft = ft + lab
-        f, c_cat = _res.concat_forward([fx, ft], axis=1)                                 # (N, D*E + E)
+        parts = [fx, x, ft] if cfg.x_raw else [fx, ft]
+        f, c_cat = _res.concat_forward(parts, axis=1)                                    # (N, in_features)
         h, c_in = _lin.linear_forward(f, P["input.weight"], P["input.bias"])             # (N, Hd)
         blocks = []
         for i in range(cfg.num_blocks):
@@ -246,12 +258,15 @@ class MLP:
             dr, G[f"{p}.linear_1.weight"][...], G[f"{p}.linear_1.bias"][...] = _lin.linear_backward(dr, c2)
             dh = dh + _act.silu_backward(dr, c1)
         df, G["input.weight"][...], G["input.bias"][...] = _lin.linear_backward(dh, c_in)
-        dfx, dft = _res.concat_backward(df, c_cat)
+        dparts = _res.concat_backward(df, c_cat)
+        dfx, dft = dparts[0], dparts[-1]                                                 # (N, D*E), (N, E)
         if c_y is not None:
             G["class_embedding.weight"][...] = _emb.embedding_backward(dft, c_y)
         if not return_dx:
             return grad
         dx = _emb.sinusoidal_backward(dfx.reshape(n, cfg.dim, cfg.emb_dim), c_fx)       # (N, D)
+        if cfg.x_raw:
+            dx = dx + dparts[1]                                   # x reaches the input twice: sum both paths
         return grad, dx
 
     def denoiser(self, params):
