@@ -10,7 +10,8 @@ one after another per shape, so load from other processes hits all three alike; 
     OPENBLAS_NUM_THREADS=1 python -m benchmarks.conv_paths [--runs 15] [--quick]
 
 Shapes are (N, C, H, O, stride) for a 3x3 kernel: the digits preset at batch 128 (every 4x4 and 8x8
-conv, conv_out, the downsampler), the small preset at batch 64, and cifar's small levels at batch 8.
+conv, conv_out, the downsampler), the small preset at batch 64, cifar's small levels at batch 8, and
+the sampling batches (digits at 500, small at 16, cifar at 4: forward time is what sampling pays).
 """
 from __future__ import annotations
 
@@ -30,8 +31,10 @@ SHAPES = [
     (64, 64, 8, 64, 1), (64, 32, 16, 32, 2),
     # cifar preset, batch 8
     (8, 256, 4, 256, 1), (8, 256, 8, 256, 1), (8, 256, 8, 256, 2),
-    # sampling batches
+    # sampling batches: the digits preset at 500, small at 16 (its 8x8 and 16x16 levels), cifar at 4
     (500, 32, 4, 32, 1), (500, 16, 8, 16, 1), (500, 16, 8, 1, 1),
+    (16, 64, 8, 64, 1), (16, 128, 8, 64, 1), (16, 32, 8, 64, 1), (16, 32, 16, 32, 1), (16, 64, 16, 32, 1),
+    (4, 256, 4, 256, 1), (4, 256, 8, 256, 1), (4, 512, 8, 256, 1), (4, 256, 16, 256, 1), (4, 128, 32, 128, 1),
 ]
 
 

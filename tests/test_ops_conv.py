@@ -224,6 +224,10 @@ def test_conv_backward_without_input_grad(path, k, stride, pad):
     (64, 32, 16, 1, 1, "shift"),      # small's conv_out at batch 64: 16x16 is too big for dense
     (64, 1, 16, 32, 1, "im2col"),     # small's conv_in: a tiny column buffer
     (4, 3, 32, 128, 1, "im2col"),     # cifar's conv_in at sampling batch 4
+    (16, 64, 8, 64, 1, "shift"),      # small's 8x8 level at sampling batch 16: 128 rows
+    (16, 128, 8, 64, 1, "shift"),     # ... its widest 8x8 conv (1.3x forward, 1.5x backward)
+    (4, 256, 8, 256, 1, "im2col"),    # cifar's 8x8 level at sampling batch 4: 32 rows
+    (4, 512, 4, 256, 1, "im2col"),    # cifar's 4x4 level at sampling batch 4
 ])
 def test_conv_path_choice_at_preset_shapes(N, C, H, O, stride, path):
     """The choice the sweep in benchmarks/conv_paths.py measured as fastest (or within ~10% of it)

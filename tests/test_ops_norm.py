@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from gradcheck import check_op
+from ddpm_ref.ops.activation import silu_forward
 from ddpm_ref.ops.norm import (group_norm_backward, group_norm_forward, group_norm_silu_backward,
                                group_norm_silu_forward)
 
@@ -97,6 +98,22 @@ def test_group_norm_statistics_are_stable_in_float32():
     # The float32 mean is off by about one ulp of 1000 (6e-5), i.e. 6e-4 of the spread 0.1: the
     # outputs may differ by that much, so 3e-3 absolute; a one-pass variance would be O(1) off.
     np.testing.assert_allclose(y, ref.reshape(y.shape), atol=3e-3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_silu_equals_the_pair_bit_for_bit(dtype):
+    """The fused op computes -z directly and y = -z / (-1 - exp(-z)): exact negations of
+    silu_forward's z / (1 + exp(-z)), so the two must agree exactly, including where exp(-z)
+    overflows (z << 0: y = -0) and underflows (z >> 0: y = z)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 8, 5, 4)).astype(dtype)
+    gamma = (rng.standard_normal(8) * 300).astype(dtype)      # |z| up to ~1000: both exp limits
+    beta = rng.standard_normal(8).astype(dtype)
+    y, _ = group_norm_silu_forward(x, gamma, beta, 4, eps=1e-6)
+    z, _ = group_norm_forward(x, gamma, beta, 4, eps=1e-6)
+    ref, _ = silu_forward(z)
+    assert np.any(z < -200) and np.any(z > 200)
+    np.testing.assert_array_equal(y, ref)
 
 
 def test_group_norm_errors():

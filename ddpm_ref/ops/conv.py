@@ -73,12 +73,14 @@ __all__ = ["conv2d_forward", "conv2d_backward", "conv_output_size"]
 # small batches. Measured (one thread, float32, fwd+bwd, benchmarks/conv_paths.py):
 # im2col wins at the cifar preset's 4x4 and 8x8 convs (batch 8: 32-64 rows, by 1.2-1.3x); the
 # shift path at 256-1024 rows (the small preset at batch 64, the digits preset at batch 128: by
-# 1.5x, up to 30x for conv_out's single output channel before the dense path took that one).
+# 1.5x, up to 30x for conv_out's single output channel before the dense path took that one),
+# and already at 128 rows (the small preset's 8x8 convs at the sampling batch 16, 32-128 -> 64
+# channels: shift by 1.1-1.5x forward and 1.3-1.5x backward), hence the bound of 64 rows.
 # Below _IM2COL_TINY column elements (conv_in's 1-3 input channels) im2col's copies are cheap
 # whatever the batch: it won there by 1.1-1.4x (small's conv_in at batch 64, cifar's at batch 4).
 _IM2COL_MAX_PIXELS = 100
 _IM2COL_MAX_ELEMENTS = 3 << 19        # 1.5M elements: 6 MB in float32
-_IM2COL_MAX_ROWS = 128
+_IM2COL_MAX_ROWS = 64
 _IM2COL_TINY = 1 << 18
 # The "dense" path (see _dense_wins): its matrix Wd holds C*H*W x O*Ho*Wo elements, at most this
 # many (4M: 16 MB in float32; the digits preset's largest is 0.26M, cifar's 4x4 level would need

@@ -22,11 +22,25 @@ Backward (dz given; for the fused op dz = dy * s (1 + z (1 - s)), s = sigmoid(z)
 The last line: xhat depends on every x of its slab through mu and r; d mu / dx = 1/K gives the
 ``- mean(dxhat)`` term and d r / dx = -r^3 (x - mu) / K gives the ``- xhat mean(dxhat xhat)`` term.
 Both means are assembled from per-(n, c) sums (``sum dz`` and ``sum dz xhat``, the same sums that
-give dbeta and dgamma), so the backward pass reads dz and xhat once each for the reductions.
+give dbeta and dgamma; ``sum dz xhat = r sum dz (x - mu)``), so the backward pass reads dz and the
+cached centred input once each for the reductions.
 
 float32 statistics, two passes: the mean is a pairwise sum (NumPy's reduction along a contiguous
 axis), the variance a BLAS dot product of the centred values with themselves (no cancellation:
-every term is non-negative), both accurate to a few ulps for the K used here.
+every term is non-negative), both accurate to a few ulps for the K used here. (One pass,
+``var = mean(x^2) - mu^2``, would save the centring pass but cancels catastrophically in float32
+when |mu| >> std, and the centred values are cached for the backward pass anyway.)
+
+Passes over the data (each a NumPy loop; inference time at the sampling shapes is dominated by
+them, not by arithmetic): the forward pass reads x for the mean, writes the centred ``xc = x - mu``
+(the cache), reads it for the variance and writes ``z = xc (r gamma[c]) + beta[c]`` in two passes,
+the 1/std folded into the per-(n, c) scale ``r gamma[c]`` so that ``xhat = xc r`` is never formed
+(the backward pass folds r into its per-(n, c) coefficients instead, at no extra pass). The fused
+SiLU then costs one exp and two passes: it computes ``zn = -z`` directly (scale ``-r gamma``, shift
+``-beta``: exact negations) and ``y = zn / (-1 - exp(zn))``, which equals ``z / (1 + exp(-z))`` bit
+for bit, without a separate negation pass. The exp is the most expensive pass (about three times
+an add on this machine's NumPy); float32 is kept throughout: float64 would double the bytes of every
+pass and NumPy's float64 exp measured ~10x slower than its float32 one.
 """
 import numpy as np
 
@@ -42,8 +56,11 @@ def _check_float(name, a):
         raise ValueError(f"{name} must be a floating-point array, got dtype {a.dtype} with shape {a.shape}")
 
 
-def _normalize(x, gamma, beta, groups, eps):
-    """Shared forward: returns (z, xhat (N, G, K), rstd (N, G, 1))."""
+def _normalize(x, gamma, beta, groups, eps, negate=False):
+    """Shared forward: returns (z, xc (N, G, K), rstd (N, G, 1)); ``-z`` when ``negate``.
+
+    ``xc = x - mu`` is the centred input (the normalised ``xhat = xc * rstd`` is never formed).
+    """
     _check_float("x", x)
     _check_float("gamma", gamma)
     _check_float("beta", beta)
@@ -63,67 +80,74 @@ def _normalize(x, gamma, beta, groups, eps):
     S = int(np.prod(x.shape[2:], dtype=np.int64))       # spatial size
     x3 = x.reshape(N, groups, -1)                        # (N, G, K)
     mu = x3.mean(axis=-1, keepdims=True)                 # (N, G, 1), pairwise sum
-    xhat = x3 - mu                                       # (N, G, K), centred
-    K = xhat.shape[-1]
+    xc = x3 - mu                                         # (N, G, K), centred
+    K = xc.shape[-1]
     # Second pass on the centred values: sum of squares as one BLAS dot per (n, g), reading
-    # xhat once without writing a squared copy.
-    var = (xhat[:, :, None, :] @ xhat[:, :, :, None])[:, :, 0] / dt.type(K)   # (N, G, 1)
+    # xc once without writing a squared copy.
+    var = (xc[:, :, None, :] @ xc[:, :, :, None])[:, :, 0] / dt.type(K)   # (N, G, 1)
     rstd = 1.0 / np.sqrt(var + dt.type(eps))             # (N, G, 1)
+    g = gamma.astype(dt, copy=False)
+    b = beta.astype(dt, copy=False)
+    if negate:
+        g, b = -g, -b
+    scale = (rstd * g.reshape(groups, -1)).reshape(N, C, 1)   # (N, C, 1)  r gamma[c]
     z = np.empty(x.shape, dtype=dt)                      # (N, C, ...) the output
-    xhat *= rstd                                         # (N, G, K) normalised
     zc = z.reshape(N, C, S)                              # (N, C, S) view
-    np.multiply(xhat.reshape(N, C, S), gamma.astype(dt, copy=False)[:, None], out=zc)
-    zc += beta.astype(dt, copy=False)[:, None]           # z = gamma xhat + beta
-    return z, xhat, rstd
+    np.multiply(xc.reshape(N, C, S), scale, out=zc)      # xc r gamma = xhat gamma
+    zc += b[:, None]                                     # z = gamma xhat + beta
+    return z, xc, rstd
 
 
 def group_norm_forward(x, gamma, beta, groups, eps=1e-5):
     """``x (N, C, ...)``, ``gamma, beta (C,)`` -> ``(y, cache)``, y like x (torch.nn.GroupNorm).
 
     ValueError when x has fewer than 2 axes, C is not divisible by ``groups``, or gamma/beta are
-    not (C,). The cache holds xhat (one array the size of x) and the per-group 1/std.
+    not (C,). The cache holds the centred input x - mu (one array the size of x) and the per-group
+    1/std.
     """
-    z, xhat, rstd = _normalize(x, gamma, beta, groups, eps)
-    return z, {"xhat": xhat, "rstd": rstd, "gamma": gamma, "shape": x.shape, "silu": False}
+    z, xc, rstd = _normalize(x, gamma, beta, groups, eps)
+    return z, {"xc": xc, "rstd": rstd, "gamma": gamma, "shape": x.shape, "silu": False}
 
 
 def group_norm_silu_forward(x, gamma, beta, groups, eps=1e-5):
     """``silu(group_norm(x))`` in one call: same arguments and output shape as group_norm_forward.
 
-    The pre-activation z is not cached: the backward pass recomputes it from xhat (two cheap
-    passes) instead of keeping a second activation-sized array alive.
+    The pre-activation z is not cached: the backward pass recomputes it from the centred input
+    (two cheap passes) instead of keeping a second activation-sized array alive.
     """
-    z, xhat, rstd = _normalize(x, gamma, beta, groups, eps)
-    y = np.negative(z)
+    zn, xc, rstd = _normalize(x, gamma, beta, groups, eps, negate=True)   # zn = -z
+    y = np.empty_like(zn)
     with np.errstate(over="ignore", under="ignore"):
-        np.exp(y, out=y)                                 # exp(-z)
-    y += 1
-    np.divide(z, y, out=y)                               # z sigmoid(z)
-    return y, {"xhat": xhat, "rstd": rstd, "gamma": gamma, "beta": beta, "shape": x.shape, "silu": True}
+        np.exp(zn, out=y)                                # exp(-z), inf for z << 0
+    np.subtract(-1, y, out=y)                            # -(1 + exp(-z))
+    np.divide(zn, y, out=y)                              # -z / -(1 + exp(-z)) = z sigmoid(z); 0 at inf
+    return y, {"xc": xc, "rstd": rstd, "gamma": gamma, "beta": beta, "shape": x.shape, "silu": True}
 
 
 def _backward(dz, cache):
-    xhat, rstd = cache["xhat"], cache["rstd"]            # (N, G, K), (N, G, 1)
-    N, G, K = xhat.shape
+    xc, rstd = cache["xc"], cache["rstd"]                # (N, G, K) x - mu, (N, G, 1)
+    N, G, K = xc.shape
     C = cache["shape"][1]
     S = K * G // C
     dt = dz.dtype
     gamma = cache["gamma"].astype(dt, copy=False)
-    xhat = xhat.astype(dt, copy=False)
+    xc = xc.astype(dt, copy=False)
+    rstd = rstd.astype(dt, copy=False)
+    r_c = np.repeat(rstd.reshape(N, G), C // G, axis=1)  # (N, C)  r of each channel's group
     dz3 = dz.reshape(N, C, S)                            # (N, C, S)
-    xh3 = xhat.reshape(N, C, S)                          # (N, C, S)
     sum_dz = dz3.sum(axis=-1)                            # (N, C)  sum_s dz
-    sum_dzx = np.einsum("ncs,ncs->nc", dz3, xh3)         # (N, C)  sum_s dz xhat
+    # sum_s dz xhat = r sum_s dz xc (r is constant over the slab)
+    sum_dzx = np.einsum("ncs,ncs->nc", dz3, xc.reshape(N, C, S)) * r_c   # (N, C)
     dbeta = sum_dz.sum(axis=0)                           # (C,)
     dgamma = sum_dzx.sum(axis=0)                         # (C,)
     # Group means of dxhat = gamma dz and of dxhat * xhat, per (n, g).
     mean_dxhat = (sum_dz * gamma).reshape(N, G, -1).sum(-1, keepdims=True) / K       # (N, G, 1)
     mean_dxhat_xhat = (sum_dzx * gamma).reshape(N, G, -1).sum(-1, keepdims=True) / K  # (N, G, 1)
-    # dx = r (gamma dz - mean_dxhat - xhat mean_dxhat_xhat), written as three passes.
-    coef = (rstd.reshape(N, G, 1) * gamma.reshape(1, G, -1)).reshape(N, C, 1)          # (N, C, 1) r gamma
+    # dx = r (gamma dz - mean_dxhat - xhat mean_dxhat_xhat), xhat = xc r, written as three passes.
+    coef = (r_c * gamma).reshape(N, C, 1)                # (N, C, 1) r gamma
     dx = np.multiply(dz3, coef)                          # (N, C, S)  r gamma dz
     dx3 = dx.reshape(N, G, K)
-    tmp = np.multiply(xhat, rstd * mean_dxhat_xhat)      # (N, G, K)  r xhat mean(dxhat xhat)
+    tmp = np.multiply(xc, rstd * rstd * mean_dxhat_xhat)  # (N, G, K)  r xhat mean(dxhat xhat)
     dx3 -= tmp
     dx3 -= rstd * mean_dxhat                             # r mean(dxhat)
     return dx.reshape(cache["shape"]), dgamma, dbeta
@@ -148,8 +172,10 @@ def group_norm_silu_backward(dy, cache):
         raise ValueError(f"group_norm_silu_backward: dy has shape {dy.shape}, expected {shape}")
     dt = dy.dtype
     N, C = shape[:2]
-    xhat = cache["xhat"]
-    z = np.multiply(xhat.reshape(N, C, -1), cache["gamma"].astype(dt, copy=False)[:, None])  # (N, C, S)
+    xc, rstd = cache["xc"], cache["rstd"].astype(dt, copy=False)         # (N, G, K), (N, G, 1)
+    G = xc.shape[1]
+    scale = (rstd * cache["gamma"].astype(dt, copy=False).reshape(G, -1)).reshape(N, C, 1)  # r gamma
+    z = np.multiply(xc.astype(dt, copy=False).reshape(N, C, -1), scale)  # (N, C, S)  gamma xhat
     z += cache["beta"].astype(dt, copy=False)[:, None]   # z = gamma xhat + beta
     s = sigmoid(z)                                       # (N, C, S)
     dz = np.subtract(1, s)                               # 1 - s
