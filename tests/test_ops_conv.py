@@ -274,8 +274,8 @@ def test_conv_rejects_integers_and_bad_bias():
 @pytest.mark.parametrize("path", PATHS)
 def test_conv_epilogue_adds_temb_and_residual(path):
     """conv2d_forward(..., temb, residual) = conv + b + temb[:, :, None, None] + residual, on every path;
-    the cache (and so the backward pass) is the plain convolution's. Same float64 arithmetic in the
-    same order on both sides, so the tolerance is a few ulps."""
+    the cache (and so the backward pass) is the plain convolution's. The op adds b + temb in the
+    pass that writes y (one rounding of b + temb more than here), float64: a few ulps."""
     r = np.random.default_rng(7)
     x, w, b = r.standard_normal((2, 3, 5, 5)), r.standard_normal((4, 3, 3, 3)), r.standard_normal(4)
     temb, res = r.standard_normal((2, 4)), r.standard_normal((2, 4, 5, 5))
@@ -286,6 +286,12 @@ def test_conv_epilogue_adds_temb_and_residual(path):
         dy = r.standard_normal(y.shape)
         for g, g0 in zip(conv2d_backward(dy, c), conv2d_backward(dy, c0)):
             np.testing.assert_array_equal(g, g0)
+    # without a bias, and on the 1x1 "pointwise" path (which no forced path reaches)
+    y, _ = conv2d_forward(x, w, None, 1, 1, temb=temb)
+    np.testing.assert_allclose(y, conv2d_forward(x, w, None, 1, 1)[0] + temb[:, :, None, None], rtol=0, atol=1e-13)
+    y, _ = conv2d_forward(x, w[:, :, :1, :1], b, 1, 0, temb=temb)
+    y0 = conv2d_forward(x, w[:, :, :1, :1], b, 1, 0)[0]
+    np.testing.assert_allclose(y, y0 + temb[:, :, None, None], rtol=0, atol=1e-13)
     with pytest.raises(ValueError, match=r"temb must have shape \(2, 4\).*\(4, 2\)"):
         conv2d_forward(x, w, b, 1, 1, temb=temb.T)
     with pytest.raises(ValueError, match=r"residual must have the output's shape"):

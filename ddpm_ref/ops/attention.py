@@ -41,6 +41,14 @@ def softmax(s, axis=-1):
     return p
 
 
+def _softmax_inplace(s, axis=-1):
+    """:func:`softmax` written over ``s`` itself (returned): no second (B, Lq, Lk) array."""
+    s -= s.max(axis=axis, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(axis=axis, keepdims=True)
+    return s
+
+
 def attention_forward(q, k, v):
     """``q (B, Lq, d)``, ``k (B, Lk, d)``, ``v (B, Lk, dv)`` -> ``(out (B, Lq, dv), cache)``.
 
@@ -61,8 +69,7 @@ def attention_forward(q, k, v):
     scale = dt.type(1.0 / np.sqrt(d))
     s = q @ k.transpose(0, 2, 1)                  # (B, Lq, Lk)
     s *= scale
-    p = softmax(s)                                # (B, Lq, Lk)
-    del s
+    p = _softmax_inplace(s)                       # (B, Lq, Lk), s's memory: s is ours alone
     out = p @ v                                   # (B, Lq, dv)
     return out, {"q": q, "k": k, "v": v, "p": p, "scale": scale}
 

@@ -204,13 +204,7 @@ def conv2d_forward(x, w, b=None, stride=1, padding=1, temb=None, residual=None):
     added as is: ``y = conv(x, w) + b + temb[:, :, None, None] + residual``. Their gradients are not
     the convolution's: ``dy.sum((2, 3))`` and ``dy`` itself, which the caller forms.
     """
-    y, cache = _conv2d(x, w, b, stride, padding)
-    N, O = y.shape[:2]
-    if temb is not None:
-        _check_float("temb", temb)
-        if temb.shape != (N, O):
-            raise ValueError(f"conv2d temb must have shape ({N}, {O}) (batch, output channels), got {temb.shape}")
-        y += temb.astype(y.dtype, copy=False)[:, :, None, None]
+    y, cache = _conv2d(x, w, b, stride, padding, temb)
     if residual is not None:
         _check_float("residual", residual)
         if residual.shape != y.shape:
@@ -219,8 +213,9 @@ def conv2d_forward(x, w, b=None, stride=1, padding=1, temb=None, residual=None):
     return y, cache
 
 
-def _conv2d(x, w, b, stride, padding):
-    """:func:`conv2d_forward` without the epilogue: the convolution and its bias."""
+def _conv2d(x, w, b, stride, padding, temb=None):
+    """:func:`conv2d_forward` without the residual: the convolution, its bias and ``temb``, the
+    last two added in the one pass that writes y (``b + temb`` formed first, an (N, O) array)."""
     _check_float("x", x)
     _check_float("w", w)
     if x.ndim != 4:
@@ -247,14 +242,23 @@ def _conv2d(x, w, b, stride, padding):
                          f"{(pt, pb, pl, pr)}")
     dt = x.dtype
     w = w.astype(dt, copy=False)
+    bias = None                               # (1 or N, O, 1, 1): b + temb, added as y is written
+    if b is not None:
+        bias = b.astype(dt, copy=False)[None, :, None, None]
+    if temb is not None:
+        _check_float("temb", temb)
+        if temb.shape != (N, O):
+            raise ValueError(f"conv2d temb must have shape ({N}, {O}) (batch, output channels), got {temb.shape}")
+        temb = temb.astype(dt, copy=False)[:, :, None, None]
+        bias = temb if bias is None else bias + temb
     path = _choose_path(N, C, O, H, W, Ho, Wo, kh, kw, stride, (pt, pb, pl, pr))
 
     if path == "pointwise":
         # 1x1, no padding: a GEMM per image straight on the NCHW layout, no copies at all;
         # the cache is x itself (which the caller usually holds anyway).
         y = np.matmul(w[:, :, 0, 0], x.reshape(N, C, H * W))             # (O, C) @ (N, C, HW)
-        if b is not None:
-            y += b.astype(dt, copy=False)[None, :, None]
+        if bias is not None:
+            y += bias[:, :, :, 0]                                         # (1 or N, O, 1)
         cache = {"path": path, "x": x}
         cache.update(w=w, has_bias=b is not None, x_shape=x.shape, stride=stride,
                      padding=(pt, pb, pl, pr), out_hw=(Ho, Wo))
@@ -263,8 +267,8 @@ def _conv2d(x, w, b, stride, padding):
         # One GEMM from NCHW to NCHW: y2 (N, O*Ho*Wo) = x2 (N, C*H*W) @ Wd (C*H*W, O*Ho*Wo).
         Wd = _dense_matrix(w, H, W, Ho, Wo, stride, pt, pl)
         y = (x.reshape(N, C * H * W) @ Wd).reshape(N, O, Ho, Wo)
-        if b is not None:
-            y += b.astype(dt, copy=False)[None, :, None, None]
+        if bias is not None:
+            y += bias
         cache = {"path": path, "x": x, "Wd": Wd}
         cache.update(w=w, has_bias=b is not None, x_shape=x.shape, stride=stride,
                      padding=(pt, pb, pl, pr), out_hw=(Ho, Wo))
@@ -299,10 +303,10 @@ def _conv2d(x, w, b, stride, padding):
         cache = {"path": path, "xp": xp}
 
     y = np.empty((N, O, Ho, Wo), dtype=dt)                                # (N, O, Ho, Wo)
-    if b is None:
+    if bias is None:
         np.copyto(y, y_grid.transpose(1, 0, 2, 3))
     else:
-        np.add(y_grid.transpose(1, 0, 2, 3), b.astype(dt, copy=False)[None, :, None, None], out=y)
+        np.add(y_grid.transpose(1, 0, 2, 3), bias, out=y)
     cache.update(w=w, has_bias=b is not None, x_shape=x.shape, stride=stride,
                  padding=(pt, pb, pl, pr), out_hw=(Ho, Wo))
     return y, cache
