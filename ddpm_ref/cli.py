@@ -146,6 +146,13 @@ def _add_train_args(p, demo=False):
     g.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every)
     g.add_argument("--log-every", type=_positive_int, default=d.log_every)
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_device_arg(g, "trains")
+
+
+def _add_device_arg(p, what):
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                   help=f"cpu: the NumPy reference; gpu: our CUDA kernels (the U-Net only; needs the `gpu` "
+                        f"extra and an NVIDIA GPU). A run {what} the same way on either (default cpu)")
 
 
 def _add_sample_args(p, n_default, sampler_default, steps_help, from_diffusers=False):
@@ -165,6 +172,7 @@ def _add_sample_args(p, n_default, sampler_default, steps_help, from_diffusers=F
     p.add_argument("--seed", type=_nonneg_int, default=0, help="sampling seed (default 0)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
     p.add_argument("--batch", type=_positive_int, default=500, help="samples per network call (default 500)")
+    _add_device_arg(p, "samples")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,7 +300,8 @@ def _run_training(args, cfg):
         raise ValueError("--resume and --force contradict each other: pick one")
     # On --resume the saved configuration rules; only the total --steps may be raised.
     tr = train(None if args.resume else cfg, args.out, resume=args.resume, force=args.force,
-               progress=not args.quiet, time_limit=time_limit, steps=args.steps if args.resume else None)
+               progress=not args.quiet, time_limit=time_limit, steps=args.steps if args.resume else None,
+               device=args.device)
     dt = time.monotonic() - t0
     loss = tr.metrics.get("loss_ema")
     _say(f"trained to step {tr.step}/{tr.cfg.steps} in {dt:.0f} s "
@@ -350,7 +359,7 @@ def _draw(model, schedule, params, tcfg, n, args, y=None, guidance=0.0, trajecto
         num_steps = kw.get("num_steps") or schedule.T
     if num_steps > schedule.T:
         raise ValueError(f"--steps {num_steps} exceeds the model's T = {schedule.T}")
-    den = model.denoiser(params)
+    den = _denoiser(model, params, getattr(args, "device", "cpu"))
     outs, trajs = [], []
     t0 = time.monotonic()
     last = [0.0]
@@ -380,6 +389,27 @@ def _draw(model, schedule, params, tcfg, n, args, y=None, guidance=0.0, trajecto
     if trajectory:
         return x, np.concatenate(trajs, axis=1)
     return x
+
+
+def _denoiser(model, params, device):
+    """The model's eval-mode ``f(x, t, y=None)`` on host arrays, its network run on ``device``.
+
+    On the GPU the network runs on our kernels and the reverse step on the host (the reference
+    sampler, so every option works: guidance, trajectories, dynamic thresholding); each step copies
+    x to the device and the output back, a few MB against the network's work. The fused reverse-step
+    kernels are ``ddpm_ref.kernels.noise.sample``."""
+    if device == "cpu" and getattr(getattr(model, "backend", None), "name", "cpu") == "cpu":
+        return model.denoiser(params)
+    if not hasattr(model, "to"):
+        raise ValueError(f"--device {device}: the GPU backend runs the U-Net; this model is a "
+                         f"{type(model).__name__} (use --device cpu)")
+    net = model.to("gpu")
+    B = net.backend
+    f = net.denoiser(B.asarray(params, dtype=np.float32))
+
+    def on_host(x, t, y=None):
+        return B.to_host(f(B.asarray(x, dtype=np.float32), t, y))
+    return on_host
 
 
 def _data_shape(model):
@@ -689,7 +719,7 @@ def cmd_demo(args):
     model, schedule = tr.model, tr.schedule
     params = tr.ema if tr.ema is not None else tr.params
     sargs = argparse.Namespace(steps=args.sample_steps, sampler="ddim", spacing="leading", eta=0.0,
-                               seed=args.seed, batch=500)
+                               seed=args.seed, batch=500, device=args.device)
     x, traj = _draw(model, schedule, params, tr.cfg.to_dict(), args.samples, sargs, trajectory=True)
     out = args.out
     np.save(os.path.join(out, "samples.npy"), x)
@@ -713,12 +743,16 @@ def cmd_demo(args):
 def main(argv=None) -> int:
     """Entry point of ``ddpm``; returns the exit code (0 ok, 1 failure, 2 usage error)."""
     from .train import NonFiniteLossError
+    try:
+        from .kernels.runtime import GPUUnavailableError
+    except ImportError:                    # a checkout run without installing: no GPU backend at all
+        GPUUnavailableError = ImportError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError, NonFiniteLossError, ImportError) as e:
+    except (ValueError, OSError, NonFiniteLossError, ImportError, GPUUnavailableError) as e:
         if os.environ.get("DDPM_DEBUG"):
             raise
         msg = " ".join(str(e).split()) or type(e).__name__

@@ -74,8 +74,9 @@ class ParamLayout:
 
     def check(self, flat: np.ndarray, what: str = "flat") -> np.ndarray:
         """Return ``flat`` after checking that it is a 1-D floating array of length ``size``."""
-        if not isinstance(flat, np.ndarray):
-            raise ValueError(f"{what} must be a numpy array, got {type(flat).__name__}")
+        if not isinstance(flat, np.ndarray) and not hasattr(flat, "__cuda_array_interface__"):
+            raise ValueError(f"{what} must be a numpy (or, on the GPU backend, CuPy) array, "
+                             f"got {type(flat).__name__}")
         if flat.ndim != 1 or flat.shape[0] != self.size:
             raise ValueError(f"{what} must have shape ({self.size},), got {flat.shape}")
         if flat.dtype.kind != "f":

@@ -51,6 +51,7 @@ import numpy as np
 from . import diffusion, rng
 from .ops import loss as _loss
 from .checkpoint import Checkpoint, CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from .backend import get_backend
 from .optim import LR_SCHEDULES, AdamW, ema_decay, ema_update
 from .schedule import Schedule
 
@@ -316,7 +317,8 @@ class Trainer:
     loop with progress, metrics and checkpoints in a run directory.
     """
 
-    def __init__(self, cfg: TrainConfig, dataset, model=None, schedule: Optional[Schedule] = None):
+    def __init__(self, cfg: TrainConfig, dataset, model=None, schedule: Optional[Schedule] = None,
+                 device: str = "cpu"):
         if isinstance(cfg, dict):
             cfg = TrainConfig.from_dict(cfg)
         self.cfg = cfg.validate()
@@ -337,22 +339,36 @@ class Trainer:
         if self.schedule.T != cfg.T:
             raise ValueError(f"schedule has T = {self.schedule.T}, config says T = {cfg.T}")
         self.model = model if model is not None else build_model(cfg, dataset)
+        self.backend = get_backend(device)
+        if self.backend.on_device:
+            if not hasattr(self.model, "to"):
+                raise ValueError(f"device={device!r}: the GPU backend runs the U-Net; the "
+                                 f"{type(self.model).__name__} (2-D toys) trains on the CPU (device='cpu')")
+            self.model = self.model.to(device)
         self.num_classes = getattr(self.model.config, "num_classes", None)
         if cfg.class_cond and self.y is None:
             raise ValueError("class_cond=True needs labels in the data set")
-        self.params = self.model.init_params(cfg.seed)
+        B = self.backend
+        # params, EMA, gradient and AdamW moments live on the backend (one flat buffer each); the
+        # initialisation is drawn on the host (a pure function of the seed) and copied over
+        self.params = B.asarray(self.model.init_params(cfg.seed))
         self.ema = self.params.copy() if cfg.ema_decay > 0 else None
-        self.opt = AdamW(self.params.size, lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.adam_eps,
-                         weight_decay=cfg.weight_decay, warmup=cfg.warmup, max_grad_norm=cfg.grad_clip,
-                         schedule=cfg.lr_schedule, total=cfg.steps)
+        opt_kwargs = dict(lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.adam_eps,
+                          weight_decay=cfg.weight_decay, warmup=cfg.warmup, max_grad_norm=cfg.grad_clip,
+                          schedule=cfg.lr_schedule, total=cfg.steps)
+        if B.on_device:
+            from .kernels import optim as _koptim
+            self.opt = _koptim.AdamW(self.params.size, **opt_kwargs)   # AdamW + EMA: one fused kernel
+        else:
+            self.opt = AdamW(self.params.size, **opt_kwargs)
         if cfg.timestep_sampler == "uniform":
             self.sampler = diffusion.UniformSampler(cfg.T)
         else:
             self.sampler = diffusion.LossAwareSampler(cfg.T, history=cfg.loss_aware_history)
         self.step = 0
         self.metrics = {"elapsed": 0.0, "loss_ema": None}
-        self._grad = np.zeros(self.params.size, np.float32)
-        self._scratch = np.empty(self.params.size, np.float32)
+        self._grad = B.xp.zeros(self.params.size, np.float32)
+        self._scratch = None if B.on_device else np.empty(self.params.size, np.float32)
         self._perm_cache: dict = {}
 
     # ------------------------------------------------------------------ config and checkpoints
@@ -369,17 +385,20 @@ class Trainer:
 
     def checkpoint(self) -> Checkpoint:
         sampler_state = self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None
-        return Checkpoint(params=self.params, ema=self.ema, optimizer=self.opt.state_dict(), step=self.step,
+        B = self.backend
+        return Checkpoint(params=B.to_host(self.params), ema=None if self.ema is None else B.to_host(self.ema),
+                          optimizer=self.opt.state_dict(), step=self.step,
                           config=self.config_dict(), sampler=sampler_state, metrics=dict(self.metrics))
 
     def save(self, path) -> str:
         return save_checkpoint(path, self.checkpoint())
 
     @classmethod
-    def from_checkpoint(cls, ckpt, dataset, steps: Optional[int] = None) -> "Trainer":
+    def from_checkpoint(cls, ckpt, dataset, steps: Optional[int] = None, device: str = "cpu") -> "Trainer":
         """Continue the run saved in ``ckpt`` (a path or :class:`Checkpoint`) on ``dataset``.
 
-        ``steps`` may raise the total number of steps (nothing else may change on resume).
+        ``steps`` may raise the total number of steps (nothing else may change on resume). ``device``
+        may differ from the one the run was saved on: checkpoints hold host arrays.
         """
         path = ckpt if not isinstance(ckpt, Checkpoint) else None
         if path is not None:
@@ -394,7 +413,7 @@ class Trainer:
         if steps is not None:
             cfg.steps = int(steps)
             cfg.validate()
-        tr = cls(cfg, dataset, model=model, schedule=schedule)
+        tr = cls(cfg, dataset, model=model, schedule=schedule, device=device)
         if ckpt.params.shape != tr.params.shape:
             raise CheckpointError(f"{where}: params have {ckpt.params.size} entries, the model needs "
                                   f"{tr.params.size}")
@@ -402,11 +421,11 @@ class Trainer:
         if n_saved is not None and n_saved != tr.x.shape[0]:
             raise CheckpointError(f"{where}: saved for {n_saved} training examples, the data set has "
                                   f"{tr.x.shape[0]} (resume needs the same data)")
-        tr.params[...] = ckpt.params
+        tr.params[...] = tr.backend.asarray(ckpt.params)
         if tr.ema is not None:
             if ckpt.ema is None:
                 raise CheckpointError(f"{where}: no EMA in the checkpoint but ema_decay > 0")
-            tr.ema[...] = ckpt.ema
+            tr.ema[...] = tr.backend.asarray(ckpt.ema)
         if ckpt.optimizer is None:
             raise CheckpointError(f"{where}: holds no optimizer state, cannot resume training")
         tr.opt.load_state_dict(ckpt.optimizer)
@@ -439,14 +458,20 @@ class Trainer:
         Returns ``(loss, grad, info)``; info holds ``mse``, ``vb`` (hybrid only), the timesteps ``t``
         and per-sample losses ``losses`` (what the loss-aware sampler learns from).
         """
-        cfg, sch = self.cfg, self.schedule
+        cfg, sch, B = self.cfg, self.schedule, self.backend
         idx, x0, y = self.batch(step)
         t, is_weights = self.sampler.sample(cfg.seed, idx, step)                       # (B,), (B,)
+        if B.on_device and cfg.loss == "simple":
+            return self._loss_and_grad_fused(params, step, idx, x0, y, t, is_weights, grad_out)
         noise = rng.normal(cfg.seed, rng.Stream.TRAIN_NOISE, idx, step, x0.shape[1:])   # (B, ...)
         dtype = params.dtype          # float32 to train; float64 for gradient checks
         x0, noise = x0.astype(dtype, copy=False), noise.astype(dtype, copy=False)
         xt = diffusion.q_sample(sch, x0, t, noise).astype(dtype, copy=False)
-        out, cache = self.model.forward(params, xt, t, y, train=True, seed=cfg.seed, index=idx, step=step)
+        # (on the GPU backend, only the hybrid loss comes here: the network runs on the device, the
+        # loss and its gradient on the host, from a copy of the output)
+        out, cache = self.model.forward(params, B.asarray(xt), t, y, train=True, seed=cfg.seed, index=idx,
+                                        step=step)
+        out = B.to_host(out)
         pred, v_interp = diffusion.split_output(out, cfg.variance)
         target = diffusion.training_target(sch, x0, t, noise, cfg.prediction)
         lw = diffusion.loss_weights(sch, t, cfg.prediction, cfg.weighting, cfg.min_snr_gamma)  # (B,)
@@ -475,8 +500,30 @@ class Trainer:
         info["losses"] = objective
         if not math.isfinite(loss):
             return loss, None, info
-        grad = self.model.backward(np.ascontiguousarray(dout, dtype=dtype), cache, out=grad_out)
+        grad = self.model.backward(B.asarray(np.ascontiguousarray(dout, dtype=dtype)), cache, out=grad_out)
         return loss, grad, info
+
+    def _loss_and_grad_fused(self, params, step, idx, x0, y, t, is_weights, grad_out):
+        """:meth:`loss_and_grad` for L_simple on the GPU backend: the noise is never stored.
+
+        One kernel draws eps (the ``rng`` contract, TRAIN_NOISE) and writes x_t (eq. 4); after the
+        forward pass, the loss kernel draws the same eps again in registers, forms the target (eps,
+        x0 or v) and writes the loss and d loss / d pred (``kernels.noise``).
+        """
+        from .kernels import noise as _knoise
+        cfg, sch, B = self.cfg, self.schedule, self.backend
+        x0 = B.asarray(np.ascontiguousarray(x0, dtype=np.float32))                      # (B, ...) device
+        xt, _ = _knoise.q_sample_target(sch, x0, t, cfg.seed, idx, step, prediction=cfg.prediction,
+                                        store_target=False)
+        out, cache = self.model.forward(params, xt, t, y, train=True, seed=cfg.seed, index=idx, step=step)
+        lw = diffusion.loss_weights(sch, t, cfg.prediction, cfg.weighting, cfg.min_snr_gamma)  # (B,)
+        isw = np.asarray(is_weights, dtype=np.float64)
+        mse, per_sample, dpred = _knoise.mse_noise_loss(sch, out, x0, t, cfg.seed, idx, step,
+                                                        prediction=cfg.prediction, weights=lw * isw)
+        info = {"t": t, "mse": mse, "losses": lw * B.to_host(per_sample).astype(np.float64)}
+        if not math.isfinite(mse):
+            return mse, None, info
+        return mse, self.model.backward(dpred, cache, out=grad_out), info
 
     def train_step(self) -> dict:
         """One optimisation step. Raises :class:`NonFiniteLossError` (nothing updated) on NaN/inf."""
@@ -486,11 +533,18 @@ class Trainer:
         if not math.isfinite(loss):
             raise NonFiniteLossError(f"loss is {loss} at step {s + 1} (of {self.cfg.steps}); training stopped "
                                      "before applying it")
-        upd = self.opt.step(self.params, grad)
+        if self.backend.on_device:
+            # AdamW and the EMA in one pass over the flat buffers (kernels.optim); the EMA's decay
+            # is that of the update being taken (optimizer count + 1), as on the CPU below
+            d = None if self.ema is None else ema_decay(self.cfg.ema_decay, self.opt.step_count + 1,
+                                                        self.cfg.ema_warmup)
+            upd = self.opt.step(self.params, grad, ema=self.ema, ema_d=d)
+        else:
+            upd = self.opt.step(self.params, grad)
         if upd.get("skipped") or not math.isfinite(upd["grad_norm"]):   # AdamW changed nothing
             raise NonFiniteLossError(f"gradient norm is {upd['grad_norm']} at step {s + 1} (of {self.cfg.steps}); "
                                      "training stopped before applying it")
-        if self.ema is not None:
+        if self.ema is not None and not self.backend.on_device:
             ema_update(self.ema, self.params, ema_decay(self.cfg.ema_decay, self.opt.step_count,
                                                         self.cfg.ema_warmup), self._scratch)
         if hasattr(self.sampler, "update"):
@@ -571,13 +625,14 @@ def _truncate_metrics(run_dir: str, step: int) -> None:
 
 def train(cfg, run_dir, resume: bool = False, force: bool = False, progress: bool = True,
           stop_at: Optional[int] = None, time_limit: Optional[float] = None, dataset=None,
-          steps: Optional[int] = None, callback=None) -> Trainer:
+          steps: Optional[int] = None, callback=None, device: str = "cpu") -> Trainer:
     """Train per ``cfg`` (TrainConfig or dict) in ``run_dir``; returns the trainer at the end.
 
     A non-empty ``run_dir`` is refused unless ``resume`` (continue from its checkpoint; the saved
     configuration is used, ``cfg`` may be None, and only the total ``steps`` may change) or ``force``
     (start over: the old checkpoint and metrics are replaced). ``stop_at``: stop (with a checkpoint)
-    once this many steps are done; ``time_limit``: seconds of training in this call.
+    once this many steps are done; ``time_limit``: seconds of training in this call. ``device``:
+    "cpu" (the NumPy reference) or "gpu" (``ddpm_ref.kernels``; a run may resume on either).
     """
     from .data import load_dataset
 
@@ -598,7 +653,8 @@ def train(cfg, run_dir, resume: bool = False, force: bool = False, progress: boo
             raise CheckpointError(f"{ckpt_path}: its training configuration is unusable ({e})") from None
         if dataset is None:
             dataset = load_dataset(saved.data, split="train", seed=saved.data_seed)
-        tr = Trainer.from_checkpoint(ckpt, dataset, steps=steps if steps is not None else saved.steps)
+        tr = Trainer.from_checkpoint(ckpt, dataset, steps=steps if steps is not None else saved.steps,
+                                     device=device)
         _truncate_metrics(run_dir, tr.step)
     else:
         if cfg is None:
@@ -616,7 +672,7 @@ def train(cfg, run_dir, resume: bool = False, force: bool = False, progress: boo
                     os.unlink(p)
         if dataset is None:
             dataset = load_dataset(cfg.data, split="train", seed=cfg.data_seed)
-        tr = Trainer(cfg, dataset)
+        tr = Trainer(cfg, dataset, device=device)
     text = json.dumps(tr.config_dict(), indent=1)
     atomic_write(os.path.join(run_dir, CONFIG_NAME), lambda f: f.write(text.encode("utf-8")))
     tr.fit(run_dir, stop_at=stop_at, time_limit=time_limit, progress=progress, callback=callback)

@@ -894,11 +894,19 @@ def _sm_count() -> int:
     return _SMS[dev.id]
 
 
+# Tests of whole models in the simulator set this to small version-3 tiles (16 x 16, 16 threads), so
+# that a U-Net's dozens of launches cost seconds, not minutes, of simulated threads; the production
+# tiles have tests of their own. None (always, outside tests): the heuristic of :func:`_pick`.
+FORCED_TILES = None
+
+
 def _pick(rows: int, cols: int, split: bool = False, v3: bool = False):
     """Tile choice (a heuristic, to be confirmed by benchmarks/bench_kernels.py on the GPU): the
     128 x 128 tiles when both GEMM sides are large and there are enough tiles to fill every SM
     (split-K always fills them), else the 64 x 64 tiles, which waste less on small layers.
     ``v3=True``: the same choice between version 3's two sizes (V3S 64 x 64, V3 128 x 128)."""
+    if FORCED_TILES is not None and FORCED_TILES.v3 == v3:
+        return FORCED_TILES
     small, big = (V3S, V3) if v3 else (V1, V2)
     if rows < 96 or cols < 96:
         return small

@@ -16,7 +16,7 @@ __all__ = ["linear_forward", "linear_backward"]
 
 def linear_forward(x, w, b=None):
     """``x (..., in)``, ``w (out, in)``, ``b (out,)`` or None -> ``(y (..., out), cache)``."""
-    _b.check_array(x, "x")
+    _b.check_array(x, "x", contiguous=False)            # matmul takes any strides (no kernel of ours)
     _b.check_array(w, "w", ndim=2)
     if x.ndim < 1 or w.shape[1] != x.shape[-1]:
         raise ValueError(f"linear weight shape {tuple(w.shape)} expects {w.shape[1]} input features, "
@@ -33,7 +33,7 @@ def linear_forward(x, w, b=None):
 def linear_backward(dy, cache):
     """``(dx, dw, db)`` of :func:`linear_forward` (db None without bias)."""
     x, w = cache["x"], cache["w"]
-    _b.check_array(dy, "dy", shape=tuple(x.shape[:-1]) + (w.shape[0],))
+    _b.check_array(dy, "dy", shape=tuple(x.shape[:-1]) + (w.shape[0],), contiguous=False)
     xp = _b.xp()
     dx = xp.matmul(dy, w)                                          # (..., in)
     dy2 = dy.reshape(-1, w.shape[0])

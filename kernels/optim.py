@@ -145,15 +145,19 @@ class AdamW:
 
     Same constructor, same ``lr_at``, ``state_dict`` (host arrays) and ``load_state_dict``.
     ``opt.step(params, grad, ema=None, ema_d=None)`` updates ``params`` (and ``ema`` with decay
-    ``ema_d``) in place and returns ``{"lr": lr_k, "grad_norm": ||g|| before clipping}``.
+    ``ema_d``) in place and returns ``{"lr": lr_k, "grad_norm": ||g|| before clipping, "skipped": bool}``;
+    a non-finite gradient norm skips the update (nothing changes, ``skipped`` True), as the reference.
     """
 
     def __init__(self, size: int, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999,
                  eps: float = 1e-8, weight_decay: float = 0.0, warmup: int = 0,
-                 max_grad_norm: float | None = None, decay_mask=None):
+                 max_grad_norm: float | None = None, decay_mask=None, schedule: str = "constant",
+                 total: int | None = None):
         from ddpm_ref import optim as ref
-        # The reference validates every argument; keep its messages, and its arithmetic constants.
-        self._ref = ref.AdamW(size, lr, beta1, beta2, eps, weight_decay, warmup, max_grad_norm, decay_mask)
+        # The reference validates every argument; keep its messages, its arithmetic constants and its
+        # learning-rate schedule (lr_at: warmup, then the optional decay).
+        self._ref = ref.AdamW(size, lr, beta1, beta2, eps, weight_decay, warmup, max_grad_norm, decay_mask,
+                              schedule=schedule, total=total)
         r = self._ref
         self.size, self.lr, self.beta1, self.beta2 = r.size, r.lr, r.beta1, r.beta2
         self.eps, self.weight_decay, self.warmup, self.max_grad_norm = r.eps, r.weight_decay, r.warmup, r.max_grad_norm
@@ -193,6 +197,8 @@ class AdamW:
             ema = self._no_ema           # placeholder, never touched without flag 4
             ema_d = 0.0
         norm = global_norm(grad)
+        if not math.isfinite(norm):      # as the reference: a NaN/inf gradient changes nothing
+            return {"lr": self.lr_at(self.step_count + 1), "grad_norm": norm, "skipped": True}
         scale = _clip_scale(norm, self.max_grad_norm)
         if scale is not None:
             flags |= 8
@@ -212,7 +218,7 @@ class AdamW:
             f32(1.0 - lr * self.weight_decay), f32(b1), f32(1.0 - b1), f32(b2), f32(1.0 - b2),
             f32(math.sqrt(bc2)), f32(self.eps), f32(lr / bc1), f32(ema_d), f32(1.0 - ema_d), np.int32(flags))
         self.step_count = k
-        return {"lr": lr, "grad_norm": norm}
+        return {"lr": lr, "grad_norm": norm, "skipped": False}
 
     def state_dict(self) -> dict:
         """``{"m": float32 (P,), "v": float32 (P,), "step": int}`` as host copies (the reference's format)."""

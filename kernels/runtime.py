@@ -167,8 +167,9 @@ def to_host(a) -> np.ndarray:
     return np.asarray(a)
 
 
-def check_array(a, name: str, dtype=np.float32, ndim: int | None = None, shape=None):
-    """Fail fast unless ``a`` is a C-contiguous device array of the expected dtype and shape."""
+def check_array(a, name: str, dtype=np.float32, ndim: int | None = None, shape=None, contiguous=True):
+    """Fail fast unless ``a`` is a (C-contiguous, unless ``contiguous=False``) device array of the
+    expected dtype and shape."""
     if not hasattr(a, "__cuda_array_interface__") and not isinstance(a, np.ndarray):
         raise ValueError(f"{name} must be a CuPy (or, in the simulator, NumPy) array, got {type(a).__name__}")
     if dtype is not None and a.dtype != np.dtype(dtype):
@@ -177,7 +178,7 @@ def check_array(a, name: str, dtype=np.float32, ndim: int | None = None, shape=N
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(a.shape)}")
     if shape is not None and tuple(a.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(a.shape)}")
-    if not a.flags.c_contiguous:
+    if contiguous and not a.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous (call ascontiguousarray first)")
     return a
 

@@ -284,3 +284,22 @@ def test_sample_from_diffusers_equals_interop_and_samplers(diffusers_pipeline, t
     # a folder that is not a diffusers model: one line, exit 1
     rc, out, err = _run(capsys, "sample", "--from-diffusers", tmp_path, "-n", "2")
     assert rc == 1 and err.count("\n") == 1 and "config.json" in err
+
+
+def test_device_gpu_without_cuda_is_one_clear_line(tmp_path):
+    """--device gpu with the simulator off and no CuPy/driver: exit 1 and one line naming what is
+    missing (a subprocess, so that this process's simulator setting does not apply)."""
+    pytest.importorskip("numba_cuda")
+    try:
+        import cupy  # noqa: F401
+        pytest.skip("CuPy is installed here: the GPU backend may be usable")
+    except ImportError:
+        pass
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    r = subprocess.run([sys.executable, "-m", "ddpm_ref", "train", "--data", "digits", "--preset", "tiny",
+                        "--steps", "1", "--device", "gpu", "--out", str(tmp_path / "run"), "--quiet"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ddpm train: error: the GPU backend is unavailable")
+    assert "CuPy is not installed" in lines[0] and "pip install 'ddpm-ref[gpu]'" in lines[0]

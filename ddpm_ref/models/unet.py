@@ -43,14 +43,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from ddpm_ref import rng
+from ddpm_ref.backend import Backend, get_backend
 from ddpm_ref.params import ParamLayout, fan_avg_uniform
-from ddpm_ref.ops import activation as _act
-from ddpm_ref.ops import attention as _attn
-from ddpm_ref.ops import conv as _conv
-from ddpm_ref.ops import embedding as _emb
-from ddpm_ref.ops import linear as _lin
-from ddpm_ref.ops import norm as _norm
-from ddpm_ref.ops import resample as _res
 
 __all__ = ["UNetConfig", "UNet", "UNET_PRESETS"]
 
@@ -220,31 +214,12 @@ CIFAR_PARAMS = 35_746_307
 
 # --------------------------------------------------------------------------------- small helpers
 
-def _gn_silu_forward(x, gamma, beta, groups, eps):
-    """GroupNorm then SiLU; (y, cache). Uses the fused op when ops/norm.py offers one."""
-    fused = getattr(_norm, "group_norm_silu_forward", None)
-    if fused is not None:
-        y, c = fused(x, gamma, beta, groups, eps)
-        return y, ("fused", c)
-    h, c1 = _norm.group_norm_forward(x, gamma, beta, groups, eps)
-    y, c2 = _act.silu_forward(h)
-    return y, ("pair", c1, c2)
-
-
-def _gn_silu_backward(dy, cache):
-    """Backward of :func:`_gn_silu_forward`: (dx, dgamma, dbeta)."""
-    if cache[0] == "fused":
-        return _norm.group_norm_silu_backward(dy, cache[1])
-    dh = _act.silu_backward(dy, cache[2])
-    return _norm.group_norm_backward(dh, cache[1])
-
-
 class _Grads:
     """Writes parameter gradients into named views of one preallocated flat buffer."""
 
-    def __init__(self, layout: ParamLayout, dtype, out=None):
+    def __init__(self, layout: ParamLayout, dtype, out=None, xp=np):
         if out is None:
-            out = np.zeros(layout.size, dtype=dtype)
+            out = xp.zeros(layout.size, dtype=dtype)
         else:
             layout.check(out, "out")
             out[...] = 0
@@ -277,6 +252,19 @@ class UNet:
         self._fans: Dict[str, Tuple[int, int]] = {}
         self.layout = ParamLayout(self._build_layout())
         self.num_params = self.layout.size
+        self.backend: Backend = get_backend("cpu")
+
+    def to(self, device) -> "UNet":
+        """This network on ``device`` (``"cpu"``: the NumPy ops; ``"gpu"``: :mod:`ddpm_ref.kernels`).
+
+        Returns a new UNet sharing the configuration and layout; parameters are a separate flat
+        buffer, moved with ``net.backend.asarray(params)``. ``"gpu"`` fails with one clear message
+        when CuPy, numba-cuda or a driver is missing (:mod:`ddpm_ref.backend`).
+        """
+        other = object.__new__(UNet)
+        other.__dict__.update(self.__dict__)
+        other.backend = get_backend(device)
+        return other
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "UNet":
@@ -287,7 +275,8 @@ class UNet:
         return cls(UNetConfig.from_dict({**UNET_PRESETS[name], **overrides}))
 
     def __repr__(self) -> str:
-        return f"UNet({self.config}, {self.num_params} parameters)"
+        where = "" if self.backend.name == "cpu" else f", on {self.backend.name}"
+        return f"UNet({self.config}, {self.num_params} parameters{where})"
 
     # -------------------------------------------------------------------------------- layout
     def _build_layout(self) -> List[Tuple[str, Tuple[int, ...]]]:
@@ -401,9 +390,12 @@ class UNet:
     # -------------------------------------------------------------------------- validation
     def _check_inputs(self, params, x, t, y):
         cfg = self.config
+        B = self.backend
         self.layout.check(params, "params")
-        if not isinstance(x, np.ndarray):
-            x = np.asarray(x)
+        if B.on_device and B.xp is not np and isinstance(params, np.ndarray):
+            raise ValueError("params must be on the GPU for a UNet on the gpu backend (move them with "
+                             "net.backend.asarray(params))")
+        x = B.asarray(x) if B.on_device else (x if isinstance(x, np.ndarray) else np.asarray(x))
         if x.dtype.kind != "f":
             raise ValueError(f"x must be a floating array (data scaled to [-1, 1]), got dtype {x.dtype} "
                              f"with shape {x.shape}")
@@ -416,7 +408,7 @@ class UNet:
         if h % down or w % down or h == 0 or w == 0:
             raise ValueError(f"spatial size {h}x{w} of x (shape {x.shape}) cannot be halved "
                              f"{len(cfg.ch_mult) - 1} times; height and width must be multiples of {down}")
-        t = np.asarray(t)
+        t = B.to_host(t)                   # timesteps and labels stay on the host (they are addresses)
         if t.ndim == 0:
             t = np.full((n,), t)
         if t.shape != (n,):
@@ -428,7 +420,7 @@ class UNet:
         if y is not None:
             if cfg.num_classes is None:
                 raise ValueError(f"y (shape {np.shape(y)}) was given to an unconditional U-Net (num_classes=None)")
-            y = np.asarray(y)
+            y = B.to_host(y)
             if y.ndim == 0:
                 y = np.full((n,), y)
             if y.shape != (n,) or y.dtype.kind not in "iu":
@@ -443,92 +435,98 @@ class UNet:
     # ----------------------------------------------------------------------------- blocks
     def _resnet_forward(self, P, p, x, emb_act, layer, run):
         """ResnetBlock2D: h = conv2(dropout(silu(gn2(conv1(silu(gn1(x))) + W temb)))); out = skip(x) + h."""
-        cfg = self.config
-        h, c_n1 = _gn_silu_forward(x, P[f"{p}.norm1.weight"], P[f"{p}.norm1.bias"], cfg.groups, cfg.norm_eps)
-        h, c_c1 = _conv.conv2d_forward(h, P[f"{p}.conv1.weight"], P[f"{p}.conv1.bias"], 1, 1)   # (N, O, H, W)
-        temb, c_t = _lin.linear_forward(emb_act, P[f"{p}.time_emb_proj.weight"], P[f"{p}.time_emb_proj.bias"])
-        h += temb[:, :, None, None]                                                   # (N, O, H, W)
-        h, c_n2 = _gn_silu_forward(h, P[f"{p}.norm2.weight"], P[f"{p}.norm2.bias"], cfg.groups, cfg.norm_eps)
-        h, c_d = _act.dropout_forward(h, cfg.dropout, run["seed"], run["index"], run["step"], layer,
-                                      train=run["train"])
-        h, c_c2 = _conv.conv2d_forward(h, P[f"{p}.conv2.weight"], P[f"{p}.conv2.bias"], 1, 1)
+        cfg, B = self.config, self.backend
+        # the projected time embedding and the skip branch are added in the convolutions' epilogues
+        # (fused into the kernels on the GPU; plain adds in the reference)
+        temb, c_t = B.linear.linear_forward(emb_act, P[f"{p}.time_emb_proj.weight"], P[f"{p}.time_emb_proj.bias"])
+        h, c_n1 = B.norm.group_norm_silu_forward(x, P[f"{p}.norm1.weight"], P[f"{p}.norm1.bias"], cfg.groups,
+                                                 cfg.norm_eps)
+        h, c_c1 = B.conv.conv2d_forward(h, P[f"{p}.conv1.weight"], P[f"{p}.conv1.bias"], 1, 1,
+                                        temb=temb)                                   # (N, O, H, W) + temb
+        h, c_n2 = B.norm.group_norm_silu_forward(h, P[f"{p}.norm2.weight"], P[f"{p}.norm2.bias"], cfg.groups,
+                                                 cfg.norm_eps)
+        h, c_d = B.activation.dropout_forward(h, cfg.dropout, run["seed"], run["index"], run["step"], layer,
+                                              train=run["train"])
         c_s = None
         if f"{p}.conv_shortcut.weight" in P:
-            skip, c_s = _conv.conv2d_forward(x, P[f"{p}.conv_shortcut.weight"], P[f"{p}.conv_shortcut.bias"], 1, 0)
-            h += skip
+            skip, c_s = B.conv.conv2d_forward(x, P[f"{p}.conv_shortcut.weight"], P[f"{p}.conv_shortcut.bias"], 1, 0)
         else:
-            h += x
+            skip = x
+        h, c_c2 = B.conv.conv2d_forward(h, P[f"{p}.conv2.weight"], P[f"{p}.conv2.bias"], 1, 1,
+                                        residual=skip)                               # out = skip(x) + h
         return h, (c_n1, c_c1, c_t, c_n2, c_d, c_c2, c_s)
 
     def _resnet_backward(self, G, p, dout, cache):
         """Backward of :meth:`_resnet_forward`: returns (dx, demb_act)."""
+        B = self.backend
         c_n1, c_c1, c_t, c_n2, c_d, c_c2, c_s = cache
         # out = skip + h: the gradient reaches both branches unchanged
         if c_s is not None:
-            dx_skip, dw, db = _conv.conv2d_backward(dout, c_s)
+            dx_skip, dw, db = B.conv.conv2d_backward(dout, c_s)
             G[f"{p}.conv_shortcut.weight"], G[f"{p}.conv_shortcut.bias"] = dw, db
         else:
             dx_skip = dout
-        dh, dw, db = _conv.conv2d_backward(dout, c_c2)
+        dh, dw, db = B.conv.conv2d_backward(dout, c_c2)
         G[f"{p}.conv2.weight"], G[f"{p}.conv2.bias"] = dw, db
-        dh = _act.dropout_backward(dh, c_d)
-        dh, dg, db = _gn_silu_backward(dh, c_n2)
+        dh = B.activation.dropout_backward(dh, c_d)
+        dh, dg, db = B.norm.group_norm_silu_backward(dh, c_n2)
         G[f"{p}.norm2.weight"], G[f"{p}.norm2.bias"] = dg, db
         dtemb = dh.sum(axis=(2, 3))                                                    # (N, O)
-        demb_act, dw, db = _lin.linear_backward(dtemb, c_t)
+        demb_act, dw, db = B.linear.linear_backward(dtemb, c_t)
         G[f"{p}.time_emb_proj.weight"], G[f"{p}.time_emb_proj.bias"] = dw, db
-        dh, dw, db = _conv.conv2d_backward(dh, c_c1)
+        dh, dw, db = B.conv.conv2d_backward(dh, c_c1)
         G[f"{p}.conv1.weight"], G[f"{p}.conv1.bias"] = dw, db
-        dx, dg, db = _gn_silu_backward(dh, c_n1)
+        dx, dg, db = B.norm.group_norm_silu_backward(dh, c_n1)
         G[f"{p}.norm1.weight"], G[f"{p}.norm1.bias"] = dg, db
         dx += dx_skip                                                                  # the residual branch
         return dx, demb_act
 
     def _attention_forward(self, P, p, x):
         """diffusers Attention (group_norm, residual): out = x + W_o softmax(q k^T / sqrt(d)) v (per head)."""
-        cfg = self.config
+        cfg, B = self.config, self.backend
         n, c, hh, ww = x.shape
         L = hh * ww
         nh = cfg.heads(c)
         d = c // nh
-        h, c_n = _norm.group_norm_forward(x, P[f"{p}.group_norm.weight"], P[f"{p}.group_norm.bias"],
+        h, c_n = B.norm.group_norm_forward(x, P[f"{p}.group_norm.weight"], P[f"{p}.group_norm.bias"],
                                           cfg.groups, cfg.norm_eps)                   # (N, C, H, W)
         h = h.reshape(n, c, L).transpose(0, 2, 1)                                      # (N, L, C)
-        w_qkv = np.concatenate([P[f"{p}.to_q.weight"], P[f"{p}.to_k.weight"], P[f"{p}.to_v.weight"]])  # (3C, C)
-        b_qkv = np.concatenate([P[f"{p}.to_q.bias"], P[f"{p}.to_k.bias"], P[f"{p}.to_v.bias"]])        # (3C,)
-        qkv, c_qkv = _lin.linear_forward(h, w_qkv, b_qkv)                              # (N, L, 3C)
+        w_qkv = B.xp.concatenate([P[f"{p}.to_q.weight"], P[f"{p}.to_k.weight"], P[f"{p}.to_v.weight"]])  # (3C, C)
+        b_qkv = B.xp.concatenate([P[f"{p}.to_q.bias"], P[f"{p}.to_k.bias"], P[f"{p}.to_v.bias"]])        # (3C,)
+        qkv, c_qkv = B.linear.linear_forward(h, w_qkv, b_qkv)                              # (N, L, 3C)
         # (N, L, 3, nh, d) -> (3, N, nh, L, d) -> three (N*nh, L, d)
         qkv = qkv.reshape(n, L, 3, nh, d).transpose(2, 0, 3, 1, 4)
-        q = np.ascontiguousarray(qkv[0]).reshape(n * nh, L, d)
-        k = np.ascontiguousarray(qkv[1]).reshape(n * nh, L, d)
-        v = np.ascontiguousarray(qkv[2]).reshape(n * nh, L, d)
+        q = B.xp.ascontiguousarray(qkv[0]).reshape(n * nh, L, d)
+        k = B.xp.ascontiguousarray(qkv[1]).reshape(n * nh, L, d)
+        v = B.xp.ascontiguousarray(qkv[2]).reshape(n * nh, L, d)
         del qkv
-        a, c_a = _attn.attention_forward(q, k, v)                                      # (N*nh, L, d)
+        a, c_a = B.attention.attention_forward(q, k, v)                                      # (N*nh, L, d)
         a = a.reshape(n, nh, L, d).transpose(0, 2, 1, 3).reshape(n, L, c)              # (N, L, C)
-        o, c_o = _lin.linear_forward(a, P[f"{p}.to_out.0.weight"], P[f"{p}.to_out.0.bias"])  # (N, L, C)
+        o, c_o = B.linear.linear_forward(a, P[f"{p}.to_out.0.weight"], P[f"{p}.to_out.0.bias"])  # (N, L, C)
         out = o.transpose(0, 2, 1).reshape(n, c, hh, ww) + x                           # residual_connection
         return out, (c_n, c_qkv, c_a, c_o, (n, c, hh, ww, nh, d))
 
     def _attention_backward(self, G, p, dout, cache):
         """Backward of :meth:`_attention_forward`: returns dx."""
+        B = self.backend
         c_n, c_qkv, c_a, c_o, (n, c, hh, ww, nh, d) = cache
         L = hh * ww
         do = dout.reshape(n, c, L).transpose(0, 2, 1)                                  # (N, L, C)
-        da, dw, db = _lin.linear_backward(do, c_o)
+        da, dw, db = B.linear.linear_backward(do, c_o)
         G[f"{p}.to_out.0.weight"], G[f"{p}.to_out.0.bias"] = dw, db
         da = da.reshape(n, L, nh, d).transpose(0, 2, 1, 3).reshape(n * nh, L, d)      # (N*nh, L, d)
-        dq, dk, dv = _attn.attention_backward(np.ascontiguousarray(da), c_a)
+        dq, dk, dv = B.attention.attention_backward(B.xp.ascontiguousarray(da), c_a)
         del da
-        dqkv = np.empty((n, L, 3, nh, d), dtype=dout.dtype)                            # (N, L, 3, nh, d)
+        dqkv = B.xp.empty((n, L, 3, nh, d), dtype=dout.dtype)                            # (N, L, 3, nh, d)
         for j, g in enumerate((dq, dk, dv)):
             dqkv[:, :, j] = g.reshape(n, nh, L, d).transpose(0, 2, 1, 3)
         del dq, dk, dv
-        dh, dw, db = _lin.linear_backward(dqkv.reshape(n, L, 3 * c), c_qkv)           # (N, L, C)
+        dh, dw, db = B.linear.linear_backward(dqkv.reshape(n, L, 3 * c), c_qkv)           # (N, L, C)
         for j, name in enumerate(("to_q", "to_k", "to_v")):
             G[f"{p}.{name}.weight"] = dw[j * c:(j + 1) * c]
             G[f"{p}.{name}.bias"] = db[j * c:(j + 1) * c]
         dh = dh.transpose(0, 2, 1).reshape(n, c, hh, ww)                               # (N, C, H, W)
-        dx, dg, db = _norm.group_norm_backward(np.ascontiguousarray(dh), c_n)
+        dx, dg, db = B.norm.group_norm_backward(B.xp.ascontiguousarray(dh), c_n)
         G[f"{p}.group_norm.weight"], G[f"{p}.group_norm.bias"] = dg, db
         dx += dout                                                                     # residual_connection
         return dx
@@ -546,12 +544,12 @@ class UNet:
         ... in forward order (down blocks, middle, up blocks). Returns (out (N, model_out_channels, H, W), cache); the cache is
         None when keep_cache is False (inference).
         """
-        cfg = self.config
+        cfg, B = self.config, self.backend
         x, t, y = self._check_inputs(params, x, t, y)
         n = x.shape[0]
         if index is None:
             index = np.arange(n, dtype=np.int64)
-        index = np.asarray(index)
+        index = B.to_host(index)
         if index.shape != (n,):
             raise ValueError(f"index must have shape ({n},), got {index.shape}")
         run = dict(seed=seed, index=index, step=step, train=bool(train))
@@ -564,21 +562,21 @@ class UNet:
                 caches.append(c)
 
         # timestep embedding (DDPM appendix B: Transformer sinusoidal embedding, 2-layer MLP) ---------
-        temb0 = _emb.timestep_embedding(t, cfg.ch, flip_sin_to_cos=cfg.flip_sin_to_cos,
+        temb0 = B.embedding.timestep_embedding(t, cfg.ch, flip_sin_to_cos=cfg.flip_sin_to_cos,
                                         freq_shift=cfg.freq_shift).astype(dtype, copy=False)      # (N, ch)
-        e, c1 = _lin.linear_forward(temb0, P["time_embedding.linear_1.weight"], P["time_embedding.linear_1.bias"])
-        e, c2 = _act.silu_forward(e)
-        emb, c3 = _lin.linear_forward(e, P["time_embedding.linear_2.weight"], P["time_embedding.linear_2.bias"])
+        e, c1 = B.linear.linear_forward(temb0, P["time_embedding.linear_1.weight"], P["time_embedding.linear_1.bias"])
+        e, c2 = B.activation.silu_forward(e)
+        emb, c3 = B.linear.linear_forward(e, P["time_embedding.linear_2.weight"], P["time_embedding.linear_2.bias"])
         c4 = None
         if cfg.num_classes is not None:
-            lab, c4 = _emb.embedding_forward(y, P["class_embedding.weight"])            # (N, temb)
+            lab, c4 = B.embedding.embedding_forward(y, P["class_embedding.weight"])            # (N, temb)
             emb = emb + lab
         # every residual block applies silu to emb before its projection: compute it once, share it
-        emb_act, c5 = _act.silu_forward(emb)                                           # (N, temb)
+        emb_act, c5 = B.activation.silu_forward(emb)                                           # (N, temb)
         keep((c1, c2, c3, c4, c5))
 
         # down path: each step produces one skip tensor hs[k] ---------------------------------------
-        h, c = _conv.conv2d_forward(x, P["conv_in.weight"], P["conv_in.bias"], 1, 1)   # (N, ch, H, W)
+        h, c = B.conv.conv2d_forward(x, P["conv_in.weight"], P["conv_in.bias"], 1, 1)   # (N, ch, H, W)
         keep(c)
         hs = [h]
         layer = 0
@@ -597,7 +595,7 @@ class UNet:
             if i < levels - 1:
                 # Downsample2D(padding=0): pad (top 0, bottom 1, left 0, right 1), 3x3 conv, stride 2;
                 # Downsample2D(padding=1): 3x3 conv, stride 2, padding 1 on every side
-                h, c = _conv.conv2d_forward(h, P[f"down_blocks.{i}.downsamplers.0.conv.weight"],
+                h, c = B.conv.conv2d_forward(h, P[f"down_blocks.{i}.downsamplers.0.conv.weight"],
                                             P[f"down_blocks.{i}.downsamplers.0.conv.bias"], 2, down_pad)
                 keep(c)
                 hs.append(h)
@@ -618,7 +616,7 @@ class UNet:
             level = levels - 1 - u
             attn = cfg.level_has_attention(level)
             for j in range(cfg.num_res_blocks + 1):
-                h, c = _res.concat_forward([h, hs.pop()], axis=1)                      # (N, Ch + Cs, H, W)
+                h, c = B.resample.concat_forward([h, hs.pop()], axis=1)                      # (N, Ch + Cs, H, W)
                 keep(c)
                 h, c = self._resnet_forward(P, f"up_blocks.{u}.resnets.{j}", h, emb_act, layer, run)
                 layer += 1
@@ -627,14 +625,14 @@ class UNet:
                     h, c = self._attention_forward(P, f"up_blocks.{u}.attentions.{j}", h)
                     keep(c)
             if u < levels - 1:
-                h, c1 = _res.upsample_nearest2x_forward(h)                             # (N, C, 2H, 2W)
-                h, c2 = _conv.conv2d_forward(h, P[f"up_blocks.{u}.upsamplers.0.conv.weight"],
+                h, c1 = B.resample.upsample_nearest2x_forward(h)                             # (N, C, 2H, 2W)
+                h, c2 = B.conv.conv2d_forward(h, P[f"up_blocks.{u}.upsamplers.0.conv.weight"],
                                              P[f"up_blocks.{u}.upsamplers.0.conv.bias"], 1, 1)
                 keep((c1, c2))
 
         # output ------------------------------------------------------------------------------------
-        h, c1 = _gn_silu_forward(h, P["conv_norm_out.weight"], P["conv_norm_out.bias"], cfg.groups, cfg.norm_eps)
-        out, c2 = _conv.conv2d_forward(h, P["conv_out.weight"], P["conv_out.bias"], 1, 1)  # (N, out, H, W)
+        h, c1 = B.norm.group_norm_silu_forward(h, P["conv_norm_out.weight"], P["conv_norm_out.bias"], cfg.groups, cfg.norm_eps)
+        out, c2 = B.conv.conv2d_forward(h, P["conv_out.weight"], P["conv_out.bias"], 1, 1)  # (N, out, H, W)
         keep((c1, c2))
         if caches is None:
             return out, None
@@ -650,18 +648,18 @@ class UNet:
         """
         if cache is None or "caches" not in cache:
             raise ValueError("backward needs the cache of a forward(..., keep_cache=True) call")
-        cfg = self.config
+        cfg, B = self.config, self.backend
         caches = cache["caches"]
         if not caches:
             raise ValueError("this cache has already been consumed by a backward pass")
         dtype = cache["dtype"]
-        dout = np.asarray(dout)
+        dout = B.asarray(dout)
         n, _, H, W = cache["x_shape"]
         if dout.shape != (n, cfg.model_out_channels, H, W):
             raise ValueError(f"dout must have shape {(n, cfg.model_out_channels, H, W)}, got {dout.shape}")
         dout = dout.astype(dtype, copy=False)
-        G = _Grads(self.layout, dtype, out)
-        demb_act = np.zeros((n, cfg.temb_dim), dtype=dtype)                            # (N, temb)
+        G = _Grads(self.layout, dtype, out, B.xp)
+        demb_act = B.xp.zeros((n, cfg.temb_dim), dtype=dtype)                            # (N, temb)
 
         def resnet_bwd(p, dh):
             dx, de = self._resnet_backward(G, p, dh, caches.pop())
@@ -670,9 +668,9 @@ class UNet:
 
         # output
         c1, c2 = caches.pop()
-        dh, dw, db = _conv.conv2d_backward(dout, c2)
+        dh, dw, db = B.conv.conv2d_backward(dout, c2)
         G["conv_out.weight"], G["conv_out.bias"] = dw, db
-        dh, dg, db = _gn_silu_backward(dh, c1)
+        dh, dg, db = B.norm.group_norm_silu_backward(dh, c1)
         G["conv_norm_out.weight"], G["conv_norm_out.bias"] = dg, db
 
         # up path in reverse: each concat hands back the gradient of one skip tensor
@@ -683,14 +681,14 @@ class UNet:
             attn = cfg.level_has_attention(level)
             if u < levels - 1:
                 c1, c2 = caches.pop()
-                dh, dw, db = _conv.conv2d_backward(dh, c2)
+                dh, dw, db = B.conv.conv2d_backward(dh, c2)
                 G[f"up_blocks.{u}.upsamplers.0.conv.weight"], G[f"up_blocks.{u}.upsamplers.0.conv.bias"] = dw, db
-                dh = _res.upsample_nearest2x_backward(dh, c1)
+                dh = B.resample.upsample_nearest2x_backward(dh, c1)
             for j in reversed(range(cfg.num_res_blocks + 1)):
                 if attn:
                     dh = self._attention_backward(G, f"up_blocks.{u}.attentions.{j}", dh, caches.pop())
                 dh = resnet_bwd(f"up_blocks.{u}.resnets.{j}", dh)
-                dh, dskip = _res.concat_backward(dh, caches.pop())
+                dh, dskip = B.resample.concat_backward(dh, caches.pop())
                 dskips.append(dskip)
         # dskips[0] belongs to hs[0] (the last one popped), dskips[-1] to hs[-1]
 
@@ -707,7 +705,7 @@ class UNet:
             if i < levels - 1:
                 dh = dh + dskips.pop()
                 p = f"down_blocks.{i}.downsamplers.0.conv"
-                dh, dw, db = _conv.conv2d_backward(dh, caches.pop())
+                dh, dw, db = B.conv.conv2d_backward(dh, caches.pop())
                 G[f"{p}.weight"], G[f"{p}.bias"] = dw, db
             for j in reversed(range(cfg.num_res_blocks)):
                 dh = dh + dskips.pop()
@@ -715,20 +713,20 @@ class UNet:
                     dh = self._attention_backward(G, f"down_blocks.{i}.attentions.{j}", dh, caches.pop())
                 dh = resnet_bwd(f"down_blocks.{i}.resnets.{j}", dh)
         dh = dh + dskips.pop()
-        dx, dw, db = _conv.conv2d_backward(dh, caches.pop())
+        dx, dw, db = B.conv.conv2d_backward(dh, caches.pop())
         G["conv_in.weight"], G["conv_in.bias"] = dw, db
         assert not dskips
 
         # timestep embedding in reverse
         c1, c2, c3, c4, c5 = caches.pop()
         assert not caches
-        demb = _act.silu_backward(demb_act, c5)                                        # (N, temb)
+        demb = B.activation.silu_backward(demb_act, c5)                                        # (N, temb)
         if c4 is not None:
-            G["class_embedding.weight"] = _emb.embedding_backward(demb, c4)
-        de, dw, db = _lin.linear_backward(demb, c3)
+            G["class_embedding.weight"] = B.embedding.embedding_backward(demb, c4)
+        de, dw, db = B.linear.linear_backward(demb, c3)
         G["time_embedding.linear_2.weight"], G["time_embedding.linear_2.bias"] = dw, db
-        de = _act.silu_backward(de, c2)
-        _, dw, db = _lin.linear_backward(de, c1)
+        de = B.activation.silu_backward(de, c2)
+        _, dw, db = B.linear.linear_backward(de, c1)
         G["time_embedding.linear_1.weight"], G["time_embedding.linear_1.bias"] = dw, db
         if return_dx:
             return G.flat, dx
