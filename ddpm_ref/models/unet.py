@@ -21,6 +21,13 @@ state_dict converts one to one (:meth:`UNetConfig.diffusers_kwargs` gives the ma
 What it is not: a framework. There is no autograd; :meth:`UNet.backward` is the forward pass read in
 reverse, with ``d``-prefixed gradients and the skip connections summed explicitly.
 
+Backends: every op is called through ``self.backend`` (:mod:`ddpm_ref.backend`): the NumPy reference
+ops by default, our CUDA kernels (:mod:`ddpm_ref.kernels`, same names and signatures) after
+``net = net.to("gpu")``, on a flat parameter buffer moved with ``net.backend.asarray(params)``. The
+same forward and backward code runs on both; the GPU convolutions fuse the time-embedding add and
+the residual add into their epilogues (``conv2d_forward(..., temb=, residual=)``), which the reference
+op performs as plain adds.
+
 Attention heads: ``head_dim`` is diffusers' ``attention_head_dim``. ``None`` (the paper, and the
 released DDPM weights) means one head spanning all channels of each attention layer; an integer
 ``d`` gives ``channels // d`` heads of size ``d`` in every attention layer.
