@@ -321,8 +321,10 @@ def run(args, out=print) -> dict:
 
 def run_gpu(args, out=print) -> dict:
     """The GPU rows: :func:`benchmarks.bench_kernels.main` (noise kernels vs the copy bandwidth, every
-    cifar convolution fwd+bwd vs cuDNN FP32 with TF32 off, norm / attention vs torch eager), after
-    checking that the backend is a real GPU. ValueError naming what is missing otherwise."""
+    cifar convolution fwd+bwd vs cuDNN FP32 with TF32 off, norm / attention vs torch eager), then
+    :func:`benchmarks.bench_gpu_e2e.main` (the cifar training step at batch 128 and a sampling step vs
+    diffusers eager FP32, TF32 off and on), after checking that the backend is a real GPU.
+    ValueError naming what is missing otherwise. Returns ``{"kernels": ..., "e2e": ...}``."""
     check_args(args)
     try:
         from ddpm_ref.kernels import runtime
@@ -337,8 +339,15 @@ def run_gpu(args, out=print) -> dict:
         d = os.path.dirname(args.json)
         if d:
             os.makedirs(d, exist_ok=True)
+    from benchmarks import bench_gpu_e2e
+    repeats = ["--repeats", str(max(args.repeats, 5))]
     out("# --device gpu: benchmarks/bench_kernels.py (CUDA-event medians; its own table follows)")
-    return bench_kernels.main(["--repeats", str(max(args.repeats, 5))] + (["--out", args.json] if args.json else []))
+    result = {"kernels": bench_kernels.main(repeats + (["--out", args.json] if args.json else []))}
+    out("# --device gpu: benchmarks/bench_gpu_e2e.py (the cifar training and sampling steps on our kernels "
+        "vs diffusers eager FP32, TF32 off and on)")
+    e2e_json = os.path.splitext(args.json)[0] + "_e2e.json" if args.json else None
+    result["e2e"] = bench_gpu_e2e.main(repeats + ["--breakdown"] + (["--out", e2e_json] if e2e_json else []))
+    return result
 
 
 # ----------------------------------------------------------------------------------- profile
