@@ -7,12 +7,17 @@ from gradcheck import check_op
 from ddpm_ref.ops import conv as conv_mod
 from ddpm_ref.ops.conv import conv2d_backward, conv2d_forward
 
-PATHS = ("shift", "im2col", "dense")   # every non-pointwise formulation, forced in turn
+PATHS = ("shift", "im2col", "dense", "winograd")   # every non-pointwise formulation, forced in turn
 
 
-def expected_path(path, stride):
-    """The path a forced conv takes: "shift" needs stride 1 and falls back to im2col."""
-    return "im2col" if path == "shift" and stride != 1 else path
+def expected_path(path, stride, k=3, pads=(1, 1, 1, 1)):
+    """The path a forced conv takes: "shift" and "winograd" need stride 1 and fall back to im2col;
+    "winograd" also needs a 3x3 kernel with padding 1 and falls back to shift."""
+    if path in ("shift", "winograd") and stride != 1:
+        return "im2col"
+    if path == "winograd" and (k != 3 or tuple(pads) != (1, 1, 1, 1)):
+        return "shift"
+    return path
 
 
 class force_path:
@@ -92,7 +97,7 @@ def test_conv_forward_matches_naive_loop(path, case):
     if case["k"] == 1 and case["stride"] == 1 and not any(case["pads"]):
         assert cache["path"] == "pointwise"          # unpadded 1x1: GEMMs on NCHW directly
     else:
-        assert cache["path"] == expected_path(path, case["stride"])
+        assert cache["path"] == expected_path(path, case["stride"], case["k"], case["pads"])
     ref = naive_conv2d(x, w, b, case["stride"], case["pads"])
     # Same sums in a different order, float64: agreement to ~1e-15 relative; 1e-12 leaves margin.
     np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
@@ -217,16 +222,21 @@ def test_conv_backward_without_input_grad(path, k, stride, pad):
     (128, 16, 8, 16, 2, "im2col"),    # its downsampler, 8x8 -> 4x4 (dense within 10%: a tie)
     (128, 16, 8, 16, 1, "shift"),     # its 8x8 level: many rows, so no im2col
     (8, 256, 4, 256, 1, "im2col"),    # cifar's 4x4 level at batch 8: the dense matrix is too big
-    (8, 256, 8, 256, 1, "im2col"),    # cifar's 8x8 level at batch 8: 64 rows
+    (8, 256, 8, 256, 1, "winograd"),  # cifar's 8x8 level at batch 8 (backward: im2col, 64 rows)
     (64, 64, 8, 64, 1, "shift"),      # the small preset's 8x8 level at batch 64
     (8, 128, 32, 128, 1, "shift"),    # cifar's 32x32 level
     (8, 128, 32, 128, 2, "im2col"),   # cifar's first downsampler
     (64, 32, 16, 1, 1, "shift"),      # small's conv_out at batch 64: 16x16 is too big for dense
     (64, 1, 16, 32, 1, "im2col"),     # small's conv_in: a tiny column buffer
     (4, 3, 32, 128, 1, "im2col"),     # cifar's conv_in at sampling batch 4
-    (16, 64, 8, 64, 1, "shift"),      # small's 8x8 level at sampling batch 16: 128 rows
-    (16, 128, 8, 64, 1, "shift"),     # ... its widest 8x8 conv (1.3x forward, 1.5x backward)
-    (4, 256, 8, 256, 1, "im2col"),    # cifar's 8x8 level at sampling batch 4: 32 rows
+    (16, 32, 8, 64, 1, "shift"),      # small's 8x8 level at sampling batch 16: 128 rows
+    (16, 64, 8, 64, 1, "winograd"),   # ... with 64 channels in and out
+    (16, 128, 8, 64, 1, "winograd"),  # ... its widest 8x8 conv
+    (16, 32, 16, 32, 1, "shift"),     # small's 16x16 level: too few channels for winograd
+    (4, 256, 8, 256, 1, "winograd"),  # cifar's 8x8 level at sampling batch 4
+    (4, 512, 16, 256, 1, "winograd"), # cifar's 16x16 level at sampling batch 4
+    (8, 256, 16, 256, 1, "winograd"), # ... and at training batch 8 (2048 output pixels)
+    (4, 128, 32, 128, 1, "shift"),    # cifar's 32x32 level: winograd did not win there
     (4, 512, 4, 256, 1, "im2col"),    # cifar's 4x4 level at sampling batch 4
 ])
 def test_conv_path_choice_at_preset_shapes(N, C, H, O, stride, path):
@@ -236,6 +246,47 @@ def test_conv_path_choice_at_preset_shapes(N, C, H, O, stride, path):
     Ho = conv_mod.conv_output_size(H, 3, stride, *(pads[:2] if stride != 1 else (1, 1)))
     assert conv_mod._choose_path(N, C, O, H, H, Ho, Ho, 3, 3, stride,
                                  (1,) * 4 if stride == 1 else pads) == path
+
+
+@pytest.mark.parametrize("shape", [(3, 64, 8, 8, 64), (2, 16, 7, 5, 8)])
+def test_conv_winograd_float32_accuracy(shape):
+    """Winograd's transforms add and subtract up to 4 inputs before and 9 products after the GEMM
+    (and G has halves): its float32 error against the float64 sum may be a few times the direct
+    paths' but stays at float32 rounding. Both are measured against float64 here; winograd's must
+    be under 1e-5 of the output scale (the direct path's is ~1e-6) and within 10x the direct one.
+    The odd 7x5 image exercises the cropped last tile row and column."""
+    N, C, H, W, O = shape
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    w = (rng.standard_normal((O, C, 3, 3)) / np.sqrt(9 * C)).astype(np.float32)
+    b = rng.standard_normal(O).astype(np.float32)
+    ref = conv2d_forward(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64))[0]
+    errors = {}
+    for path in ("winograd", "shift"):
+        with force_path(path):
+            y, cache = conv2d_forward(x, w, b)
+        assert cache["path"] == path and y.dtype == np.float32
+        errors[path] = np.abs(y - ref).max() / np.abs(ref).max()
+    assert errors["winograd"] < 1e-5
+    assert errors["winograd"] < 10 * max(errors["shift"], 1e-7)
+
+
+def test_conv_winograd_backward_follows_the_copy_path():
+    """A winograd forward keeps x only; its backward pass is that of the path the conv would take
+    without winograd (im2col for cifar's 8x8 level at batch 4, shift for small's at batch 16),
+    bit for bit that path's gradients."""
+    rng = np.random.default_rng(14)
+    for N, C, H, O, other in [(4, 64, 8, 64, "im2col"), (16, 64, 8, 64, "shift")]:
+        x = rng.standard_normal((N, C, H, H)).astype(np.float32)
+        w = rng.standard_normal((O, C, 3, 3)).astype(np.float32)
+        b = rng.standard_normal(O).astype(np.float32)
+        y, cache = conv2d_forward(x, w, b)
+        assert cache["path"] == "winograd" and cache["backward_path"] == other
+        with force_path(other):
+            y0, cache0 = conv2d_forward(x, w, b)
+        dy = rng.standard_normal(y.shape).astype(np.float32)
+        for g, g0 in zip(conv2d_backward(dy, cache), conv2d_backward(dy, cache0)):
+            np.testing.assert_array_equal(g, g0)
 
 
 def test_conv_float64_stays_float64():

@@ -56,7 +56,29 @@ pass, freed before the input-gradient GEMM allocates its own).
   3x3 conv, 32 -> 32 channels, batch 128, spent ~75% of its forward time copying). Chosen by
   ``_dense_wins``; the matrix lives in the cache (at most _DENSE_MAX_ELEMENTS).
 
-Python loops run over the kh*kw kernel offsets only, never over batch, pixels or channels.
+* "winograd" (3x3, stride 1, padding 1, forward only: the 8x8 and 16x16 levels with 64+ channels
+  at small batches, where sampling spends most of its time): Winograd's minimal filtering
+  F(2x2, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks", eq. 8).
+  Each 2x2 output tile is ``Y = A^T [ (G g G^T) * (B^T d B) ] A`` summed over input channels, with
+  d the 4x4 input tile around it (tiles overlap by 2), g the 3x3 kernel and ``*`` elementwise:
+
+      B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
+      G   = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]
+      A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]
+
+  so the channel sum becomes 16 GEMMs ``M[k] = V[k] (tiles, C) @ U[k]^T (C, O)`` (k = the 16
+  positions of the 4x4 transformed tile) with 16 multiplications per tile instead of 36: 2.25x
+  fewer flops than the other paths, paid for by the transforms (adds and subtracts over
+  channel-last arrays, so that every NumPy loop runs over N*C or N*O contiguous values) and two
+  transposing copies (NCHW in and out). Rounding: the transforms add up to 4 terms (input) and
+  9 (output) before and after the GEMM, and G has halves: float32 results differ from the
+  direct sum by a few ulps more than the other paths (measured ~2x their error against float64).
+  The backward pass is that of the path chosen without it ("shift" or "im2col"), on that path's
+  input layout rebuilt from the cached x (one copy of x).
+  Chosen by ``_winograd_wins`` from the sweep of benchmarks/conv_paths.py.
+
+Python loops run over the kh*kw kernel offsets only (and the 4x4 tile positions of the Winograd
+transforms), never over batch, pixels or channels.
 """
 import functools
 import os
@@ -90,8 +112,19 @@ _DENSE_MAX_ELEMENTS = 1 << 22
 # 98% zeros and the shift path won by 6x (small's conv_out at batch 64), which the cost model of
 # _dense_wins, written against im2col, does not see.
 _DENSE_MAX_PIXEL_PAIRS = 64 * 64
-# Tests set this to "shift", "im2col" or "dense" to force a path (None: choose; "shift" needs
-# stride 1 and falls back to "im2col" otherwise). Unpadded 1x1 convs always take "pointwise".
+# The "winograd" path (see _winograd_wins): 3x3, stride 1, padding 1, images from 8x8 to 16x16, at
+# least 64 input and output channels, and at most this many output pixels in the batch (N*Ho*Wo).
+# Measured (one thread, float32, forward CPU time, benchmarks/conv_paths.py): winograd / best other
+# path 0.6-0.7 at small's 8x8 convs at batch 16 (64-128 -> 64 channels, 1024 pixels), 0.7-0.8 at
+# cifar's 16x16 convs at batch 4 and 8 (256-512 -> 256, 1024-2048 pixels), 0.7-0.9 at cifar's 8x8;
+# it lost at 16x16 with 32-64 channels (1.15x: the transforms outweigh the GEMMs with few
+# channels), at small's 8x8 at batch 64 (4096 pixels: 1.3x, the shift path's long GEMMs are
+# efficient there), at 4x4 (1.15x) and at cifar's 32x32 level (1.0x).
+_WINOGRAD_MAX_PIXELS = 2048
+_WINOGRAD_MIN_CHANNELS = 64
+# Tests set this to "shift", "im2col", "dense" or "winograd" to force a path (None: choose; "shift"
+# and "winograd" need stride 1 and fall back to "im2col" otherwise, "winograd" also needs a 3x3
+# kernel with padding 1 and falls back to "shift"). Unpadded 1x1 convs always take "pointwise".
 _FORCED_PATH = None
 
 
@@ -172,15 +205,36 @@ def _dense_wins(N, C, O, H, W, Ho, Wo, kh, kw):
     return dense < im2col
 
 
+def _winograd_wins(N, C, O, H, W):
+    """Whether a 3x3 stride-1 "same" conv should take the "winograd" path (see
+    _WINOGRAD_MAX_PIXELS for the measurements behind the bounds)."""
+    return (8 <= H <= 16 and 8 <= W <= 16 and min(C, O) >= _WINOGRAD_MIN_CHANNELS
+            and N * H * W <= _WINOGRAD_MAX_PIXELS)
+
+
 def _choose_path(N, C, O, H, W, Ho, Wo, kh, kw, stride, pads):
-    """"pointwise" for unpadded 1x1; "dense" for tiny images where _dense_wins; "im2col" for
-    strided convs, tiny column buffers and small batches; else "shift"."""
+    """"pointwise" for unpadded 1x1; "dense" for tiny images where _dense_wins; "winograd" for the
+    3x3 "same" convs where _winograd_wins; "im2col" for strided convs, tiny column buffers and small
+    batches; else "shift"."""
     if kh == kw == 1 and stride == 1 and not any(pads):
         return "pointwise"
+    winograd_fits = kh == kw == 3 and stride == 1 and tuple(pads) == (1, 1, 1, 1)
     if _FORCED_PATH is not None:
-        return "im2col" if _FORCED_PATH == "shift" and stride != 1 else _FORCED_PATH
+        if _FORCED_PATH in ("shift", "winograd") and stride != 1:
+            return "im2col"
+        return "shift" if _FORCED_PATH == "winograd" and not winograd_fits else _FORCED_PATH
     if _dense_wins(N, C, O, H, W, Ho, Wo, kh, kw):
         return "dense"
+    if winograd_fits and _winograd_wins(N, C, O, H, W):
+        return "winograd"
+    return _copy_path(N, C, Ho, Wo, kh, kw, stride)
+
+
+def _copy_path(N, C, Ho, Wo, kh, kw, stride):
+    """"im2col" or "shift", by the rules in _choose_path's docstring (also the backward path of
+    "winograd", which has no backward pass of its own)."""
+    if _FORCED_PATH == "winograd":
+        return "shift"
     if stride != 1:
         return "im2col"
     if kh * kw * C * N * Ho * Wo <= _IM2COL_TINY:
@@ -273,10 +327,17 @@ def _conv2d(x, w, b, stride, padding, temb=None):
         cache.update(w=w, has_bias=b is not None, x_shape=x.shape, stride=stride,
                      padding=(pt, pb, pl, pr), out_hw=(Ho, Wo))
         return y, cache
+    if path == "winograd":
+        y = _winograd(x, w, bias)                                         # (N, O, H, W)
+        # the backward pass is that of the path chosen without winograd, on its input layout
+        # rebuilt from x
+        cache = {"path": path, "x": x, "backward_path": _copy_path(N, C, Ho, Wo, kh, kw, stride)}
+        cache.update(w=w, has_bias=b is not None, x_shape=x.shape, stride=stride,
+                     padding=(pt, pb, pl, pr), out_hw=(Ho, Wo))
+        return y, cache
     if path == "shift":
         Hs, Ws, base, M, L = _shift_layout(H, W, Ho, Wo, kh, kw, pt, pb, pl, pr, N)
-        xr = np.zeros((C, L), dtype=dt)         # (C, L) zero-padded input, one row per channel
-        xr[:, base:base + M].reshape(C, N, Hs, Ws)[:, :, :H, :W] = x.transpose(1, 0, 2, 3)
+        xr = _shift_input(x, Hs, Ws, base, M, L)                          # (C, L)
         w2 = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C)              # (O, K), K ordered (i, j, c)
         yr = tmp = None                                                   # (O, M) output on the grid
         for lo, hi in _offset_groups(kh, kw, C, M):
@@ -293,8 +354,7 @@ def _conv2d(x, w, b, stride, padding, temb=None):
         y_grid = yr.reshape(O, N, Hs, Ws)[:, :, :Ho, :Wo]                 # (O, N, Ho, Wo) view
         cache = {"path": path, "xr": xr}
     else:
-        xp = np.zeros((C, N, Hp, Wp), dtype=dt)                           # (C, N, Hp, Wp)
-        xp[:, :, pt:pt + H, pl:pl + W] = x.transpose(1, 0, 2, 3)
+        xp = _im2col_input(x, pt, pb, pl, pr)                             # (C, N, Hp, Wp)
         col = _im2col(xp, kh, kw, stride, Ho, Wo)                         # (kh*kw*C, N*Ho*Wo)
         w2 = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C)              # (O, K), K ordered (i, j, c)
         yr = w2 @ col                                                     # (O, N*Ho*Wo)
@@ -330,6 +390,67 @@ def _shift_layout(H, W, Ho, Wo, kh, kw, pt, pb, pl, pr, N):
     base = pt * Ws + pl
     L = max(M + (kh - 1) * Ws + (kw - 1), base + M)
     return Hs, Ws, base, M, L
+
+
+def _shift_input(x, Hs, Ws, base, M, L):
+    """The "shift" path's input: x (N, C, H, W) on the zero grid of _shift_layout, (C, L)."""
+    N, C, H, W = x.shape
+    xr = np.zeros((C, L), dtype=x.dtype)      # (C, L) zero-padded input, one row per channel
+    xr[:, base:base + M].reshape(C, N, Hs, Ws)[:, :, :H, :W] = x.transpose(1, 0, 2, 3)
+    return xr
+
+
+# Winograd F(2x2, 3x3) weight transform: U[(a, b)] = sum_{i, j} G[a, i] G[b, j] g[i, j], i.e. the
+# (16, 9) matrix kron(G, G) applied to the 9 taps of every (o, c) kernel in one GEMM.
+_WINOGRAD_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+_WINOGRAD_GG = np.kron(_WINOGRAD_G, _WINOGRAD_G)                          # (16, 9)
+_WINOGRAD_GG.flags.writeable = False
+
+
+def _winograd(x, w, bias):
+    """3x3 "same" convolution of x (N, C, H, W) by F(2x2, 3x3) (module docstring), plus ``bias``
+    ((1 or N, O, 1, 1) or None). Odd H or W: the last tile row/column is computed and cropped."""
+    N, C, H, W = x.shape
+    O = w.shape[0]
+    dt = x.dtype
+    th, tw = (H + 1) // 2, (W + 1) // 2                                   # 2x2 output tiles
+    # Padded input, channel-last: xp[r, s, n, c] = x[n, c, r - 1, s - 1] (zero outside).
+    xp = np.zeros((2 * th + 2, 2 * tw + 2, N, C), dtype=dt)               # (Hp, Wp, N, C)
+    xp[1:H + 1, 1:W + 1] = x.transpose(2, 3, 0, 1)
+    # V = B^T d B for every tile: B^T on the tiles' rows (row i of tile (p, q) is row 2p + i) ...
+    r = [xp[i:i + 2 * th:2] for i in range(4)]                            # 4 x (th, Wp, N, C)
+    rows = (r[0] - r[2], r[1] + r[2], r[2] - r[1], r[1] - r[3])           # B^T d, 4 x (th, Wp, N, C)
+    del xp, r
+    V = np.empty((4, 4, th, tw, N, C), dtype=dt)                          # (4, 4, th, tw, N, C)
+    for a, t in enumerate(rows):                                          # ... then on their columns
+        c = [t[:, j:j + 2 * tw:2] for j in range(4)]                      # 4 x (th, tw, N, C)
+        np.subtract(c[0], c[2], out=V[a, 0])
+        np.add(c[1], c[2], out=V[a, 1])
+        np.subtract(c[2], c[1], out=V[a, 2])
+        np.subtract(c[1], c[3], out=V[a, 3])
+    del rows, t, c
+    U = (_WINOGRAD_GG.astype(dt) @ w.reshape(O * C, 9).T).reshape(16, O, C)   # G g G^T, (16, O, C)
+    P = th * tw * N                                                       # tiles in the batch
+    M = np.matmul(V.reshape(16, P, C), U.transpose(0, 2, 1))              # (16, P, C) @ (16, C, O)
+    del V
+    M = M.reshape(4, 4, th, tw, N, O)
+    # Y = A^T M A: A^T on the rows of M, then on the columns, into the 2x2 tiles of yt.
+    u = (M[0] + M[1] + M[2], M[1] - M[2] - M[3])                          # 2 x (4, th, tw, N, O)
+    del M
+    yt = np.empty((th, 2, tw, 2, N, O), dtype=dt)                         # (th, 2, tw, 2, N, O)
+    for a, m in enumerate(u):
+        np.add(m[0], m[1], out=yt[:, a, :, 0])
+        yt[:, a, :, 0] += m[2]
+        np.subtract(m[1], m[2], out=yt[:, a, :, 1])
+        yt[:, a, :, 1] -= m[3]
+    del u
+    yt = yt.reshape(2 * th, 2 * tw, N, O)[:H, :W]                         # (H, W, N, O)
+    y = np.empty((N, O, H, W), dtype=dt)
+    if bias is None:
+        np.copyto(y, yt.transpose(2, 3, 0, 1))
+    else:
+        np.add(yt.transpose(2, 3, 0, 1), bias, out=y)
+    return y
 
 
 def _offset_groups(kh, kw, C, M):
@@ -398,6 +519,14 @@ def _dense_matrix(w, H, W, Ho, Wo, stride, pt, pl):
     return Wd.reshape(C * H * W, O * Ho * Wo)
 
 
+def _im2col_input(x, pt, pb, pl, pr):
+    """The "im2col" path's input: x (N, C, H, W) zero-padded, channel-major, (C, N, Hp, Wp)."""
+    N, C, H, W = x.shape
+    xp = np.zeros((C, N, H + pt + pb, W + pl + pr), dtype=x.dtype)      # (C, N, Hp, Wp)
+    xp[:, :, pt:pt + H, pl:pl + W] = x.transpose(1, 0, 2, 3)
+    return xp
+
+
 def _im2col(xp, kh, kw, stride, Ho, Wo):
     """col[(i, j, c), (n, h, w)] = xp[c, n, s*h + i, s*w + j]; xp is (C, N, Hp, Wp) C-contiguous."""
     C, N = xp.shape[:2]
@@ -452,9 +581,13 @@ def conv2d_backward(dy, cache, input_grad=True):
             return None, dw, db
         dx = dy2 @ cache["Wd"].astype(dt, copy=False).T                  # (N, C*H*W)
         return dx.reshape(N, C, H, W), dw, db
-    if cache["path"] == "shift":
-        xr = cache["xr"].astype(dt, copy=False)                           # (C, L)
+    path = cache["path"] if cache["path"] != "winograd" else cache["backward_path"]
+    if path == "shift":
         Hs, Ws, base, M, L = _shift_layout(H, W, Ho, Wo, kh, kw, pt, pb, pl, pr, N)
+        if cache["path"] == "winograd":                                   # forward kept x only
+            xr = _shift_input(cache["x"].astype(dt, copy=False), Hs, Ws, base, M, L)
+        else:
+            xr = cache["xr"].astype(dt, copy=False)                       # (C, L)
         # dy on the output grid, zero where the forward threw positions away, so the sums below
         # run over real outputs only.
         dyr = np.zeros((O, N, Hs, Ws), dtype=dt)                          # (O, N, Hs, Ws)
@@ -509,7 +642,10 @@ def conv2d_backward(dy, cache, input_grad=True):
         dx = dx_grid.reshape(C, N, Hs, Ws)[:, :, :H, :W]                  # (C, N, H, W) view
         return np.ascontiguousarray(dx.transpose(1, 0, 2, 3)), dw, db     # (N, C, H, W)
 
-    xp = cache["xp"].astype(dt, copy=False)                               # (C, N, Hp, Wp)
+    if cache["path"] == "winograd":                                       # forward kept x only
+        xp = _im2col_input(cache["x"].astype(dt, copy=False), pt, pb, pl, pr)
+    else:
+        xp = cache["xp"].astype(dt, copy=False)                           # (C, N, Hp, Wp)
     dy2 = np.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(O, N * Ho * Wo)  # (O, P)
     db = dy2.sum(axis=1) if cache["has_bias"] else None                   # (O,)
     col = _im2col(xp, kh, kw, stride, Ho, Wo)                             # (K, P), rebuilt
