@@ -777,8 +777,14 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True):
 
 
 # v3 in the two tile sizes of v1 and v2 (the public functions' size choice applies to them too).
-V3 = _tiled_kernels_v3("v3", 128, 128, 8)
+# Version 3 in three tile sizes, chosen per GEMM by :func:`_pick`. On an H200 at the cifar preset's
+# convolutions (batch 128, forward + backward; benchmarks/conv_tiles_gpu.py), the 128 x 128 tiles ran
+# about 5% faster with 32 x 8 threads (16 x 4 outputs per thread) than with 16 x 16 on every shape,
+# and 256 x 128 tiles (16 x 16 threads, 16 x 8 outputs each) 10 to 25% faster again where the GEMM
+# has at least 256 rows and many columns.
+V3 = _tiled_kernels_v3("v3", 128, 128, 8, tx=32, ty=8)
 V3S = _tiled_kernels_v3("v3s", 64, 64, 8)
+V3L = _tiled_kernels_v3("v3l", 256, 128, 8)
 
 
 _DB_THREADS = 256
@@ -904,12 +910,15 @@ def _pick(rows: int, cols: int, split: bool = False, v3: bool = False):
     """Tile choice (a heuristic, to be confirmed by benchmarks/bench_kernels.py on the GPU): the
     128 x 128 tiles when both GEMM sides are large and there are enough tiles to fill every SM
     (split-K always fills them), else the 64 x 64 tiles, which waste less on small layers.
-    ``v3=True``: the same choice between version 3's two sizes (V3S 64 x 64, V3 128 x 128)."""
+    ``v3=True``: the same choice between version 3's V3S 64 x 64 and V3 128 x 128, plus V3L 256 x 128
+    for GEMMs of at least 256 rows and, unless split-K, 8192 columns (the tile sweep above)."""
     if FORCED_TILES is not None and FORCED_TILES.v3 == v3:
         return FORCED_TILES
     small, big = (V3S, V3) if v3 else (V1, V2)
     if rows < 96 or cols < 96:
         return small
+    if v3 and rows >= 256 and (split or cols >= 8192):
+        return V3L                     # tall GEMMs with many columns: the 256 x 128 tiles
     if split:
         return big
     return big if _ceil(rows, 128) * _ceil(cols, 128) >= _sm_count() else small

@@ -46,8 +46,8 @@ def _check(n, c, h, w_, o, k, stride, padding, bias, fuse, seed, version=""):
         temb = r.normal(size=(n, o)).astype(np.float32)
         residual = r.normal(size=y_ref.shape).astype(np.float32)
         want = want + temb[:, :, None, None] + residual
-    if version in ("tiny", "tiny3", "V3"):
-        tiles = {"tiny": TINY, "tiny3": TINY3, "V3": conv.V3}[version]
+    if version in ("tiny", "tiny3", "V3", "V3L"):
+        tiles = {"tiny": TINY, "tiny3": TINY3, "V3": conv.V3, "V3L": conv.V3L}[version]
         fwd = lambda x, w, b, s, p, temb, residual: conv._forward(tiles, x, w, b, s, p, temb, residual)  # noqa: E731
         bwd = lambda dy, cache: conv._backward(tiles, tiles, dy, cache, True)  # noqa: E731
     else:
@@ -98,14 +98,14 @@ def test_conv_v3_matches_reference(n, c, h, w_, o, k, stride, padding, bias, fus
     _check(n, c, h, w_, o, k, stride, padding, bias, fuse, seed, "tiny3")
 
 
-@pytest.mark.parametrize("version", ["v1", "v2", "v3", "V3"])   # v3 picks V3S here; V3 forces 128 x 128
+@pytest.mark.parametrize("version", ["v1", "v2", "v3", "V3", "V3L"])   # v3 picks V3S here; V3 / V3L force 128 x 128 / 256 x 128
 def test_conv_production_tiles(version):
     # The production configurations (256 threads per block) once each, on the DDPM downsampler
     # (3x3, stride 2, pad (0, 1, 0, 1)) with a fused epilogue: v1 and v2 come from the same factory
     # as the tiny tiles, so this checks their constants (gather passes, partial tiles, K > BK).
     # V3 (version 3's 128 x 128 tiles, forced) on a 1x1 convolution: its 3x3 logic is the code
     # V3S ("v3" here) and the tiny version-3 tiles run, and one K step keeps the simulator quick.
-    if version == "V3":
+    if version in ("V3", "V3L"):
         _check(1, 2, 3, 4, 3, 1, 1, 0, True, True, 1, version)
     else:
         _check(1, 2, 3, 4, 3, 3, 2, (0, 1, 0, 1), True, True, 1, version)
@@ -117,6 +117,14 @@ def test_tile_choice():
     assert conv._pick(3, 10**6) is conv.V1 and conv._pick(128, 50) is conv.V1
     assert conv._pick(128, 128 * 1024) is conv.V2 and conv._pick(128, 1152, split=True) is conv.V2
     assert (conv.V1.BM, conv.V1.BN, conv.V2.BM, conv.V2.BN) == (64, 64, 128, 128)
+    # version 3 (the public choice): the same rule between V3S and V3, and V3L (256 x 128) for GEMMs
+    # of >= 256 rows with >= 8192 columns or split-K (the H200 tile sweep, benchmarks/conv_tiles_gpu.py)
+    assert conv._pick(3, 10**6, v3=True) is conv.V3S and conv._pick(128, 50, v3=True) is conv.V3S
+    assert conv._pick(128, 128 * 1024, v3=True) is conv.V3 and conv._pick(128, 1152, split=True, v3=True) is conv.V3
+    assert conv._pick(256, 8192, v3=True) is conv.V3L and conv._pick(256, 2304, split=True, v3=True) is conv.V3L
+    assert conv._pick(256, 4096, v3=True) is not conv.V3L
+    assert ((conv.V3.BM, conv.V3.BN, conv.V3.TX, conv.V3.TY), (conv.V3L.BM, conv.V3L.BN)) == \
+        ((128, 128, 32, 8), (256, 128))
 
 
 def test_conv_errors():
