@@ -146,13 +146,13 @@ def _add_train_args(p, demo=False):
     g.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every)
     g.add_argument("--log-every", type=_positive_int, default=d.log_every)
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_device_arg(g, "trains")
+    _add_device_arg(g, "each step matches the CPU's to float32 rounding, and a run may resume on either")
 
 
-def _add_device_arg(p, what):
+def _add_device_arg(p, same):
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                    help=f"cpu: the NumPy reference; gpu: our CUDA kernels (the U-Net only; needs the `gpu` "
-                        f"extra and an NVIDIA GPU). A run {what} the same way on either (default cpu)")
+                        f"extra and an NVIDIA GPU); {same} (default cpu)")
 
 
 def _add_sample_args(p, n_default, sampler_default, steps_help, from_diffusers=False):
@@ -172,7 +172,7 @@ def _add_sample_args(p, n_default, sampler_default, steps_help, from_diffusers=F
     p.add_argument("--seed", type=_nonneg_int, default=0, help="sampling seed (default 0)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
     p.add_argument("--batch", type=_positive_int, default=500, help="samples per network call (default 500)")
-    _add_device_arg(p, "samples")
+    _add_device_arg(p, "samples match the CPU's to float32 rounding")
 
 
 def build_parser() -> argparse.ArgumentParser:
