@@ -1,10 +1,11 @@
 """Time every GEMM formulation of ddpm_ref.ops.conv at the presets' conv shapes.
 
 What it measures: for each shape, the forward and backward wall time (median of --runs calls, after
-one warm-up call) of the "shift", "im2col" and "dense" paths, each forced in turn, beside the path
+one warm-up call) of the "shift", "im2col", "dense" and (stride 1) "winograd" paths, each forced in
+turn (winograd's backward pass is the shift path's when forced), beside the path
 ``_choose_path`` picks on its own. This is the sweep behind the path choice: the table shows where
 each formulation wins, and a changed cost model should be checked against it. The paths are timed
-one after another per shape, so load from other processes hits all three alike; set one BLAS thread
+one after another per shape, so load from other processes hits all of them alike; set one BLAS thread
 (``OPENBLAS_NUM_THREADS=1``) for the figures the choice was tuned on. No test asserts a time.
 
     OPENBLAS_NUM_THREADS=1 python -m benchmarks.conv_paths [--runs 15] [--quick]
@@ -30,7 +31,7 @@ SHAPES = [
     # small preset, batch 64
     (64, 64, 8, 64, 1), (64, 32, 16, 32, 2),
     # cifar preset, batch 8
-    (8, 256, 4, 256, 1), (8, 256, 8, 256, 1), (8, 256, 8, 256, 2),
+    (8, 256, 4, 256, 1), (8, 256, 8, 256, 1), (8, 256, 8, 256, 2), (8, 256, 16, 256, 1),
     # sampling batches: the digits preset at 500, small at 16 (its 8x8 and 16x16 levels), cifar at 4
     (500, 32, 4, 32, 1), (500, 16, 8, 16, 1), (500, 16, 8, 1, 1),
     (16, 64, 8, 64, 1), (16, 128, 8, 64, 1), (16, 32, 8, 64, 1), (16, 32, 16, 32, 1), (16, 64, 16, 32, 1),
@@ -55,8 +56,8 @@ def sweep(shapes, runs):
         times = {}
         old = conv_mod._FORCED_PATH
         try:
-            for path in ("shift", "im2col", "dense"):
-                if path == "shift" and stride != 1:
+            for path in ("shift", "im2col", "dense", "winograd"):
+                if path in ("shift", "winograd") and stride != 1:
                     continue
                 Ho = conv_mod.conv_output_size(H, 3, stride, 1 if stride == 1 else 0, 1)
                 if path == "dense" and C * O * H * H * Ho * Ho > conv_mod._DENSE_MAX_ELEMENTS:
@@ -79,13 +80,15 @@ def main(argv=None):
     if args.runs < 1:
         ap.error(f"--runs must be >= 1, got {args.runs}")
     shapes, runs = (SHAPES[:10], 3) if args.quick else (SHAPES, args.runs)
-    print(f"{'(N, C, H, O, stride)':24s} {'auto':7s} {'best':7s} auto/best  "
-          "fwd+bwd ms per path (forward + backward)")
+    print(f"{'(N, C, H, O, stride)':24s} {'auto':8s} {'best':8s} auto/best  {'best fwd':8s}  "
+          "ms per path (forward + backward); best: fwd+bwd (training), best fwd: sampling")
     for shape, auto, times in sweep(shapes, runs):
         total = {p: f + b for p, (f, b) in times.items()}
         best = min(total, key=total.get)
+        best_fwd = min(times, key=lambda p: times[p][0])
         cells = "  ".join(f"{p} {f:6.2f}+{b:6.2f}" for p, (f, b) in times.items())
-        print(f"{str(shape):24s} {auto:7s} {best:7s} {total[auto] / total[best]:8.2f}x  {cells}", flush=True)
+        print(f"{str(shape):24s} {auto:8s} {best:8s} {total[auto] / total[best]:8.2f}x  {best_fwd:8s}  {cells}",
+              flush=True)
 
 
 if __name__ == "__main__":

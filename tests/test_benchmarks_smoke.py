@@ -219,8 +219,8 @@ def test_conv_paths_sweep_times_every_applicable_path():
     rows = list(conv_paths.sweep([(4, 3, 4, 2, 1), (4, 3, 8, 2, 2)], runs=1))
     assert [shape for shape, _, _ in rows] == [(4, 3, 4, 2, 1), (4, 3, 8, 2, 2)]
     (_, auto1, t1), (_, auto2, t2) = rows
-    assert set(t1) == {"shift", "im2col", "dense"}      # stride 1: all three
-    assert set(t2) == {"im2col", "dense"}               # stride 2: no shift path
+    assert set(t1) == {"shift", "im2col", "dense", "winograd"}   # stride 1: all four
+    assert set(t2) == {"im2col", "dense"}               # stride 2: no shift or winograd path
     assert auto1 in t1 and auto2 in t2
     assert all(_finite_pos(f) and _finite_pos(b) for t in (t1, t2) for f, b in t.values())
     assert conv_mod._FORCED_PATH is None

@@ -15,9 +15,10 @@ and its gradients, each a sum over the same index set:
     dxp[n, c, s*h + i, s*w + j] += sum_o w[o, c, i, j] * dy[n, o, h, w]      (then crop the pad)
     db[o]          = sum_{n, h, w} dy[n, o, h, w]
 
-Four GEMM formulations, picked per call by ``_choose_path`` (all give the same numbers up to
-rounding; the choice was measured on the digits, `small` and CIFAR preset shapes in float32 with
-benchmarks/conv_paths.py, which times every path at every such shape). Memory: the cache holds one copy of the (padded) input, or x itself;
+Five GEMM formulations, picked per call by ``_choose_path`` (all give the same numbers up to
+rounding; the choice was measured on the digits, `small` and CIFAR preset shapes, at training and
+sampling batches, in float32 with benchmarks/conv_paths.py, which times every path at every such
+shape). Memory: the cache holds one copy of the (padded) input, or x itself;
 an im2col buffer, where one is used, lives only inside a single call (rebuilt in the backward
 pass, freed before the input-gradient GEMM allocates its own).
 
