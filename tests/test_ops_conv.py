@@ -236,7 +236,9 @@ def test_conv_backward_without_input_grad(path, k, stride, pad):
     (4, 256, 8, 256, 1, "winograd"),  # cifar's 8x8 level at sampling batch 4
     (4, 512, 16, 256, 1, "winograd"), # cifar's 16x16 level at sampling batch 4
     (8, 256, 16, 256, 1, "winograd"), # ... and at training batch 8 (2048 output pixels)
-    (4, 128, 32, 128, 1, "shift"),    # cifar's 32x32 level: winograd did not win there
+    (4, 128, 32, 128, 1, "shift"),    # cifar's 32x32 level: winograd did not win there ...
+    (4, 256, 32, 128, 1, "winograd"), # ... except with 256+ input channels (its up path)
+    (8, 256, 32, 128, 1, "shift"),    # ... at sampling batches only (8192 pixels: not measured)
     (4, 512, 4, 256, 1, "im2col"),    # cifar's 4x4 level at sampling batch 4
 ])
 def test_conv_path_choice_at_preset_shapes(N, C, H, O, stride, path):

@@ -58,7 +58,7 @@ pass, freed before the input-gradient GEMM allocates its own).
   ``_dense_wins``; the matrix lives in the cache (at most _DENSE_MAX_ELEMENTS).
 
 * "winograd" (3x3, stride 1, padding 1, forward only: the 8x8 and 16x16 levels with 64+ channels
-  at small batches, where sampling spends most of its time): Winograd's minimal filtering
+  and the 32x32 level with 256+ input channels, at small batches, where sampling spends its time): Winograd's minimal filtering
   F(2x2, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks", eq. 8).
   Each 2x2 output tile is ``Y = A^T [ (G g G^T) * (B^T d B) ] A`` summed over input channels, with
   d the 4x4 input tile around it (tiles overlap by 2), g the 3x3 kernel and ``*`` elementwise:
@@ -120,9 +120,13 @@ _DENSE_MAX_PIXEL_PAIRS = 64 * 64
 # cifar's 16x16 convs at batch 4 and 8 (256-512 -> 256, 1024-2048 pixels), 0.7-0.9 at cifar's 8x8;
 # it lost at 16x16 with 32-64 channels (1.15x: the transforms outweigh the GEMMs with few
 # channels), at small's 8x8 at batch 64 (4096 pixels: 1.3x, the shift path's long GEMMs are
-# efficient there), at 4x4 (1.15x) and at cifar's 32x32 level (1.0x).
+# efficient there), at 4x4 (1.15x) and at cifar's 32x32 level with 128 input channels (1.0x); at
+# that level it won with 256+ input channels (0.84-0.91 at batch 4: 256/384 -> 128, 256 -> 256),
+# hence the second rule (up to 32x32 and 4096 output pixels for 256+ input channels).
 _WINOGRAD_MAX_PIXELS = 2048
 _WINOGRAD_MIN_CHANNELS = 64
+_WINOGRAD_WIDE_MIN_CHANNELS = 256
+_WINOGRAD_WIDE_MAX_PIXELS = 4096
 # Tests set this to "shift", "im2col", "dense" or "winograd" to force a path (None: choose; "shift"
 # and "winograd" need stride 1 and fall back to "im2col" otherwise, "winograd" also needs a 3x3
 # kernel with padding 1 and falls back to "shift"). Unpadded 1x1 convs always take "pointwise".
@@ -209,8 +213,12 @@ def _dense_wins(N, C, O, H, W, Ho, Wo, kh, kw):
 def _winograd_wins(N, C, O, H, W):
     """Whether a 3x3 stride-1 "same" conv should take the "winograd" path (see
     _WINOGRAD_MAX_PIXELS for the measurements behind the bounds)."""
-    return (8 <= H <= 16 and 8 <= W <= 16 and min(C, O) >= _WINOGRAD_MIN_CHANNELS
-            and N * H * W <= _WINOGRAD_MAX_PIXELS)
+    if H < 8 or W < 8 or min(C, O) < _WINOGRAD_MIN_CHANNELS:
+        return False
+    if H <= 16 and W <= 16 and N * H * W <= _WINOGRAD_MAX_PIXELS:
+        return True
+    return (H <= 32 and W <= 32 and C >= _WINOGRAD_WIDE_MIN_CHANNELS
+            and N * H * W <= _WINOGRAD_WIDE_MAX_PIXELS)
 
 
 def _choose_path(N, C, O, H, W, Ho, Wo, kh, kw, stride, pads):
