@@ -142,14 +142,25 @@ def test_toy_train_sample_eval(tmp_path, capsys):
     assert r["floor_draws"] == 8 and len(r["energy_distances"]) == len(r["energy_floors"]) == 8
     assert r["energy_distance"] == float(np.median(r["energy_distances"]))
     assert r["energy_floor"] == float(np.median(r["energy_floors"]))
-    # a held-out draw is the same points whatever else is drawn: the floor with one reference draw
+    # the definition: reference draws r_k at the seeds after the data seed's; the floor puts K further
+    # independent draws s_k in the samples' place (no fixed draw), floor_k = ED(s_k, r_k)
+    from ddpm_ref import metrics
+    from ddpm_ref.data import load_dataset
+
+    def held_out(k):
+        return load_dataset("moons", split="test", seed=k, n=200).x    # data seed 0
+
+    for k in (1, 8):
+        assert r["energy_floors"][k - 1] == metrics.energy_distance(held_out(8 + k), held_out(k))
+    # a held-out draw is the same points whatever else is drawn: the distance to one reference draw
     # is the first of the eight
     js1 = d / "e1.json"
     rc, out, err = _run(capsys, "eval", "--ckpt", d, "-n", "200", "--steps", "5", "--floor-draws", "1",
                         "--json", js1)
     assert rc == 0, err
     r1 = json.loads(js1.read_text())
-    assert r1["energy_floor"] == r["energy_floors"][0] and r1["energy_distance"] == r["energy_distances"][0]
+    assert r1["energy_distance"] == r["energy_distances"][0]
+    assert r1["energy_floor"] == metrics.energy_distance(held_out(2), held_out(1))
     code, err = _usage_error(capsys, "eval", "--ckpt", d, "--floor-draws", "0")
     assert code == 2 and "--floor-draws" in err
 
