@@ -37,6 +37,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import common  # noqa: E402
+
 
 
 def _our_sync_and_pool():
@@ -53,16 +55,9 @@ def _torch_sync(torch, device):
 
 
 def _median_time(fn, sync, warmup, repeats):
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)), [round(t, 5) for t in times]
+    """(median seconds, the times) of ``fn`` followed by a device synchronisation (common.interleaved)."""
+    times = common.interleaved({"fn": lambda: (fn(), sync())}, repeats, warmup)["fn"]
+    return common.median(times), [round(t, 5) for t in times]
 
 
 def _dataset(shape, n=1024):

@@ -402,7 +402,7 @@ class UNet:
         if B.on_device and B.xp is not np and isinstance(params, np.ndarray):
             raise ValueError("params must be on the GPU for a UNet on the gpu backend (move them with "
                              "net.backend.asarray(params))")
-        x = B.asarray(x) if B.on_device else (x if isinstance(x, np.ndarray) else np.asarray(x))
+        x = B.asarray(x)                   # a NumPy array passes unchanged on the CPU
         if x.dtype.kind != "f":
             raise ValueError(f"x must be a floating array (data scaled to [-1, 1]), got dtype {x.dtype} "
                              f"with shape {x.shape}")
