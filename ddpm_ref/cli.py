@@ -55,6 +55,7 @@ def _int_at_least(low: int, what: str):
 
 _positive_int = _int_at_least(1, "positive")
 _nonneg_int = _int_at_least(0, "non-negative")
+_sets = _int_at_least(2, "2 or more (sample sets; the standard error needs two)")
 
 
 def _float(s):
@@ -129,6 +130,9 @@ def _add_train_args(p, demo=False):
     g.add_argument("--batch", type=_positive_int, default=d.batch, help=f"batch size (default {d.batch})")
     g.add_argument("--lr", type=_float, default=d.lr, help=f"AdamW learning rate (default {d.lr})")
     g.add_argument("--warmup", type=_nonneg_int, default=d.warmup, help=f"warmup steps (default {d.warmup})")
+    g.add_argument("--lr-schedule", choices=("constant", "cosine", "linear"), default=d.lr_schedule,
+                   help="after the warmup: constant, or a cosine or linear decay to 0 at --steps "
+                        f"(default {d.lr_schedule})")
     g.add_argument("--grad-clip", type=_float, default=d.grad_clip,
                    help=f"global-norm clip, 0 for none (default {d.grad_clip})")
     g.add_argument("--weight-decay", type=_float, default=d.weight_decay)
@@ -233,17 +237,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "terms unless --bpd-timesteps), k-NN precision/recall (k=3) of samples "
                                    "against the test split beside the train-vs-test ceiling, near-copy "
                                    "share, and two likelihood baselines. 2-D data: energy distance of "
-                                   "samples to held-out data beside the floor between held-out draws "
-                                   "(medians over --floor-draws reference draws).")
+                                   "samples to held-out data beside the floor between two held-out draws, "
+                                   "as expected values over --sets sample sets, with their ratio and its "
+                                   "standard error.")
     p.add_argument("--ckpt", required=True, help="checkpoint.npz (or a run directory)")
     _add_sample_args(p, 1000, "ddim", "reverse steps (default: 100 for ddim, T for ddpm)")
     p.add_argument("--bpd-timesteps", type=_bpd_timesteps, default=None,
                    help="'all' (default: the full bound) or K for an unbiased K-term estimate")
     p.add_argument("--bpd-n", type=_positive_int, default=None, help="test images for bits/dim (default all)")
     p.add_argument("--no-bpd", action="store_true", help="skip bits/dim")
-    p.add_argument("--floor-draws", type=_positive_int, default=8,
-                   help="2-D data: held-out reference draws; the distance and the floor are medians over "
-                        "them (default 8; one draw's figures vary several-fold)")
+    p.add_argument("--sets", type=_sets, default=4,
+                   help="2-D data: sample sets of -n points (and as many held-out sets) that the expected "
+                        "distance and floor are estimated from (default 4; at least 2; the standard error "
+                        "falls like 1/sets)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_eval)
 
@@ -287,7 +293,8 @@ def _train_config(args, demo=False):
         prediction=prediction, variance="learned_range" if loss == "hybrid" else "fixed_small", loss=loss,
         weighting=weighting, timestep_sampler=ts, steps=steps, batch=args.batch, lr=args.lr,
         warmup=args.warmup, grad_clip=args.grad_clip if args.grad_clip and args.grad_clip > 0 else None,
-        weight_decay=args.weight_decay, ema_decay=args.ema, class_cond=class_cond, p_uncond=p_uncond,
+        weight_decay=args.weight_decay, lr_schedule=args.lr_schedule, ema_decay=args.ema,
+        class_cond=class_cond, p_uncond=p_uncond,
         hflip=hflip, seed=args.seed, checkpoint_every=args.checkpoint_every, log_every=args.log_every)
 
 
@@ -622,34 +629,33 @@ def cmd_eval(args):
                "n": args.n, "seed": args.seed, "ema": not args.no_ema and ck.ema is not None}
     test = load_dataset(data_name, split="test", seed=data_seed)
     if test.x.ndim == 2:
-        # The energy distance of n samples to a held-out draw of n points, beside the same figure for
-        # another held-out draw in the samples' place (the floor: what a perfect model would score).
-        # Both are noisy (over single draws of 5,000 points the floor spans several-fold), so each is
-        # the median over K reference draws r_k (the K seeds after the data seed):
-        # distance = median_k ED(x, r_k), floor = median_k ED(s_k, r_k), with s_k K further
-        # independent draws. The floor's stand-in samples change with k, as they must: a floor measured
-        # against one fixed draw keeps that draw's own deviation, which made even perfect samples
-        # score 0.4x to 1.5x "the floor" depending on the toy. What stays is the spread of the one
-        # sample set being judged, which no reference averaging removes.
-        n, k_draws = args.n, args.floor_draws
+        # The energy distance of n samples to n held-out points, beside the same figure for two held-out
+        # draws (the floor). One such figure is mostly noise (a perfect model's spreads over 0.5x-2x),
+        # so the reported figures are their expected values, estimated by metrics.energy_ratio from M
+        # sample sets (one sampling run of M * n samples, set j = samples j*n .. (j+1)*n - 1, so set 0
+        # is what `-n n` alone draws) and M held-out sets r_j (the toy's draws with the M seeds after
+        # the data seed), with a jackknife standard error. Single-set figures are kept in the JSON:
+        # ED(set j, r_j) and ED(s_j, r_j), s_j M further held-out draws.
+        n, sets = args.n, args.sets
         def draw(k):
             return load_dataset(data_name, split="test", seed=(data_seed + k) % 2**32, n=n).x
 
         nc = getattr(model.config, "num_classes", None)
-        x = _draw(model, schedule, params, tcfg, n, args,
-                  y=(np.arange(n) % nc).astype(np.int64) if nc else None)
-        dists, floors = [], []
-        for k in range(1, k_draws + 1):
-            rk = draw(k)
-            dists.append(metrics.energy_distance(x, rk))
-            floors.append(metrics.energy_distance(draw(k_draws + k), rk))
-        results.update(energy_distance=float(np.median(dists)), energy_floor=float(np.median(floors)),
-                       energy_distances=dists, energy_floors=floors, floor_draws=k_draws)
-        results["ratio_to_floor"] = results["energy_distance"] / max(results["energy_floor"], 1e-300)
-        _say(f"energy distance, {n} samples vs held-out: {results['energy_distance']:.5f}  "
-             f"(floor, held-out vs held-out: {results['energy_floor']:.5f}; ratio "
-             f"{results['ratio_to_floor']:.2f}; medians over {k_draws} reference draws, floor range "
-             f"{min(floors):.5f}-{max(floors):.5f})")
+        x = _draw(model, schedule, params, tcfg, n * sets, args,
+                  y=(np.arange(n * sets) % nc).astype(np.int64) if nc else None)
+        xs = [x[j * n:(j + 1) * n] for j in range(sets)]
+        refs = [draw(1 + j) for j in range(sets)]
+        est = metrics.energy_ratio(xs, refs, n=n)
+        single = [metrics.energy_distance(a, r) for a, r in zip(xs, refs)]
+        single_floor = [metrics.energy_distance(draw(1 + sets + j), r) for j, r in enumerate(refs)]
+        results.update(energy_distance=est.distance, energy_floor=est.floor, ratio_to_floor=est.ratio,
+                       ratio_stderr=est.ratio_stderr, population_energy_distance=est.population, sets=sets,
+                       n_total=n * sets, single_set_distances=single, single_set_floors=single_floor)
+        _say(f"energy distance, {n} samples vs {n} held-out, expected: {est.distance:.3e}  (floor, "
+             f"held-out vs held-out: {est.floor:.3e}); ratio {est.ratio:.3f} +- {est.ratio_stderr:.3f} "
+             f"(from {sets} sets of {n}; the distributions' own energy distance {est.population:.2e})")
+        _say(f"single sets of {n}, for scale: distance {min(single):.2e}-{max(single):.2e}, "
+             f"floor {min(single_floor):.2e}-{max(single_floor):.2e}")
     else:
         train = load_dataset(data_name, split="train", seed=data_seed)
         if not args.no_bpd:

@@ -634,7 +634,7 @@ def train(cfg, run_dir, resume: bool = False, force: bool = False, progress: boo
     once this many steps are done; ``time_limit``: seconds of training in this call. ``device``:
     "cpu" (the NumPy reference) or "gpu" (``ddpm_ref.kernels``; a run may resume on either).
     """
-    from .data import load_dataset
+    from .data import TOYS, load_dataset
 
     if isinstance(cfg, dict):
         cfg = TrainConfig.from_dict(cfg)
@@ -652,7 +652,10 @@ def train(cfg, run_dir, resume: bool = False, force: bool = False, progress: boo
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{ckpt_path}: its training configuration is unusable ({e})") from None
         if dataset is None:
-            dataset = load_dataset(saved.data, split="train", seed=saved.data_seed)
+            # a toy run resumes on as many points as it was trained on (older runs: 10,000)
+            n_saved = ckpt.config.get("data", {}).get("n_train")
+            toy_n = int(n_saved) if saved.data in TOYS and isinstance(n_saved, int) else None
+            dataset = load_dataset(saved.data, split="train", seed=saved.data_seed, n=toy_n)
         tr = Trainer.from_checkpoint(ckpt, dataset, steps=steps if steps is not None else saved.steps,
                                      device=device)
         _truncate_metrics(run_dir, tr.step)

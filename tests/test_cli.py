@@ -138,31 +138,29 @@ def test_toy_train_sample_eval(tmp_path, capsys):
     assert r["energy_distance"] > 0 and r["energy_floor"] > 0
     # 3 training steps are far from the data: much worse than two held-out draws
     assert r["ratio_to_floor"] > 1.2 and "energy distance" in out
-    # the figures are medians over the reference draws (8 by default), each recorded
-    assert r["floor_draws"] == 8 and len(r["energy_distances"]) == len(r["energy_floors"]) == 8
-    assert r["energy_distance"] == float(np.median(r["energy_distances"]))
-    assert r["energy_floor"] == float(np.median(r["energy_floors"]))
-    # the definition: reference draws r_k at the seeds after the data seed's; the floor puts K further
-    # independent draws s_k in the samples' place (no fixed draw), floor_k = ED(s_k, r_k)
+    assert "+-" in out and "single sets" in out
+    # expected figures from 4 sample sets (the default) of -n points and 4 held-out sets, recomputed
+    # here from the definition: set j is samples j*n..(j+1)*n-1 of one 4n-sample run with --seed;
+    # the held-out sets are the toy's test draws with the seeds after the data seed (0)
     from ddpm_ref import metrics
     from ddpm_ref.data import load_dataset
 
     def held_out(k):
-        return load_dataset("moons", split="test", seed=k, n=200).x    # data seed 0
+        return load_dataset("moons", split="test", seed=k, n=200).x
 
-    for k in (1, 8):
-        assert r["energy_floors"][k - 1] == metrics.energy_distance(held_out(8 + k), held_out(k))
-    # a held-out draw is the same points whatever else is drawn: the distance to one reference draw
-    # is the first of the eight
-    js1 = d / "e1.json"
-    rc, out, err = _run(capsys, "eval", "--ckpt", d, "-n", "200", "--steps", "5", "--floor-draws", "1",
-                        "--json", js1)
+    assert r["sets"] == 4 and r["n_total"] == 800
+    rc, out, err = _run(capsys, "sample", "--ckpt", d, "-n", "800", "--sampler", "ddim", "--steps", "5",
+                        "--out", d / "s800")
     assert rc == 0, err
-    r1 = json.loads(js1.read_text())
-    assert r1["energy_distance"] == r["energy_distances"][0]
-    assert r1["energy_floor"] == metrics.energy_distance(held_out(2), held_out(1))
-    code, err = _usage_error(capsys, "eval", "--ckpt", d, "--floor-draws", "0")
-    assert code == 2 and "--floor-draws" in err
+    x = np.load(d / "s800.npy")
+    est = metrics.energy_ratio([x[j * 200:(j + 1) * 200] for j in range(4)], [held_out(1 + j) for j in range(4)])
+    assert r["energy_distance"] == est.distance and r["energy_floor"] == est.floor
+    assert r["ratio_to_floor"] == est.ratio and r["ratio_stderr"] == est.ratio_stderr > 0
+    # single sets for scale: ED(set j, r_j) beside ED(s_j, r_j), s_j the held-out draws after those
+    assert r["single_set_distances"][2] == metrics.energy_distance(x[400:600], held_out(3))
+    assert r["single_set_floors"][3] == metrics.energy_distance(held_out(8), held_out(4))
+    code, err = _usage_error(capsys, "eval", "--ckpt", d, "--sets", "1")
+    assert code == 2 and "--sets" in err and "'1'" in err
 
 
 def test_forward_strip(tmp_path, capsys):

@@ -128,7 +128,7 @@ def test_toy_shapes_follow_their_definitions():
 
 def test_toy_load_dataset_splits_and_errors():
     tr, te = load_dataset("moons"), load_dataset("moons", "test")
-    assert tr.x.shape == (10000, 2) and te.x.shape == (5000, 2) and tr.y is None and tr.num_classes == 0
+    assert tr.x.shape == (1_000_000, 2) and te.x.shape == (5000, 2) and tr.y is None and tr.num_classes == 0
     assert not tr.is_image and tr.levels is None
     assert not np.array_equal(tr.x[:5000], te.x)             # test is a different rng step
     te2 = load_dataset("moons", "test", seed=1)              # the second held-out draw

@@ -101,6 +101,66 @@ def test_energy_distance_toy_floor_is_small_and_a_shift_is_not():
     assert M.energy_distance(a, b + np.float32(0.5)) > 20 * floor     # a 0.5 shift: ~0.3
 
 
+def _naive_energy_ratio(xs, ys, n):
+    """The definition, by explicit all-pairs loops: U-statistics over the pooled sets."""
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    dxy, dxx, dyy = _naive_dist(x, y), _naive_dist(x, x), _naive_dist(y, y)
+    a_p = dxx.sum() / (len(x) * (len(x) - 1))                     # pairs of distinct points only
+    a_q = dyy.sum() / (len(y) * (len(y) - 1))
+    pop = 2 * dxy.mean() - a_p - a_q
+    return pop + (a_p + a_q) / n, 2 * a_q / n, pop
+
+
+def test_energy_ratio_matches_the_definition_and_its_jackknife():
+    g = np.random.default_rng(5)
+    xs = [g.normal(size=(k, 2)) + 0.3 for k in (30, 25, 40)]         # unequal set sizes are allowed
+    ys = [g.normal(size=(k, 2)) for k in (20, 35, 30)]
+    r = M.energy_ratio(xs, ys, n=50, max_elements=7)
+    dist, floor, pop = _naive_energy_ratio(xs, ys, 50)
+    assert (r.distance, r.floor, r.population) == pytest.approx((dist, floor, pop), rel=1e-10)
+    assert r.ratio == pytest.approx(dist / floor, rel=1e-10) and (r.n, r.sets) == (50, 3)
+    jack = [np.divide(*_naive_energy_ratio(xs[:j] + xs[j + 1:], ys[:j] + ys[j + 1:], 50)[:2]) for j in range(3)]
+    assert r.ratio_stderr == pytest.approx(np.sqrt(2 / 3 * np.sum((np.array(jack) - np.mean(jack)) ** 2)),
+                                           rel=1e-8)
+    assert M.energy_ratio(xs, ys).n == 30                            # default n: the first set's size
+
+
+def test_energy_ratio_expectations_hold_on_a_toy():
+    # The floor is E[ED(two held-out draws of n)] = 2 E|Y - Y'| / n. Its check: the mean of 300
+    # independent single-draw figures (n = 100) matches it to within 3 standard errors of that mean
+    # (the figures' coefficient of variation is about 0.8, so 3 se ~ 14%).
+    def moons(seed, n):
+        return load_dataset("moons", "test", seed=seed, n=n).x
+
+    singles = np.array([M.energy_distance(moons(2 * i, 100), moons(2 * i + 1, 100)) for i in range(300)])
+    est = M.energy_ratio([moons(1000 + j, 2000) for j in range(4)], [moons(2000 + j, 2000) for j in range(4)],
+                         n=100)
+    se_mean = singles.std(ddof=1) / np.sqrt(singles.size)
+    assert abs(singles.mean() - est.floor) < 3 * se_mean
+    # held-out draws in the samples' place: a perfect model, ratio 1 within a few standard errors
+    assert abs(est.ratio - 1) < 4 * est.ratio_stderr + 0.02
+    # a shifted model is seen, far beyond its standard error (measured: 26 +- 2.8): a 0.1 shift adds
+    # D ~ 0.014 to E[ED], 25 times the floor at n = 5,000
+    shifted = M.energy_ratio([moons(1000 + j, 2000) + np.float32(0.1) for j in range(4)],
+                             [moons(2000 + j, 2000) for j in range(4)], n=5000)
+    assert shifted.ratio > 5 and (shifted.ratio - 1) > 5 * shifted.ratio_stderr
+    assert shifted.population > 0
+
+
+def test_energy_ratio_errors():
+    a = np.zeros((5, 2))
+    with pytest.raises(ValueError, match="same number"):
+        M.energy_ratio([a], [a])
+    with pytest.raises(ValueError, match="same number"):
+        M.energy_ratio([a, a], [a, a, a])
+    with pytest.raises(ValueError, match="dimension"):
+        M.energy_ratio([a, a], [a, np.zeros((5, 3))])
+    with pytest.raises(ValueError, match="at least 2 points"):
+        M.energy_ratio([a, a[:1]], [a, a])
+    with pytest.raises(ValueError, match="n must be"):
+        M.energy_ratio([a, a], [a, a], n=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Near-copies
 

@@ -120,6 +120,17 @@ def test_metrics_past_the_checkpoint_are_dropped_on_resume(tmp_path):
     assert all(r["loss"] != 9.0 for r in recs)
 
 
+def test_toy_run_resumes_on_its_own_number_of_points(tmp_path):
+    # Runs made before the toys' default training set grew (10,000 -> 1,000,000 points) resume on the
+    # points they were trained on: the checkpoint's n_train picks the draw (the first n points of it).
+    cfg = TrainConfig(data="moons", model="mlp", preset="tiny", T=10, steps=4, batch=8, checkpoint_every=2)
+    train(cfg, tmp_path, progress=False, dataset=_moons(300), stop_at=2)
+    tr = train(None, tmp_path, resume=True, progress=False)             # no dataset: loaded as saved
+    assert tr.step == 4 and tr.x.shape == (300, 2)
+    np.testing.assert_array_equal(tr.x, _moons(300).x)
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME).config["data"]["n_train"] == 300
+
+
 # ------------------------------------------------------------------------------------ gradients
 
 def _fd_check(tr, params64, direction, which="loss", step=0, h=1e-5):
