@@ -248,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bpd", action="store_true", help="skip bits/dim")
     p.add_argument("--sets", type=_sets, default=4,
                    help="2-D data: sample sets of -n points (and as many held-out sets) that the expected "
-                        "distance and floor are estimated from (default 4; at least 2; the standard error "
-                        "falls like 1/sets)")
+                        "distance and floor are estimated from (default 4; at least 2; more sets cost "
+                        "sampling time and shrink the standard error, about like 1/sets for a good model)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_eval)
 
