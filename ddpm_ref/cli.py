@@ -637,6 +637,9 @@ def cmd_eval(args):
         # the data seed), with a jackknife standard error. Single-set figures are kept in the JSON:
         # ED(set j, r_j) and ED(s_j, r_j), s_j M further held-out draws.
         n, sets = args.n, args.sets
+        if n < 2:
+            raise ValueError(f"-n {n}: 2-D evaluation needs at least 2 samples per set")
+
         def draw(k):
             return load_dataset(data_name, split="test", seed=(data_seed + k) % 2**32, n=n).x
 

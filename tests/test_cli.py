@@ -161,6 +161,8 @@ def test_toy_train_sample_eval(tmp_path, capsys):
     assert r["single_set_floors"][3] == metrics.energy_distance(held_out(8), held_out(4))
     code, err = _usage_error(capsys, "eval", "--ckpt", d, "--sets", "1")
     assert code == 2 and "--sets" in err and "'1'" in err
+    rc, out, err = _run(capsys, "eval", "--ckpt", d, "-n", "1")
+    assert rc == 1 and "-n 1" in err and "at least 2 samples" in err and "sampling" not in err
 
 
 def test_forward_strip(tmp_path, capsys):
