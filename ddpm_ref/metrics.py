@@ -70,8 +70,8 @@ from . import rng
 
 __all__ = [
     "PrecisionRecall", "NearCopies", "pairwise_sq_distances", "knn_radii", "nearest_distances",
-    "coverage", "precision_recall", "energy_distance", "EnergyRatio", "energy_ratio", "near_copy_share", "levels_index",
-    "gaussian_bpd", "histogram_bpd", "digits_baselines", "NEAR_COPY_RATIO", "DEQUANT_STEP",
+    "coverage", "precision_recall", "energy_distance", "EnergyRatio", "energy_ratio", "near_copy_share",
+    "levels_index", "gaussian_bpd", "histogram_bpd", "digits_baselines", "NEAR_COPY_RATIO", "DEQUANT_STEP",
 ]
 
 DEFAULT_MAX_ELEMENTS = 1 << 20           # distances per chunk (8 MiB of float64)
@@ -250,7 +250,7 @@ def energy_ratio(sample_sets, reference_sets, n=None, max_elements: int = DEFAUL
     ``energy_distance(x, r)`` of one set of n samples against one held-out set of n points is a very
     noisy figure: it is dominated by the few low-order moments (means, mode weights) of the two sets,
     so even for a perfect model it spreads over about 0.5x to 2x its mean (measured on the toys), and
-    the mean of 16 such figures is still off by +-30%. This function estimates what the figure is on
+    a ratio of the means of 16 such figures still came out 1.39 for one perfect-model trial. This function estimates what the figure is on
     average, from M sample sets and M held-out sets, with much less noise.
 
     For the V-statistic of :func:`energy_distance` on n points from P (samples) and m from Q (data),
@@ -310,6 +310,8 @@ def energy_ratio(sample_sets, reference_sets, n=None, max_elements: int = DEFAUL
         dist, floor = pop + (a_p + a_q) / n, 2.0 * a_q / n
         return dist, floor, dist / floor, pop
 
+    if not syy.sum() > 0:
+        raise ValueError("the reference sets have no spread (all points equal): the floor is 0")
     dist, floor, ratio, pop = estimate(np.ones(M, dtype=bool))
     jack = np.array([estimate(np.arange(M) != j)[2] for j in range(M)])
     se = float(np.sqrt((M - 1) / M * np.sum((jack - jack.mean()) ** 2)))

@@ -159,6 +159,8 @@ def test_energy_ratio_errors():
         M.energy_ratio([a, a[:1]], [a, a])
     with pytest.raises(ValueError, match="n must be"):
         M.energy_ratio([a, a], [a, a], n=0)
+    with pytest.raises(ValueError, match="no spread"):
+        M.energy_ratio([a + 1, a], [a, a])
 
 
 # ---------------------------------------------------------------------------------------------
