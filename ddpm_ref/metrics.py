@@ -209,8 +209,8 @@ def precision_recall(real, fake, k: int = 3, max_elements: int = DEFAULT_MAX_ELE
     return PrecisionRecall(float(precision), float(recall))
 
 
-def _mean_distance(a, b, max_elements: int) -> float:
-    """Mean of |a_i - b_j| over all N * M pairs (including i = j when a is b)."""
+def _sum_distances(a, b, max_elements: int) -> float:
+    """Sum of |a_i - b_j| over all N * M pairs (including i = j when a is b), float64."""
     b_sq = (b * b).sum(1)
     total = 0.0
     # In few dimensions, small chunks (at most 2**14 pairs) keep the temporaries in cache (4x faster).
@@ -218,7 +218,12 @@ def _mean_distance(a, b, max_elements: int) -> float:
     step = _chunk_rows(b.shape[0], min(int(max_elements), cap))
     for i0 in range(0, a.shape[0], step):
         total += float(np.sqrt(pairwise_sq_distances(a[i0:i0 + step], b, None, b_sq)).sum())
-    return total / (a.shape[0] * b.shape[0])
+    return total
+
+
+def _mean_distance(a, b, max_elements: int) -> float:
+    """Mean of |a_i - b_j| over all N * M pairs (including i = j when a is b)."""
+    return _sum_distances(a, b, max_elements) / (a.shape[0] * b.shape[0])
 
 
 def energy_distance(a, b, max_elements: int = DEFAULT_MAX_ELEMENTS) -> float:
@@ -238,10 +243,6 @@ def energy_distance(a, b, max_elements: int = DEFAULT_MAX_ELEMENTS) -> float:
     aa = _mean_distance(a, a, max_elements)
     bb = _mean_distance(b, b, max_elements)
     return float(max(2.0 * ab - aa - bb, 0.0))
-
-
-def _sum_distances(a, b, max_elements: int) -> float:
-    return _mean_distance(a, b, max_elements) * (a.shape[0] * b.shape[0])
 
 
 def energy_ratio(sample_sets, reference_sets, n=None, max_elements: int = DEFAULT_MAX_ELEMENTS) -> EnergyRatio:
