@@ -44,8 +44,8 @@ def _median_ms(fn, runs):
     return stats(interleaved({"call": fn}, runs, warmup=1)["call"])["median_ms"]
 
 
-def sweep(shapes, runs):
-    """Yields (shape, auto path, {path: (forward ms, backward ms)})."""
+def sweep(shapes, runs, forward_only=False):
+    """Yields (shape, auto path, {path: (forward ms, backward ms)}); backward 0 with forward_only."""
     rng = np.random.default_rng(0)
     for N, C, H, O, stride in shapes:
         x = rng.standard_normal((N, C, H, H)).astype(np.float32)
@@ -66,6 +66,7 @@ def sweep(shapes, runs):
                 y, cache = conv_mod.conv2d_forward(x, w, b, stride, pad)
                 dy = np.cos(y)
                 times[path] = (_median_ms(lambda: conv_mod.conv2d_forward(x, w, b, stride, pad), runs),
+                               0.0 if forward_only else
                                _median_ms(lambda: conv_mod.conv2d_backward(dy, cache), runs))
         finally:
             conv_mod._FORCED_PATH = old
@@ -76,13 +77,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=15, help="timed calls per path and direction (default 15)")
     ap.add_argument("--quick", action="store_true", help="3 runs and the digits shapes only (a smoke run)")
+    ap.add_argument("--forward", action="store_true",
+                    help="time the forward pass only (what sampling pays); backward shows as 0")
     args = ap.parse_args(argv)
     if args.runs < 1:
         ap.error(f"--runs must be >= 1, got {args.runs}")
     shapes, runs = (SHAPES[:10], 3) if args.quick else (SHAPES, args.runs)
     print(f"{'(N, C, H, O, stride)':24s} {'auto':8s} {'best':8s} auto/best  {'best fwd':8s}  "
           "ms per path (forward + backward); best: fwd+bwd (training), best fwd: sampling")
-    for shape, auto, times in sweep(shapes, runs):
+    for shape, auto, times in sweep(shapes, runs, args.forward):
         total = {p: f + b for p, (f, b) in times.items()}
         best = min(total, key=total.get)
         best_fwd = min(times, key=lambda p: times[p][0])

@@ -223,22 +223,24 @@ def test_conv_backward_without_input_grad(path, k, stride, pad):
     (128, 16, 8, 16, 1, "shift"),     # its 8x8 level: many rows, so no im2col
     (8, 256, 4, 256, 1, "im2col"),    # cifar's 4x4 level at batch 8: the dense matrix is too big
     (8, 256, 8, 256, 1, "winograd"),  # cifar's 8x8 level at batch 8 (backward: im2col, 64 rows)
-    (64, 64, 8, 64, 1, "shift"),      # the small preset's 8x8 level at batch 64
-    (8, 128, 32, 128, 1, "shift"),    # cifar's 32x32 level
+    (64, 64, 8, 64, 1, "winograd"),   # the small preset's 8x8 level at batch 64
+    (8, 128, 32, 128, 1, "winograd"), # cifar's 32x32 level
     (8, 128, 32, 128, 2, "im2col"),   # cifar's first downsampler
     (64, 32, 16, 1, 1, "shift"),      # small's conv_out at batch 64: 16x16 is too big for dense
     (64, 1, 16, 32, 1, "im2col"),     # small's conv_in: a tiny column buffer
     (4, 3, 32, 128, 1, "im2col"),     # cifar's conv_in at sampling batch 4
-    (16, 32, 8, 64, 1, "shift"),      # small's 8x8 level at sampling batch 16: 128 rows
+    (16, 32, 8, 64, 1, "winograd"),   # small's 8x8 level at sampling batch 16, 32 channels in
     (16, 64, 8, 64, 1, "winograd"),   # ... with 64 channels in and out
     (16, 128, 8, 64, 1, "winograd"),  # ... its widest 8x8 conv
-    (16, 32, 16, 32, 1, "shift"),     # small's 16x16 level: too few channels for winograd
+    (16, 32, 16, 32, 1, "winograd"),  # small's 16x16 level (0.9x shift's time)
     (4, 256, 8, 256, 1, "winograd"),  # cifar's 8x8 level at sampling batch 4
     (4, 512, 16, 256, 1, "winograd"), # cifar's 16x16 level at sampling batch 4
     (8, 256, 16, 256, 1, "winograd"), # ... and at training batch 8 (2048 output pixels)
-    (4, 128, 32, 128, 1, "shift"),    # cifar's 32x32 level: winograd did not win there ...
-    (4, 256, 32, 128, 1, "winograd"), # ... except with 256+ input channels (its up path)
-    (8, 256, 32, 128, 1, "shift"),    # ... at sampling batches only (8192 pixels: not measured)
+    (4, 128, 32, 128, 1, "winograd"), # cifar's 32x32 level at sampling batch 4 ...
+    (4, 256, 32, 128, 1, "winograd"), # ... its up path
+    (8, 256, 32, 128, 1, "winograd"), # ... and at training batch 8
+    (128, 16, 8, 16, 1, "shift"),     # 16 channels: winograd's transforms outweigh its GEMMs
+    (16, 32, 64, 32, 1, "shift"),     # 64x64 images: not measured, left to the shift path
     (4, 512, 4, 256, 1, "im2col"),    # cifar's 4x4 level at sampling batch 4
 ])
 def test_conv_path_choice_at_preset_shapes(N, C, H, O, stride, path):
@@ -271,6 +273,31 @@ def test_conv_winograd_float32_accuracy(shape):
         errors[path] = np.abs(y - ref).max() / np.abs(ref).max()
     assert errors["winograd"] < 1e-5
     assert errors["winograd"] < 10 * max(errors["shift"], 1e-7)
+
+
+def test_conv_winograd_chunks_match_one_chunk(monkeypatch):
+    """The winograd path transforms the batch in chunks of images; chunks of 2 images with a
+    shorter last one (N = 5) give the whole-batch result bit for bit, including a per-sample
+    ``temb`` (the bias is then (N, O, 1, 1) and is sliced per chunk) and a residual."""
+    rng = np.random.default_rng(15)
+    N, C, H, W, O = 5, 6, 9, 8, 7
+    x = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    w = rng.standard_normal((O, C, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(O).astype(np.float32)
+    temb = rng.standard_normal((N, O)).astype(np.float32)
+    res = rng.standard_normal((N, O, H, W)).astype(np.float32)
+    with force_path("winograd"):
+        monkeypatch.setattr(conv_mod, "_WINOGRAD_CHUNK_ELEMENTS", 1 << 30)
+        y1 = conv2d_forward(x, w, b, temb=temb, residual=res)[0]
+        tiles = ((H + 1) // 2) * ((W + 1) // 2)
+        monkeypatch.setattr(conv_mod, "_WINOGRAD_CHUNK_ELEMENTS", 2 * 16 * tiles * C)
+        monkeypatch.setattr(conv_mod, "_WINOGRAD_MIN_TILES", 1)
+        y2, cache = conv2d_forward(x, w, b, temb=temb, residual=res)
+    assert cache["path"] == "winograd"
+    np.testing.assert_array_equal(y1, y2)
+    ref = conv2d_forward(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64),
+                         temb=temb.astype(np.float64), residual=res.astype(np.float64))[0]
+    assert np.abs(y2 - ref).max() < 1e-4 * np.abs(ref).max()
 
 
 def test_conv_winograd_backward_follows_the_copy_path():

@@ -57,8 +57,8 @@ pass, freed before the input-gradient GEMM allocates its own).
   3x3 conv, 32 -> 32 channels, batch 128, spent ~75% of its forward time copying). Chosen by
   ``_dense_wins``; the matrix lives in the cache (at most _DENSE_MAX_ELEMENTS).
 
-* "winograd" (3x3, stride 1, padding 1, forward only: the 8x8 and 16x16 levels with 64+ channels
-  and the 32x32 level with 256+ input channels, at small batches, where sampling spends its time): Winograd's minimal filtering
+* "winograd" (3x3, stride 1, padding 1, forward only: every such conv from 8x8 to 32x32 with at
+  least 32 input and output channels, which is most of the U-Net's work): Winograd's minimal filtering
   F(2x2, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks", eq. 8).
   Each 2x2 output tile is ``Y = A^T [ (G g G^T) * (B^T d B) ] A`` summed over input channels, with
   d the 4x4 input tile around it (tiles overlap by 2), g the 3x3 kernel and ``*`` elementwise:
@@ -70,16 +70,19 @@ pass, freed before the input-gradient GEMM allocates its own).
   so the channel sum becomes 16 GEMMs ``M[k] = V[k] (tiles, C) @ U[k]^T (C, O)`` (k = the 16
   positions of the 4x4 transformed tile) with 16 multiplications per tile instead of 36: 2.25x
   fewer flops than the other paths, paid for by the transforms (adds and subtracts over
-  channel-last arrays, so that every NumPy loop runs over N*C or N*O contiguous values) and two
-  transposing copies (NCHW in and out). Rounding: the transforms add up to 4 terms (input) and
+  channel-last parity planes of the padded input, see _winograd_block, so that every NumPy loop
+  runs over runs of at least W/2*C contiguous values and each transform stage is four array
+  operations) and two transposing copies (NCHW in and out, one (C, HW) <-> (HW, C) transpose per
+  image). The batch goes through in chunks of images sized for the cache (_WINOGRAD_CHUNK_ELEMENTS).
+  Rounding: the transforms add up to 4 terms (input) and
   9 (output) before and after the GEMM, and G has halves: float32 results differ from the
   direct sum by a few ulps more than the other paths (measured ~2x their error against float64).
   The backward pass is that of the path chosen without it ("shift" or "im2col"), on that path's
   input layout rebuilt from the cached x (one copy of x).
   Chosen by ``_winograd_wins`` from the sweep of benchmarks/conv_paths.py.
 
-Python loops run over the kh*kw kernel offsets only (and the 4x4 tile positions of the Winograd
-transforms), never over batch, pixels or channels.
+Python loops run over the kh*kw kernel offsets only (and the four parity planes and the image
+chunks of the Winograd path), never over pixels or channels.
 """
 import functools
 import os
@@ -113,20 +116,26 @@ _DENSE_MAX_ELEMENTS = 1 << 22
 # 98% zeros and the shift path won by 6x (small's conv_out at batch 64), which the cost model of
 # _dense_wins, written against im2col, does not see.
 _DENSE_MAX_PIXEL_PAIRS = 64 * 64
-# The "winograd" path (see _winograd_wins): 3x3, stride 1, padding 1, images from 8x8 to 16x16, at
-# least 64 input and output channels, and at most this many output pixels in the batch (N*Ho*Wo).
-# Measured (one thread, float32, forward CPU time, benchmarks/conv_paths.py): winograd / best other
-# path 0.6-0.7 at small's 8x8 convs at batch 16 (64-128 -> 64 channels, 1024 pixels), 0.7-0.8 at
-# cifar's 16x16 convs at batch 4 and 8 (256-512 -> 256, 1024-2048 pixels), 0.7-0.9 at cifar's 8x8;
-# it lost at 16x16 with 32-64 channels (1.15x: the transforms outweigh the GEMMs with few
-# channels), at small's 8x8 at batch 64 (4096 pixels: 1.3x, the shift path's long GEMMs are
-# efficient there), at 4x4 (1.15x) and at cifar's 32x32 level with 128 input channels (1.0x); at
-# that level it won with 256+ input channels (0.84-0.91 at batch 4: 256/384 -> 128, 256 -> 256),
-# hence the second rule (up to 32x32 and 4096 output pixels for 256+ input channels).
-_WINOGRAD_MAX_PIXELS = 2048
-_WINOGRAD_MIN_CHANNELS = 64
-_WINOGRAD_WIDE_MIN_CHANNELS = 256
-_WINOGRAD_WIDE_MAX_PIXELS = 4096
+# The "winograd" path (see _winograd_wins): 3x3, stride 1, padding 1, images from 8x8 to 32x32 and
+# at least 32 input and output channels, at any batch. Measured (one thread, float32, forward
+# wall time, medians of interleaved runs, the parity-plane transforms of _winograd_block):
+# winograd / best other path 0.62-0.68 at small's 8x8 convs at batch 16 (32-128 -> 64
+# channels: 0.82 with 32 in), 0.89-0.95 at its 16x16 convs (32-96 -> 32), 0.77 at 64 -> 64;
+# 0.59-0.65 at its 8x8 level and 0.76-0.86 at its 16x16 level at batch 64; 0.64-0.78 at cifar's
+# 8x8 and 16x16 levels at batch 4 and 8, 0.71-0.82 at its 32x32 level (128-256 -> 128); 0.63-0.76
+# at the digits shapes with 32 channels (batch 128 and 500). With 16 channels it was a tie
+# (0.82 to 1.07), and at 4x4 the dense path (checked first) is faster over forward + backward.
+_WINOGRAD_MIN_CHANNELS = 32
+_WINOGRAD_MIN_SIZE = 8
+_WINOGRAD_MAX_SIZE = 32
+# _winograd transforms the batch in chunks of images whose transformed input (16 values per 2x2
+# tile and channel: 4x the input) holds at most about this many elements (1 MB in float32), so that
+# the transforms and GEMMs of a chunk stay in cache, but of at least _WINOGRAD_MIN_TILES tiles,
+# so that each of the 16 GEMMs has that many rows. Measured at small's 16x16 convs at batch 16
+# (64 -> 32 and 64 -> 64 channels): 0.78-0.85x the time of one chunk for the whole batch; cifar's
+# 8x8 level with 512 channels at batch 4 was 1.4x slower in chunks of 32 tiles than of 64.
+_WINOGRAD_CHUNK_ELEMENTS = 1 << 18
+_WINOGRAD_MIN_TILES = 256
 # Tests set this to "shift", "im2col", "dense" or "winograd" to force a path (None: choose; "shift"
 # and "winograd" need stride 1 and fall back to "im2col" otherwise, "winograd" also needs a 3x3
 # kernel with padding 1 and falls back to "shift"). Unpadded 1x1 convs always take "pointwise".
@@ -212,13 +221,10 @@ def _dense_wins(N, C, O, H, W, Ho, Wo, kh, kw):
 
 def _winograd_wins(N, C, O, H, W):
     """Whether a 3x3 stride-1 "same" conv should take the "winograd" path (see
-    _WINOGRAD_MAX_PIXELS for the measurements behind the bounds)."""
-    if H < 8 or W < 8 or min(C, O) < _WINOGRAD_MIN_CHANNELS:
-        return False
-    if H <= 16 and W <= 16 and N * H * W <= _WINOGRAD_MAX_PIXELS:
-        return True
-    return (H <= 32 and W <= 32 and C >= _WINOGRAD_WIDE_MIN_CHANNELS
-            and N * H * W <= _WINOGRAD_WIDE_MAX_PIXELS)
+    _WINOGRAD_MIN_CHANNELS for the measurements behind the bounds; N does not matter: the
+    transforms work in chunks of images)."""
+    return (_WINOGRAD_MIN_SIZE <= min(H, W) and max(H, W) <= _WINOGRAD_MAX_SIZE
+            and min(C, O) >= _WINOGRAD_MIN_CHANNELS)
 
 
 def _choose_path(N, C, O, H, W, Ho, Wo, kh, kw, stride, pads):
@@ -418,48 +424,89 @@ _WINOGRAD_GG.flags.writeable = False
 
 def _winograd(x, w, bias):
     """3x3 "same" convolution of x (N, C, H, W) by F(2x2, 3x3) (module docstring), plus ``bias``
-    ((1 or N, O, 1, 1) or None). Odd H or W: the last tile row/column is computed and cropped."""
+    ((1 or N, O, 1, 1) or None), in chunks of images (_WINOGRAD_CHUNK_ELEMENTS)."""
     N, C, H, W = x.shape
     O = w.shape[0]
     dt = x.dtype
-    th, tw = (H + 1) // 2, (W + 1) // 2                                   # 2x2 output tiles
-    # Padded input, channel-last: xp[r, s, n, c] = x[n, c, r - 1, s - 1] (zero outside).
-    xp = np.zeros((2 * th + 2, 2 * tw + 2, N, C), dtype=dt)               # (Hp, Wp, N, C)
-    xp[1:H + 1, 1:W + 1] = x.transpose(2, 3, 0, 1)
-    # V = B^T d B for every tile: B^T on the tiles' rows (row i of tile (p, q) is row 2p + i) ...
-    r = [xp[i:i + 2 * th:2] for i in range(4)]                            # 4 x (th, Wp, N, C)
-    rows = (r[0] - r[2], r[1] + r[2], r[2] - r[1], r[1] - r[3])           # B^T d, 4 x (th, Wp, N, C)
-    del xp, r
-    V = np.empty((4, 4, th, tw, N, C), dtype=dt)                          # (4, 4, th, tw, N, C)
-    for a, t in enumerate(rows):                                          # ... then on their columns
-        c = [t[:, j:j + 2 * tw:2] for j in range(4)]                      # 4 x (th, tw, N, C)
-        np.subtract(c[0], c[2], out=V[a, 0])
-        np.add(c[1], c[2], out=V[a, 1])
-        np.subtract(c[2], c[1], out=V[a, 2])
-        np.subtract(c[1], c[3], out=V[a, 3])
-    del rows, t, c
     U = (_WINOGRAD_GG.astype(dt) @ w.reshape(O * C, 9).T).reshape(16, O, C)   # G g G^T, (16, O, C)
-    P = th * tw * N                                                       # tiles in the batch
+    y = np.empty((N, O, H, W), dtype=dt)
+    tiles = ((H + 1) // 2) * ((W + 1) // 2)                              # 2x2 tiles per image
+    nb = max(1, _WINOGRAD_CHUNK_ELEMENTS // (16 * tiles * C), -(-_WINOGRAD_MIN_TILES // tiles))
+    nb = min(N, nb)
+    for n0 in range(0, N, nb):
+        n1 = min(N, n0 + nb)
+        b = bias if bias is None or bias.shape[0] == 1 else bias[n0:n1]
+        _winograd_block(x[n0:n1], U, b, y[n0:n1])
+    return y
+
+
+def _winograd_block(x, U, bias, y):
+    """3x3 "same" convolution of x (N, C, H, W) by F(2x2, 3x3) (module docstring), plus ``bias``
+    ((1 or N, O, 1, 1) or None). Odd H or W: the last tile row/column is computed and cropped.
+
+    Layout (chosen so that every NumPy loop runs over long contiguous runs): the zero-padded input
+    is split by row and column parity into four channel-last planes per image,
+    ``Q[r % 2, s % 2, n, r // 2, s // 2, c] = xpad[n, c, r, s]``. Tile (p, q) reads padded rows
+    2p..2p+3, which are rows p, p and p+1, p+1 of the even and odd planes, and likewise for
+    columns, so every term of ``B^T d B`` is a slice of a plane shifted by 0 or 1 along one axis
+    (no stride-2 gathers), and each transform stage is four array operations covering all tiles,
+    planes and positions at once. Tiles are ordered (n, p, q), so the output tiles assemble into a
+    channel-last (N, H, W, O) array whose copy into NCHW is one (HW, O) -> (O, HW) transpose per
+    image.
+    """
+    N, C, H, W = x.shape
+    O = U.shape[1]
+    dt = x.dtype
+    th, tw = (H + 1) // 2, (W + 1) // 2                                   # 2x2 output tiles
+    # Parity planes: x row i is padded row i + 1, so odd rows of x land on the even plane from its
+    # row 1 on, even rows on the odd plane from its row 0 on (likewise columns); the rest is zero.
+    Q = np.zeros((2, 2, N, th + 1, tw + 1, C), dtype=dt)                  # (2, 2, N, th+1, tw+1, C)
+    xt = x.transpose(0, 2, 3, 1)                                          # (N, H, W, C) view
+    sel = ((slice(1, 1 + H // 2), slice(1, None, 2)), (slice(0, th), slice(0, None, 2)))
+    selc = ((slice(1, 1 + W // 2), slice(1, None, 2)), (slice(0, tw), slice(0, None, 2)))
+    for rp in range(2):
+        for cp in range(2):
+            Q[rp, cp, :, sel[rp][0], selc[cp][0]] = xt[:, sel[rp][1], selc[cp][1]]
+    # B^T on the tiles' rows: d0..d3 = even[p], odd[p], even[p+1], odd[p+1], both column parities
+    # at once; T[a, cp] is (N, th, tw+1, C).
+    E, D = Q[0], Q[1]                                                     # (2, N, th+1, tw+1, C)
+    T = np.empty((4, 2, N, th, tw + 1, C), dtype=dt)
+    np.subtract(E[:, :, :th], E[:, :, 1:], out=T[0])                      # d0 - d2
+    np.add(D[:, :, :th], E[:, :, 1:], out=T[1])                           # d1 + d2
+    np.subtract(E[:, :, 1:], D[:, :, :th], out=T[2])                      # d2 - d1
+    np.subtract(D[:, :, :th], D[:, :, 1:], out=T[3])                      # d1 - d3
+    del Q, E, D
+    # ... then on their columns, all four rows a at once: V[a, b] = (B^T d B)[a, b], (N, th, tw, C).
+    Te, Td = T[:, 0], T[:, 1]                                             # (4, N, th, tw+1, C)
+    V = np.empty((4, 4, N, th, tw, C), dtype=dt)
+    np.subtract(Te[:, :, :, :tw], Te[:, :, :, 1:], out=V[:, 0])
+    np.add(Td[:, :, :, :tw], Te[:, :, :, 1:], out=V[:, 1])
+    np.subtract(Te[:, :, :, 1:], Td[:, :, :, :tw], out=V[:, 2])
+    np.subtract(Td[:, :, :, :tw], Td[:, :, :, 1:], out=V[:, 3])
+    del T, Te, Td
+    P = N * th * tw                                                       # tiles in the batch
     M = np.matmul(V.reshape(16, P, C), U.transpose(0, 2, 1))              # (16, P, C) @ (16, C, O)
     del V
-    M = M.reshape(4, 4, th, tw, N, O)
+    M = M.reshape(4, 4, N, th, tw, O)
     # Y = A^T M A: A^T on the rows of M, then on the columns, into the 2x2 tiles of yt.
-    u = (M[0] + M[1] + M[2], M[1] - M[2] - M[3])                          # 2 x (4, th, tw, N, O)
+    u = np.empty((2, 4, N, th, tw, O), dtype=dt)                          # (A^T M)[a, b]
+    np.add(M[0], M[1], out=u[0])
+    u[0] += M[2]
+    np.subtract(M[1], M[2], out=u[1])
+    u[1] -= M[3]
     del M
-    yt = np.empty((th, 2, tw, 2, N, O), dtype=dt)                         # (th, 2, tw, 2, N, O)
-    for a, m in enumerate(u):
-        np.add(m[0], m[1], out=yt[:, a, :, 0])
-        yt[:, a, :, 0] += m[2]
-        np.subtract(m[1], m[2], out=yt[:, a, :, 1])
-        yt[:, a, :, 1] -= m[3]
-    del u
-    yt = yt.reshape(2 * th, 2 * tw, N, O)[:H, :W]                         # (H, W, N, O)
-    y = np.empty((N, O, H, W), dtype=dt)
+    yt = np.empty((N, th, 2, tw, 2, O), dtype=dt)                         # (N, 2 th, 2 tw, O)
+    ya = yt.transpose(4, 2, 0, 1, 3, 5)                                   # (b, a, N, th, tw, O) view
+    np.add(u[:, 0], u[:, 1], out=ya[0])
+    ya[0] += u[:, 2]
+    np.subtract(u[:, 1], u[:, 2], out=ya[1])
+    ya[1] -= u[:, 3]
+    del u, ya
+    yt = yt.reshape(N, 2 * th, 2 * tw, O)[:, :H, :W]                      # (N, H, W, O)
     if bias is None:
-        np.copyto(y, yt.transpose(2, 3, 0, 1))
+        np.copyto(y, yt.transpose(0, 3, 1, 2))
     else:
-        np.add(yt.transpose(2, 3, 0, 1), bias, out=y)
-    return y
+        np.add(yt.transpose(0, 3, 1, 2), bias, out=y)
 
 
 def _offset_groups(kh, kw, C, M):
