@@ -12,7 +12,7 @@ What it measures (one process, NumPy only, no peer):
   weights and input are the same for both; only the op modules differ.
 
     OPENBLAS_NUM_THREADS=1 python -m benchmarks.sampling_cpu profile [--preset small --batch 16]
-    OPENBLAS_NUM_THREADS=1 python -m benchmarks.sampling_cpu ab --base HEAD [--repeats 40]
+    OPENBLAS_NUM_THREADS=1 python -m benchmarks.sampling_cpu ab --base HEAD [--repeats 40] [--train]
 
 No test asserts a time. Set one BLAS thread (the suite's default) for figures comparable to the
 suite's sampling rows.
@@ -53,6 +53,13 @@ def _model(preset, batch, seed=0):
 
 def _forward(model, params, x, t):
     return model.forward(params, x, t, train=False, keep_cache=False)[0]
+
+
+def _train_pass(model, params, x, t):
+    """Forward with the cache (dropout off, so both sides see the same numbers) and backward of
+    a fixed output gradient: the work of a training step without the loss and the optimizer."""
+    out, cache = model.forward(params, x, t, train=False, keep_cache=True)
+    return model.backward(np.cos(out), cache)
 
 
 def _shape_key(name, args, kwargs, result):
@@ -147,15 +154,16 @@ def _base_backend(rev):
     return backend_mod.Backend(name="cpu", xp=np, **mods)
 
 
-def ab(preset, batch, repeats, rev):
+def ab(preset, batch, repeats, rev, train=False):
     model, params, x, t = _model(preset, batch)
+    run = _train_pass if train else _forward
     new_b = backend_mod.get_backend("cpu")
     base_b = _base_backend(rev)
     sides = {"base": base_b, "new": new_b}
     outs = {}
     for name, b in sides.items():                      # warm-up, and the outputs to compare
         model.backend = b
-        outs[name] = _forward(model, params, x, t)
+        outs[name] = run(model, params, x, t)
     diff = float(np.max(np.abs(outs["base"] - outs["new"])))
     wall = {k: [] for k in sides}
     cpu = {k: [] for k in sides}
@@ -164,16 +172,22 @@ def ab(preset, batch, repeats, rev):
         for name in order:
             model.backend = sides[name]
             w0, c0 = time.perf_counter(), time.process_time()
-            _forward(model, params, x, t)
+            run(model, params, x, t)
             cpu[name].append(time.process_time() - c0)
             wall[name].append(time.perf_counter() - w0)
     model.backend = new_b
-    mb, mn = median(cpu["base"]) * 1e3, median(cpu["new"]) * 1e3
-    print(f"# {preset} batch {batch}, {repeats} passes each, alternating; base = {rev}, new = working tree")
-    print(f"# max |out_new - out_base| = {diff:.3g}")
-    print(f"cpu  ms: base {mb:8.2f}  new {mn:8.2f}  new/base {mn / mb:.3f}")
-    wb, wn = median(wall["base"]) * 1e3, median(wall["new"]) * 1e3
-    print(f"wall ms: base {wb:8.2f}  new {wn:8.2f}  new/base {wn / wb:.3f}")
+    what = "forward + backward passes" if train else "forward passes"
+    print(f"# {preset} batch {batch}, {repeats} {what} each, alternating; base = {rev}, new = working tree")
+    print(f"# max |new - base| = {diff:.3g} ({'parameter gradients' if train else 'outputs'})")
+    for label, t in (("cpu ", cpu), ("wall", wall)):
+        for stat, fn in (("median", median), ("p25", _p25), ("min", min)):
+            b, n = fn(t["base"]) * 1e3, fn(t["new"]) * 1e3
+            print(f"{label} {stat:6s} ms: base {b:8.2f}  new {n:8.2f}  new/base {n / b:.3f}")
+
+
+def _p25(values):
+    v = sorted(values)
+    return v[len(v) // 4]
 
 
 def main(argv=None):
@@ -183,11 +197,13 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--base", default="HEAD", help="ab: the git revision of the base ops (default HEAD)")
+    ap.add_argument("--train", action="store_true",
+                    help="ab: time forward (with cache) + backward instead of the sampling forward pass")
     args = ap.parse_args(argv)
     if args.mode == "profile":
         profile(args.preset, args.batch, args.repeats)
     else:
-        ab(args.preset, args.batch, args.repeats, args.base)
+        ab(args.preset, args.batch, args.repeats, args.base, args.train)
 
 
 if __name__ == "__main__":
