@@ -8,7 +8,10 @@ each formulation wins, and a changed cost model should be checked against it. Th
 one after another per shape, so load from other processes hits all of them alike; set one BLAS thread
 (``OPENBLAS_NUM_THREADS=1``) for the figures the choice was tuned on. No test asserts a time.
 
-    OPENBLAS_NUM_THREADS=1 python -m benchmarks.conv_paths [--runs 15] [--quick]
+    OPENBLAS_NUM_THREADS=1 python -m benchmarks.conv_paths [--runs 15] [--quick] [--forward]
+
+``--forward`` times the forward pass only, which is all that sampling pays for (and the only pass
+where "winograd" differs from the copy path it falls back on).
 
 Shapes are (N, C, H, O, stride) for a 3x3 kernel: the digits preset at batch 128 (every 4x4 and 8x8
 conv, conv_out, the downsampler), the small preset at batch 64, cifar's small levels at batch 8, and
