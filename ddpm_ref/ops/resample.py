@@ -20,7 +20,7 @@ __all__ = ["upsample_nearest2x_forward", "upsample_nearest2x_backward", "avg_poo
 def _check_float(name, a):
     if not isinstance(a, np.ndarray):
         raise ValueError(f"{name} must be a numpy array, got {type(a).__name__}")
-    if not np.issubdtype(a.dtype, np.floating):
+    if a.dtype.kind != "f":                  # np.issubdtype(a.dtype, np.floating), ~6x cheaper
         raise ValueError(f"{name} must be a floating-point array, got dtype {a.dtype} with shape {a.shape}")
 
 
