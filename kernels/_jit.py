@@ -3,24 +3,30 @@ its launcher uses, so the compile check (tests/test_kernels_compile.py) can buil
 sm_90 without a GPU. Not a public API."""
 from __future__ import annotations
 
-from .runtime import cuda_module
+from .runtime import cuda_module, is_simulator
 
 cuda = cuda_module()
 
 REGISTRY: list = []   # (module, name, python function, (signature, ...))
 
 
-def kernel(*signatures, name=None, register=True):
+def kernel(*signatures, name=None, register=True, launch_bounds=None):
     """Decorator: ``cuda.jit`` (lazy, specialised at launch) and record the launch signatures.
 
     ``name`` renames the function first (kernels built by a factory, one per tile configuration);
-    ``register=False`` keeps a test-only configuration out of the compile check."""
+    ``register=False`` keeps a test-only configuration out of the compile check. ``launch_bounds``
+    ``(max threads per block, min blocks per multiprocessor)`` caps the registers the compiler may
+    use (``.maxntid`` / ``.minnctapersm`` in the PTX); kept on the function as ``_launch_bounds`` for
+    the compile check, and ignored by the simulator, which has no registers."""
     def deco(func):
         if name is not None:
             func.__name__ = func.__qualname__ = name
+        func._launch_bounds = launch_bounds
         if register:
             REGISTRY.append((func.__module__, func.__name__, func, tuple(signatures)))
-        return cuda.jit(func)
+        if launch_bounds is None or is_simulator():
+            return cuda.jit(func)
+        return cuda.jit(func, launch_bounds=launch_bounds)
     return deco
 
 

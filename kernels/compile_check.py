@@ -55,7 +55,8 @@ def main(argv=None) -> int:
         for sig in sigs:
             key = f"{module.rsplit('.', 1)[-1]}.{name}"
             try:
-                ptx, _ = cuda.compile_ptx(func, sig, cc=(major, minor))
+                ptx, _ = cuda.compile_ptx(func, sig, cc=(major, minor),
+                                          launch_bounds=getattr(func, "_launch_bounds", None))
                 if f".target sm_{major}{minor}" not in ptx:
                     raise RuntimeError(f"PTX does not target sm_{major}{minor}")
                 compiled[key] = len(ptx)

@@ -64,7 +64,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import runtime as _b
-from ._jit import cuda, kernel
+from ._jit import cuda, device, kernel
 from numba import float32, float64, int64, uint64
 
 # Padding and output-size rules are the reference's, not a copy of them.
@@ -84,10 +84,12 @@ _F1 = "float32[::1]"
 class Tiles:
     """One tile configuration: the three tiled kernels built for it, and its sizes."""
 
-    def __init__(self, version, BM, BN, BK, TX, TY, fwd, dx, dw, v3=False):
+    def __init__(self, version, BM, BN, BK, TX, TY, fwd, dx, dw, v3=False, label=""):
         self.version, self.BM, self.BN, self.BK, self.TX, self.TY = version, BM, BN, BK, TX, TY
         self.fwd, self.dx, self.dw = fwd, dx, dw
         self.v3 = v3                   # version 3's argument layout (flat x / dy, transposed w)
+        self.label = label or version  # the variant's name in the autotuner's report
+        self.variants = [self]         # same tiles, same numbers, other code: the autotuner's choice
 
 
 def _tiled_kernels(version, BM, BN, BK, tx=16, ty=16, register=True):
@@ -397,7 +399,7 @@ V2 = _tiled_kernels("v2", 128, 128, 8)
 # Version 3: K reordered to (kernel offset, channel), division-free gathers, register prefetch
 # ---------------------------------------------------------------------------------------------
 
-def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True):
+def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, pipelined=True, launch_bounds=None):
     """Forward, dx and dw kernels, version 3.
 
     Differences from :func:`_tiled_kernels` (same thread layout, shared tiles and register tiles):
@@ -415,6 +417,15 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True):
     * x and dy are read through flat views with per-offset base indices; the shared tiles are
       read with unsigned indices, so Numba emits no negative-index wraparound in the FMA loop (in
       v1/v2 that bookkeeping is about as many instructions as the FMAs there).
+    * ``pipelined=True``: the FMA loop over a step's BK rows issues the shared-memory loads of the
+      next row before the FMAs of the current one (:func:`_tile_step`); ``False``: one register set,
+      loads then FMAs per row (:func:`_tile_step_plain`, the loop as first written). Same FMAs in the
+      same order, so both give bit-identical results; the pipelined loop needs more registers
+      (sm_90: 150 instead of 120 for the 128 x 128 forward kernel, which halves the blocks per
+      multiprocessor), so which is faster depends on the shape and the GPU: the launcher times both
+      on first use of a problem (:func:`_launch_tuned`). ``launch_bounds`` caps the registers (for
+      the pipelined 128 x 128 tiles, (256, 2): 128 registers, two blocks per multiprocessor; ptxas
+      spills only outside the forward and dx FMA loops, but inside dw's).
     """
     TX = tx
     TY = ty
@@ -428,9 +439,57 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True):
     BM_PAD = BM + 4                # as v1/v2: conflict-free As stores
     if BM % TY or BN % TX or NT % BK or NT % BN or BM % A_ROWS_PER_PASS or BK % B_ROWS_PER_PASS:
         raise ValueError(f"tile {BM}x{BN}x{BK} does not fit {TY}x{TX} threads")
+    if BK % 2:
+        raise ValueError(f"version 3 needs an even BK, got {BK}")
+
+    @device
+    def _tile_step(As, Bs, acc, a_reg, b_reg, a_nxt, b_nxt, ty, tx):
+        """acc += As^T Bs over the BK rows of the shared tiles, software-pipelined: the shared-memory
+        loads of row kk + 1 are issued before the FMAs of row kk (two register sets, rows in pairs),
+        so each row's loads overlap the previous row's FMAs instead of stalling them (with one set,
+        every row starts by waiting for its own loads). The same FMAs in the same order: results
+        are bit-identical to the one-set loop. Unsigned indices: no negative-index wraparound code."""
+        for i in range(TM):
+            a_reg[i] = As[0, uint64(ty + TY * i)]
+        for j in range(TN):
+            b_reg[j] = Bs[0, uint64(tx + TX * j)]
+        for kk in range(0, BK, 2):
+            k1 = uint64(kk + 1)
+            for i in range(TM):
+                a_nxt[i] = As[k1, uint64(ty + TY * i)]
+            for j in range(TN):
+                b_nxt[j] = Bs[k1, uint64(tx + TX * j)]
+            for i in range(TM):
+                for j in range(TN):
+                    acc[i, j] += a_reg[i] * b_reg[j]
+            if kk + 2 < BK:
+                k2 = uint64(kk + 2)
+                for i in range(TM):
+                    a_reg[i] = As[k2, uint64(ty + TY * i)]
+                for j in range(TN):
+                    b_reg[j] = Bs[k2, uint64(tx + TX * j)]
+            for i in range(TM):
+                for j in range(TN):
+                    acc[i, j] += a_nxt[i] * b_nxt[j]
+
+    @device
+    def _tile_step_plain(As, Bs, acc, a_reg, b_reg, a_nxt, b_nxt, ty, tx):
+        """The same sum with one register set: per row, its loads, then its FMAs."""
+        for kk in range(BK):
+            ku = uint64(kk)
+            for i in range(TM):
+                a_reg[i] = As[ku, uint64(ty + TY * i)]
+            for j in range(TN):
+                b_reg[j] = Bs[ku, uint64(tx + TX * j)]
+            for i in range(TM):
+                for j in range(TN):
+                    acc[i, j] += a_reg[i] * b_reg[j]
+
+    _step = _tile_step if pipelined else _tile_step_plain
 
     @kernel(f"void(float32[::1], {_F3}, {_F1}, {_F2}, {_F3}, {_F3}, int32, int32, int32, int32, int32, "
-            f"int32, int32, int32)", name=f"conv2d_fwd_kernel_{version}", register=register)
+            f"int32, int32, int32)", name=f"conv2d_fwd_kernel_{version}", register=register,
+            launch_bounds=launch_bounds)
     def conv2d_fwd_kernel(x1, w3, bias, temb, residual, y3, C, H, W, stride, pad_top, pad_left,
                           out_w, flags):
         """y3 (N, O, P*Q) = w3 (O, kh*kw, C) @ im2col(x) in (offset, channel) order (+ epilogue).
@@ -451,6 +510,8 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True):
         acc = cuda.local.array((TM, TN), float32)
         a_reg = cuda.local.array(TM, float32)
         b_reg = cuda.local.array(TN, float32)
+        a_nxt = cuda.local.array(TM, float32)
+        b_nxt = cuda.local.array(TN, float32)
         a_pre = cuda.local.array(NA, float32)
         b_pre = cuda.local.array(NB, float32)
         tx = cuda.threadIdx.x
@@ -515,15 +576,7 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True):
                         t = 0
                         r += 1
             if s > 0:                        # FMAs on step s - 1 while step s's loads fly
-                for kk in range(BK):
-                    ku = uint64(kk)          # unsigned indices: no negative-index wraparound code
-                    for i in range(TM):
-                        a_reg[i] = As[ku, uint64(ty + TY * i)]
-                    for j in range(TN):
-                        b_reg[j] = Bs[ku, uint64(tx + TX * j)]
-                    for i in range(TM):
-                        for j in range(TN):
-                            acc[i, j] += a_reg[i] * b_reg[j]
+                _step(As, Bs, acc, a_reg, b_reg, a_nxt, b_nxt, ty, tx)
                 cuda.syncthreads()
         for i in range(TM):
             o = m0 + ty + TY * i
@@ -553,7 +606,8 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True):
                             y3[n, o, p] = v
 
     @kernel(f"void(float32[::1], {_F3}, {_F3}, int32, int32, int32, int32, int32, int32, int32, int32)",
-            name=f"conv2d_dx_kernel_{version}", register=register)
+            name=f"conv2d_dx_kernel_{version}", register=register,
+            launch_bounds=launch_bounds)
     def conv2d_dx_kernel(dy1, wt, dx3, O, P, Q, stride, pad_top, pad_left, in_w, kw):
         """dx3 (N, C, H*W) = wt (kh*kw, O, C) gathered @ gathered dy, reduction in (offset, o) order.
 
@@ -572,6 +626,8 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True):
         acc = cuda.local.array((TM, TN), float32)
         a_reg = cuda.local.array(TM, float32)
         b_reg = cuda.local.array(TN, float32)
+        a_nxt = cuda.local.array(TM, float32)
+        b_nxt = cuda.local.array(TN, float32)
         a_pre = cuda.local.array(NA, float32)
         b_pre = cuda.local.array(NB, float32)
         tx = cuda.threadIdx.x
@@ -638,15 +694,7 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True):
                         t = 0
                         r += 1
             if s > 0:
-                for kk in range(BK):
-                    ku = uint64(kk)
-                    for i in range(TM):
-                        a_reg[i] = As[ku, uint64(ty + TY * i)]
-                    for j in range(TN):
-                        b_reg[j] = Bs[ku, uint64(tx + TX * j)]
-                    for i in range(TM):
-                        for j in range(TN):
-                            acc[i, j] += a_reg[i] * b_reg[j]
+                _step(As, Bs, acc, a_reg, b_reg, a_nxt, b_nxt, ty, tx)
                 cuda.syncthreads()
         for i in range(TM):
             c = m0 + ty + TY * i
@@ -658,7 +706,8 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True):
                         dx3[n, c, cj - n * HW] = acc[i, j]
 
     @kernel(f"void(float32[::1], float32[::1], {_F3}, int32, int32, int32, int32, int32, int32, int32, int32, "
-            f"int32, int32, int32, int32)", name=f"conv2d_dw_kernel_{version}", register=register)
+            f"int32, int32, int32, int32)", name=f"conv2d_dw_kernel_{version}", register=register,
+            launch_bounds=launch_bounds)
     def conv2d_dw_kernel(dy1, x1, part, N, O, P, Q, C, H, W, stride, pad_top, pad_left, kw, k_chunk):
         """part[z] (O, C*kh*kw) = dy (O, K_z) @ gathered x (K_z, C*kh*kw) over K slice z of N*P*Q.
 
@@ -677,6 +726,8 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True):
         acc = cuda.local.array((TM, TN), float32)
         a_reg = cuda.local.array(TM, float32)
         b_reg = cuda.local.array(TN, float32)
+        a_nxt = cuda.local.array(TM, float32)
+        b_nxt = cuda.local.array(TN, float32)
         a_pre = cuda.local.array(NA, float32)
         b_pre = cuda.local.array(NB, float32)
         bn_s = cuda.local.array(NB, int64)
@@ -754,15 +805,7 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True):
                     bp_s[l] = p_
                     bq_s[l] = q_
             if s > 0:
-                for kk in range(BK):
-                    ku = uint64(kk)
-                    for i in range(TM):
-                        a_reg[i] = As[ku, uint64(ty + TY * i)]
-                    for j in range(TN):
-                        b_reg[j] = Bs[ku, uint64(tx + TX * j)]
-                    for i in range(TM):
-                        for j in range(TN):
-                            acc[i, j] += a_reg[i] * b_reg[j]
+                _step(As, Bs, acc, a_reg, b_reg, a_nxt, b_nxt, ty, tx)
                 cuda.syncthreads()
         z = cuda.blockIdx.z
         for i in range(TM):
@@ -773,7 +816,22 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True):
                     if cj < CRS:
                         part[z, o, cj] = acc[i, j]
 
-    return Tiles(version, BM, BN, BK, TX, TY, conv2d_fwd_kernel, conv2d_dx_kernel, conv2d_dw_kernel, v3=True)
+    label = ("pipelined" if pipelined else "plain") + (f" {launch_bounds}" if launch_bounds else "")
+    return Tiles(version, BM, BN, BK, TX, TY, conv2d_fwd_kernel, conv2d_dx_kernel, conv2d_dw_kernel, v3=True,
+                 label=label)
+
+
+def _tiled_variants_v3(version, BM, BN, BK, tx=16, ty=16, register=True, bounded=None):
+    """Version 3 tiles with the pipelined inner loop; in ``.variants``, the same tiles with the plain
+    loop and (``bounded``: launch bounds) the pipelined loop under a register cap, for
+    :func:`_launch_tuned` to choose from per problem. All compute bit-identical results."""
+    main = _tiled_kernels_v3(version, BM, BN, BK, tx=tx, ty=ty, register=register, pipelined=True)
+    main.variants.append(_tiled_kernels_v3(version + "_plain", BM, BN, BK, tx=tx, ty=ty, register=register,
+                                           pipelined=False))
+    if bounded is not None:
+        main.variants.append(_tiled_kernels_v3(version + "_bounded", BM, BN, BK, tx=tx, ty=ty,
+                                               register=register, pipelined=True, launch_bounds=bounded))
+    return main
 
 
 # v3 in the two tile sizes of v1 and v2 (the public functions' size choice applies to them too).
@@ -782,9 +840,9 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True):
 # about 5% faster with 32 x 8 threads (16 x 4 outputs per thread) than with 16 x 16 on every shape,
 # and 256 x 128 tiles (16 x 16 threads, 16 x 8 outputs each) 10 to 25% faster again where the GEMM
 # has at least 256 rows and many columns.
-V3 = _tiled_kernels_v3("v3", 128, 128, 8, tx=32, ty=8)
-V3S = _tiled_kernels_v3("v3s", 64, 64, 8)
-V3L = _tiled_kernels_v3("v3l", 256, 128, 8)
+V3 = _tiled_variants_v3("v3", 128, 128, 8, tx=32, ty=8, bounded=(256, 2))
+V3S = _tiled_variants_v3("v3s", 64, 64, 8)
+V3L = _tiled_variants_v3("v3l", 256, 128, 8)
 
 
 _DB_THREADS = 256
@@ -874,9 +932,9 @@ def _forward(tiles, x, w, b, stride, padding, temb, residual):
     grid = (_ceil(N * P * Q, tiles.BN), _ceil(O, tiles.BM))
     if tiles.v3:                       # version 3: x flat, weights as (O, kh kw, C)
         w3 = xp.ascontiguousarray(w.reshape(O, C, KH * KW).transpose(0, 2, 1))
-        tiles.fwd[grid, (tiles.TX, tiles.TY)](x.reshape(-1), w3, b, temb, residual3, y.reshape(N, O, P * Q),
-                                  np.int32(C), np.int32(H), np.int32(W), np.int32(stride),
-                                  np.int32(pt), np.int32(pl), np.int32(Q), np.int32(flags))
+        _launch_tuned("fwd", tiles, grid, (x.reshape(-1), w3, b, temb, residual3, y.reshape(N, O, P * Q),
+                                           np.int32(C), np.int32(H), np.int32(W), np.int32(stride),
+                                           np.int32(pt), np.int32(pl), np.int32(Q), np.int32(flags)))
     else:
         tiles.fwd[grid, (tiles.TX, tiles.TY)](x, w.reshape(O, C * KH * KW), b, temb, residual3,
                                   y.reshape(N, O, P * Q), np.int32(stride), np.int32(pt),
@@ -886,18 +944,21 @@ def _forward(tiles, x, w, b, stride, padding, temb, residual):
     return y, cache
 
 
-_SMS: dict = {}
+def _launch_tuned(kind, tiles, grid, args, timer=None):
+    """Launch ``tiles``' ``kind`` kernel ("fwd", "dx" or "dw") on ``grid`` with ``args``; when the tiles
+    come in several variants (``tiles.variants``: inner loops, register caps), the fastest for this
+    problem (``runtime.tuned``: timed on the first launch of each distinct problem on a real GPU;
+    all write bit-identical outputs). Returns the variant that ran."""
+    key = (f"conv.{kind}", tiles.version, tuple(grid),
+           tuple(int(a) if isinstance(a, (int, np.integer)) else tuple(a.shape) for a in args))
+    return _b.tuned(key, tiles.variants, lambda t: getattr(t, kind)[grid, (t.TX, t.TY)](*args),
+                    label=lambda t: t.label, timer=timer)
 
 
 def _sm_count() -> int:
-    """Multiprocessors of the current GPU (cached per device); 1 in the simulator."""
-    if _b.is_simulator():
-        return 1                        # small, so that the simulator exercises the split path
-    import cupy
-    dev = cupy.cuda.Device()
-    if dev.id not in _SMS:
-        _SMS[dev.id] = int(dev.attributes["MultiProcessorCount"])
-    return _SMS[dev.id]
+    """Multiprocessors of the current GPU; 1 in the simulator (small, so that the simulator
+    exercises the split path)."""
+    return _b.sm_count()
 
 
 # Tests of whole models in the simulator set this to small version-3 tiles (16 x 16, 16 threads), so
@@ -948,9 +1009,9 @@ def _backward(dx_tiles, dw_tiles, dy, cache, input_grad):
         grid = (_ceil(N * H * W, t.BN), _ceil(C, t.BM))
         if t.v3:                       # version 3: dy flat, weights as (kh kw, O, C)
             wt = xp.ascontiguousarray(w.reshape(O, C, KH * KW).transpose(2, 0, 1))
-            t.dx[grid, (t.TX, t.TY)](dy.reshape(-1), wt, dx.reshape(N, C, H * W), np.int32(O), np.int32(P),
-                                 np.int32(Q), np.int32(stride), np.int32(pt), np.int32(pl), np.int32(W),
-                                 np.int32(KW))
+            _launch_tuned("dx", t, grid, (dy.reshape(-1), wt, dx.reshape(N, C, H * W), np.int32(O), np.int32(P),
+                                          np.int32(Q), np.int32(stride), np.int32(pt), np.int32(pl),
+                                          np.int32(W), np.int32(KW)))
         else:
             t.dx[grid, (t.TX, t.TY)](dy3, w2, dx.reshape(N, C, H * W), np.int32(stride), np.int32(pt),
                                  np.int32(pl), np.int32(Q), np.int32(W), np.int32(KW))
@@ -964,10 +1025,10 @@ def _backward(dx_tiles, dw_tiles, dy, cache, input_grad):
     splits = _ceil(k_total, k_chunk)
     part = xp.empty((splits, O, crs), dtype=xp.float32)
     if t.v3:
-        t.dw[(gx, gy, splits), (t.TX, t.TY)](dy.reshape(-1), x.reshape(-1), part, np.int32(N), np.int32(O),
-                                         np.int32(P), np.int32(Q), np.int32(C), np.int32(H), np.int32(W),
-                                         np.int32(stride), np.int32(pt), np.int32(pl), np.int32(KW),
-                                         np.int32(k_chunk))
+        _launch_tuned("dw", t, (gx, gy, splits), (dy.reshape(-1), x.reshape(-1), part, np.int32(N), np.int32(O),
+                                                  np.int32(P), np.int32(Q), np.int32(C), np.int32(H),
+                                                  np.int32(W), np.int32(stride), np.int32(pt), np.int32(pl),
+                                                  np.int32(KW), np.int32(k_chunk)))
     else:
         t.dw[(gx, gy, splits), (t.TX, t.TY)](dy3, x, part, np.int32(stride), np.int32(pt), np.int32(pl),
                                          np.int32(Q), np.int32(KW), np.int32(k_chunk))

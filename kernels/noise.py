@@ -584,10 +584,35 @@ def _packed(n, index, step, sub, a=None, b=None, coef=None):
 
 def _tile_launch(n, nb):
     """(grid (x, y), threads) for the v2 tile kernels: x over tiles of one sample, y over samples."""
+    return _tile_launches(n, nb)[0]
+
+
+# Persistent grids: about this many blocks per multiprocessor in all (the kernels loop over samples
+# with blockIdx.y as the start and gridDim.y as the stride, so any y computes the same numbers).
+_PERSISTENT_BLOCKS_PER_SM = (32, 8)
+
+
+def _tile_launches(n, nb):
+    """The launch shapes the autotuner chooses from, the plain one first: one block row per sample
+    (up to 65535), then persistent grids whose blocks loop over many samples (fewer block starts,
+    and each block's prologue, including a 64-bit division for the sample loop, is paid once per
+    many samples instead of once per sample). The simulator: one small grid."""
     if _b.is_simulator():
-        return (1, min(max(n, 1), 2)), 32
-    return (max(1, min(_b._GPU_MAX_BLOCKS, (nb + _THREADS - 1) // _THREADS)),
-            max(1, min(n, 65535))), _THREADS
+        return [((1, min(max(n, 1), 2)), 32)]
+    x = max(1, min(_b._GPU_MAX_BLOCKS, (nb + _THREADS - 1) // _THREADS))
+    out = [((x, max(1, min(n, 65535))), _THREADS)]
+    for per_sm in _PERSISTENT_BLOCKS_PER_SM:
+        y = max(1, min(n, 65535, (per_sm * _b.sm_count() + x - 1) // x))
+        if all(y != g[1] for (g, _) in out):
+            out.append(((x, y), _THREADS))
+    return out
+
+
+def _launch_tiles(name, kern, n, nb, args, timer=None):
+    """Launch a v2 tile kernel over n samples of nb Philox blocks on the fastest shape for this problem
+    (``runtime.tuned``, keyed by the kernel name, n and nb; every shape writes the same outputs)."""
+    return _b.tuned((f"noise.{name}", n, nb), _tile_launches(n, nb), lambda gt: kern[gt[0], gt[1]](*args),
+                    label=lambda gt: f"grid y {gt[0][1]}", timer=timer)
 
 
 @kernel(f"void(uint32[:, ::1], float64[:, ::1], uint32, uint32)")
@@ -621,8 +646,8 @@ def random_bits_v2(seed, stream, index, step=0, shape=(), sub=0):
     n = index.shape[0]
     out = xp.empty((n, size), dtype=xp.uint32)
     if out.size:
-        grid, threads = _tile_launch(n, (size + 3) // 4)
-        philox_bits_kernel_v2[grid, threads](out, _packed(n, index, step, sub), seed, stream)
+        _launch_tiles("random_bits", philox_bits_kernel_v2, n, (size + 3) // 4,
+                      (out, _packed(n, index, step, sub), seed, stream))
     return out.reshape((n,) + shape)
 
 
@@ -633,9 +658,8 @@ def _floats_v2(kind, seed, stream, index, step, shape, sub):
     n = index.shape[0]
     out = xp.empty((n, size), dtype=xp.float32)
     if out.size:
-        grid, threads = _tile_launch(n, (size + 3) // 4)
-        philox_float_kernel_v2[grid, threads](out, _packed(n, index, step, sub), seed, stream,
-                                              np.int32(kind))
+        _launch_tiles("normal" if kind == 0 else "uniform", philox_float_kernel_v2, n, (size + 3) // 4,
+                      (out, _packed(n, index, step, sub), seed, stream, np.int32(kind)))
     return out.reshape((n,) + shape)
 
 
@@ -665,12 +689,12 @@ def _q_sample_plan(schedule, x0, t, seed, index, step, prediction, stream, sub, 
     xt = xp.empty_like(x2)
     target = xp.empty_like(x2) if store_target else xp.empty((1, 1), dtype=xp.float32)
     params = _packed(n, index, step, sub, a, b)
-    grid, threads = _tile_launch(n, (x2.shape[1] + 3) // 4)
     store = np.int32(1 if store_target else 0)
 
     def launch():
         if x2.size:
-            q_sample_kernel_v2[grid, threads](x2, xt, target, params, seed, stream, mode, store)
+            _launch_tiles(f"q_sample/{int(mode)}/{int(store)}", q_sample_kernel_v2, n, (x2.shape[1] + 3) // 4,
+                          (x2, xt, target, params, seed, stream, mode, store))
     return launch, xt.reshape(x0.shape), (target.reshape(x0.shape) if store_target else None)
 
 

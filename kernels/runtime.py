@@ -20,7 +20,8 @@ import numpy as np
 
 __all__ = [
     "GPUUnavailableError", "backend", "require_gpu", "is_simulator", "xp", "to_device", "to_host",
-    "check_array", "launch_1d", "cuda_module", "simulate_unless_disabled",
+    "check_array", "launch_1d", "cuda_module", "simulate_unless_disabled", "tuned", "tuning_report",
+    "sm_count",
 ]
 
 _INSTALL_HINT = "install the `gpu` extra: pip install 'ddpm-ref[gpu]' (cupy-cuda12x, numba-cuda)"
@@ -189,6 +190,20 @@ _SIM_MAX_THREADS = 64
 _GPU_MAX_BLOCKS = 65535
 
 
+_SMS: dict = {}
+
+
+def sm_count() -> int:
+    """Multiprocessors of the current GPU (cached per device); 1 in the simulator."""
+    if is_simulator():
+        return 1
+    import cupy
+    dev = cupy.cuda.Device()
+    if dev.id not in _SMS:
+        _SMS[dev.id] = int(dev.attributes["MultiProcessorCount"])
+    return _SMS[dev.id]
+
+
 def launch_1d(n: int, threads: int = 256) -> tuple[int, int]:
     """(blocks, threads) for a grid-stride loop over ``n`` items (ceil-div, at least one block)."""
     n = int(n)
@@ -197,3 +212,65 @@ def launch_1d(n: int, threads: int = 256) -> tuple[int, int]:
         return 1, threads
     blocks = max(1, min(_GPU_MAX_BLOCKS, (n + threads - 1) // threads))
     return blocks, threads
+
+
+# ---------------------------------------------------------------------------------------------
+# Autotuning: choosing between launch variants that compute the same numbers
+# ---------------------------------------------------------------------------------------------
+# Some kernels come in variants that write bit-identical outputs from the same inputs (a convolution's
+# two inner loops; a noise kernel's grid shapes, since every element's value is fixed by its
+# counter). Which is fastest depends on the GPU and the shape, so on a real GPU the first launch of
+# each distinct problem times every variant (CUDA events) and later launches run the fastest, as
+# cuDNN's benchmark mode does. The choice can change only the time, never a result (each variant
+# pair has a bit-identity test in the simulator). ``DDPM_AUTOTUNE=0`` always runs the first
+# variant; the simulator always does.
+AUTOTUNE = os.environ.get("DDPM_AUTOTUNE", "1") != "0"
+_TUNED: dict = {}       # key -> (chosen variant's label, the variant)
+
+
+def _event_timer(fn, repeats=3):
+    """Fastest of ``repeats`` CUDA-event timings of ``fn`` (seconds), after one untimed call (which
+    also compiles a kernel on its first use)."""
+    import cupy
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        best = min(best, cupy.cuda.get_elapsed_time(start, end) / 1e3)
+    return best
+
+
+def tuned(key, variants, launch, label=str, timer=None):
+    """Run ``launch(v)`` for the fastest of ``variants`` on this problem (``key``: hashable, naming the
+    kernel and everything its time depends on) and return that variant.
+
+    The first call with a new key times each variant with ``timer(fn) -> seconds`` (default: CUDA
+    events; the timing runs launch the kernel, which must therefore be idempotent: same inputs, same
+    outputs), remembers the fastest, and launches it once more; later calls launch it directly.
+    Without a timer (the simulator, or ``DDPM_AUTOTUNE=0``) and for a single variant: the first."""
+    variants = list(variants)
+    if timer is None and (len(variants) == 1 or not AUTOTUNE or is_simulator()):
+        launch(variants[0])
+        return variants[0]
+    hit = _TUNED.get(key)
+    if hit is None:
+        timer = timer or _event_timer
+        times = [(timer(lambda v=v: launch(v)), i) for i, v in enumerate(variants)]
+        best = variants[min(times)[1]]
+        hit = _TUNED[key] = (label(best), best)
+    launch(hit[1])
+    return hit[1]
+
+
+def tuning_report() -> dict:
+    """What the autotuner chose so far: {kernel name (a key's first item): {variant label: count}}."""
+    out: dict = {}
+    for key, (lab, _) in _TUNED.items():
+        name = key[0] if isinstance(key, tuple) else str(key)
+        d = out.setdefault(name, {})
+        d[lab] = d.get(lab, 0) + 1
+    return out

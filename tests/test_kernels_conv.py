@@ -11,6 +11,8 @@ BLAS, plus FMA contraction on a GPU). The float32 rounding error of such a sum i
 K * 6e-8 * sum |terms|; with standard-normal data the terms are O(1), so we allow
 atol = 2e-7 * K * max(1, max|ref|) and rtol 1e-5.
 """
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -109,6 +111,61 @@ def test_conv_production_tiles(version):
         _check(1, 2, 3, 4, 3, 1, 1, 0, True, True, 1, version)
     else:
         _check(1, 2, 3, 4, 3, 3, 2, (0, 1, 0, 1), True, True, 1, version)
+
+
+# The variants of version 3 (pipelined shared loads, one register set, a register cap, which the
+# simulator ignores): same FMAs in the same order, so bit-identical outputs; the autotuner relies on it.
+PAIR3 = conv._tiled_variants_v3("pair3", 16, 16, 4, tx=4, ty=4, register=False, bounded=(16, 2))
+
+
+def _run_all(tiles, x, w, b, dy, stride, padding):
+    y, cache = conv._forward(tiles, x, w, b, stride, padding, None, None)
+    dx, dw, db = conv._backward(tiles, tiles, dy, cache, True)
+    return [kb.to_host(a) for a in (y, dx, dw, db)]
+
+
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (3, 2, (0, 1, 0, 1)), (1, 1, 0)])
+def test_pipelined_inner_loop_bit_identical(k, stride, padding):
+    r = np.random.default_rng(7)
+    x = kb.to_device(r.normal(size=(2, 9, 7, 6)).astype(np.float32))      # C 9: three K steps of 4
+    w = kb.to_device(r.normal(size=(18, 9, k, k)).astype(np.float32))     # O 18: two row tiles
+    b = kb.to_device(r.normal(size=18).astype(np.float32))
+    y, _ = conv._forward(PAIR3, x, w, b, stride, padding, None, None)
+    dy = kb.to_device(r.normal(size=tuple(y.shape)).astype(np.float32))
+    assert [t.label for t in PAIR3.variants] == ["pipelined", "plain", "pipelined (16, 2)"]
+    want = _run_all(PAIR3, x, w, b, dy, stride, padding)
+    for other in PAIR3.variants[1:]:
+        for got, ref_ in zip(_run_all(other, x, w, b, dy, stride, padding), want):
+            np.testing.assert_array_equal(got, ref_)
+
+
+def test_autotuner_keeps_the_faster_loop(monkeypatch):
+    monkeypatch.setattr(kb, "_TUNED", {})
+    r = np.random.default_rng(8)
+    x = r.normal(size=(1, 5, 4, 4)).astype(np.float32)
+    w = r.normal(size=(6, 5, 3, 3)).astype(np.float32)
+    want, _ = ref.conv2d_forward(x.astype(np.float64), w.astype(np.float64), None, 1, 1)
+    times = itertools.cycle([2.0, 1.0, 3.0])   # variants timed in order: the plain one "wins"
+    timed = []
+
+    def timer(fn):
+        fn()
+        timed.append(1)
+        return next(times)
+
+    real = conv._launch_tuned
+    monkeypatch.setattr(conv, "_launch_tuned", lambda kind, tiles, grid, args: real(kind, tiles, grid, args, timer))
+    y, _ = conv._forward(PAIR3, kb.to_device(x), kb.to_device(w), None, 1, 1, None, None)
+    _close(y, want, 45, "y after tuning")
+    assert len(timed) == 3 and len(kb._TUNED) == 1
+    assert next(iter(kb._TUNED.values()))[1] is PAIR3.variants[1]
+    assert kb.tuning_report() == {"conv.fwd": {"plain": 1}}
+    y2, _ = conv._forward(PAIR3, kb.to_device(x), kb.to_device(w), None, 1, 1, None, None)   # cached: no timing
+    assert len(timed) == 3
+    np.testing.assert_array_equal(kb.to_host(y2), kb.to_host(y))
+    x3 = kb.to_device(r.normal(size=(1, 5, 5, 4)).astype(np.float32))           # a new shape: tuned again
+    conv._forward(PAIR3, x3, kb.to_device(w), None, 1, 1, None, None)
+    assert len(kb._TUNED) == 2 and len(timed) == 6
 
 
 def test_tile_choice():
