@@ -17,8 +17,9 @@ What it measures (on a real NVIDIA GPU; refuses to run in the simulator):
 3. Peak device memory of the training step: PyTorch's ``max_memory_allocated``; ours, the CuPy
    memory pool's ``total_bytes`` (bytes held from the driver, a peak-like figure since freed blocks
    stay in the pool) after the timed steps.
-4. ``--breakdown``: where our training step's time goes, by op module (each op call timed between
-   device synchronisations, so the sum exceeds the step's time a little).
+4. ``--breakdown``: where our training step's time goes, by op: each op call timed between device
+   synchronisations (host work plus kernels), and by CUDA events around each call in an
+   unsynchronised step (device time only); see :func:`_breakdown`.
 
 Each time is the median of ``--repeats`` steps after ``--warmup`` steps (the first step also
 JIT-compiles our kernels), measured with a device synchronisation on both sides of each step.
@@ -89,37 +90,81 @@ def ours_train(preset, batch, warmup, repeats, breakdown):
     return row, tr
 
 
-def _breakdown(tr, sync):
-    """Seconds per op module in one training step, each op call bracketed by synchronisations."""
+def _wrap_ops(tr, wrapper):
+    """Replace every op ``*_forward`` / ``*_backward`` of the model's backend by ``wrapper(fn, key)``;
+    returns the list to restore."""
     B = tr.model.backend
-    totals: dict = {}
     saved = []
     for mod_name in ("conv", "norm", "attention", "activation", "resample", "linear", "embedding"):
         mod = getattr(B, mod_name)
         for fname in [f for f in dir(mod) if not f.startswith("_") and f.endswith(("_forward", "_backward"))]:
             fn = getattr(mod, fname)
-            if not callable(fn):
-                continue
+            if callable(fn):
+                saved.append((mod, fname, fn))
+                setattr(mod, fname, wrapper(fn, f"{mod_name}.{fname}"))
+    return saved
 
-            def timed(*a, _fn=fn, _key=f"{mod_name}.{fname}", **k):
-                sync()
-                t0 = time.perf_counter()
-                out = _fn(*a, **k)
-                sync()
-                totals[_key] = totals.get(_key, 0.0) + time.perf_counter() - t0
-                return out
-            saved.append((mod, fname, fn))
-            setattr(mod, fname, timed)
+
+def _breakdown(tr, sync):
+    """Where one training step's time goes, by op: ``wall_s``, each op call bracketed by device
+    synchronisations (its host work plus its kernels, run alone); ``gpu_s``, from CUDA events recorded
+    around each call without synchronising (the device time between the call's first and last
+    launch, as in the real step); ``calls``. Returns {op: {"wall_s", "gpu_s", "calls"}} plus the
+    whole step's two figures. Without CuPy (the simulator, where kernels run synchronously on the
+    host) the "events" are host clock readings."""
     try:
-        sync()
-        t0 = time.perf_counter()
-        tr.train_step()
-        sync()
-        totals["(whole step, synchronised ops)"] = time.perf_counter() - t0
-    finally:
-        for mod, fname, fn in saved:
-            setattr(mod, fname, fn)
-    return {k: round(v, 5) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+        import cupy
+        new_event = cupy.cuda.Event
+        elapsed = lambda a, b: cupy.cuda.get_elapsed_time(a, b) / 1e3  # noqa: E731
+    except ImportError:
+        class new_event:                   # noqa: N801  (stands in for cupy.cuda.Event)
+            def record(self):
+                self.t = time.perf_counter()
+        elapsed = lambda a, b: b.t - a.t  # noqa: E731
+    wall: dict = {}
+    events: dict = {}
+    calls: dict = {}
+
+    def timed(fn, key):
+        def run(*a, **k):
+            sync()
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            sync()
+            wall[key] = wall.get(key, 0.0) + time.perf_counter() - t0
+            calls[key] = calls.get(key, 0) + 1
+            return out
+        return run
+
+    def evented(fn, key):
+        def run(*a, **k):
+            start, end = new_event(), new_event()
+            start.record()
+            out = fn(*a, **k)
+            end.record()
+            events.setdefault(key, []).append((start, end))
+            return out
+        return run
+
+    result = {}
+    for name, wrapper in (("wall_s", timed), ("gpu_s", evented)):
+        saved = _wrap_ops(tr, wrapper)
+        try:
+            sync()
+            t0 = time.perf_counter()
+            tr.train_step()
+            sync()
+            result[f"(whole step, {name})"] = round(time.perf_counter() - t0, 5)
+        finally:
+            for mod, fname, fn in saved:
+                setattr(mod, fname, fn)
+    gpu = {k: sum(elapsed(a, b) for a, b in v) for k, v in events.items()}
+    rows = {k: {"wall_s": round(wall[k], 5), "gpu_s": round(gpu.get(k, 0.0), 5), "calls": calls[k]}
+            for k in sorted(wall, key=lambda k: -wall[k])}
+    rows["(sum of ops)"] = {"wall_s": round(sum(wall.values()), 5), "gpu_s": round(sum(gpu.values()), 5),
+                            "calls": sum(calls.values())}
+    result.update(rows)
+    return result
 
 
 def peer_train(torch, preset, batch, warmup, repeats, tf32, device="cuda"):
@@ -227,6 +272,7 @@ def main(argv=None):
 
     row, tr = ours_train(args.preset, args.batch, args.warmup, args.repeats, args.breakdown)
     result["train_ours"] = row
+    result["autotuner_after_training"] = runtime.tuning_report()
     del tr
     save()
     print(f"ours train step ({args.preset}, batch {args.batch}): {row['median_s'] * 1e3:.1f} ms "
@@ -264,6 +310,7 @@ def main(argv=None):
             save()
             print(f"diffusers sampling step, TF32 {'on' if tf32 else 'off'}: {s_p * 1e3:.2f} ms "
                   f"(ours/peer {s_ours / s_p:.2f})", flush=True)
+    result["autotuner"] = runtime.tuning_report()
     save()
     return result
 

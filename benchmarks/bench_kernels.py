@@ -131,9 +131,29 @@ def bench_noise(cupy, kn, time_it, repeats, n, launches=5):
     m_launch, _ = kn._mse_plan(sched, pred, x0, t, 1, index, 5, "epsilon", None, None, 0, 1.0)
     out = cupy.empty((n, 3072), dtype=cupy.float32)
     params = kn._packed(n, np.asarray(index, np.uint32), np.full(n, 5, np.uint32), np.zeros(n, np.uint32))
-    grid, threads = kn._tile_launch(n, 3072 // 4)
-    normal_launch = lambda: kn.philox_float_kernel_v2[grid, threads](out, params, np.uint32(1), np.uint32(4),  # noqa: E731
-                                                                     np.int32(0))
+    normal_args = (out, params, np.uint32(1), np.uint32(4), np.int32(0))
+    normal_launch = lambda: kn._launch_tiles("normal", kn.philox_float_kernel_v2, n, 3072 // 4, normal_args)  # noqa: E731
+    x2, xt2, tg2 = x0.reshape(n, -1), cupy.empty((n, 3072), cupy.float32), cupy.empty((n, 3072), cupy.float32)
+    q_params = kn._packed(n, np.asarray(index, np.uint32), np.full(n, 5, np.uint32), np.zeros(n, np.uint32),
+                          np.full(n, 0.5, np.float32), np.full(n, 0.5, np.float32))
+    q_args = (x2, xt2, tg2, q_params, np.uint32(1), np.uint32(4), np.int32(0), np.int32(1))
+    # The generator's cost decomposed: Philox words alone, words -> uniforms, words -> normals.
+    bits = cupy.empty((n, 3072), dtype=cupy.uint32)
+    bits_args = (bits, params, np.uint32(1), np.uint32(4))
+    uniform_args = (out, params, np.uint32(1), np.uint32(4), np.int32(1))
+    decomposition = [
+        ("random_bits (Philox words)", 1, "kernel v2",
+         many(lambda: kn._launch_tiles("random_bits", kn.philox_bits_kernel_v2, n, 3072 // 4, bits_args)), launches),
+        ("uniform", 1, "kernel v2",
+         many(lambda: kn._launch_tiles("uniform", kn.philox_float_kernel_v2, n, 3072 // 4, uniform_args)), launches),
+    ]
+    # Each launch shape the autotuner chooses from, forced (the same numbers; only the time differs).
+    shapes_cases = []
+    for (g, th) in kn._tile_launches(n, 3072 // 4):
+        shapes_cases.append(("normal", 1, f"kernel v2, grid {g[0]}x{g[1]}",
+                             many(lambda g=g, th=th: kn.philox_float_kernel_v2[g, th](*normal_args)), launches))
+        shapes_cases.append(("q_sample_target (x_t + target)", 3, f"kernel v2, grid {g[0]}x{g[1]}",
+                             many(lambda g=g, th=th: kn.q_sample_kernel_v2[g, th](*q_args)), launches))
     cases = [
         ("q_sample_target (x_t + target)", 3, "kernel v2", many(q_launch), launches),
         ("q_sample_target (x_t + target)", 3, "call v2", lambda: kn.q_sample_target_v2(sched, x0, t, 1, index, 5, "v"), 1),
@@ -147,7 +167,7 @@ def bench_noise(cupy, kn, time_it, repeats, n, launches=5):
         ("mse_noise_loss (loss + dpred)", 3, "kernel v2", many(m_launch), launches),
         ("mse_noise_loss (loss + dpred)", 3, "call v2", lambda: kn.mse_noise_loss_v2(sched, pred, x0, t, 1, index, 5), 1),
         ("mse_noise_loss (loss + dpred)", 3, "call v1", lambda: kn.mse_noise_loss_v1(sched, pred, x0, t, 1, index, 5), 1),
-    ]
+    ] + decomposition + shapes_cases
     for name, arrays, how, fn, per in cases:
         s = time_it(fn, repeats) / per
         gbs = arrays * nbytes / s / 1e9
@@ -170,22 +190,28 @@ def bench_conv(cupy, kc, time_it, repeats, batch, torch):
             _, cch = kc.conv2d_forward(x, w, b, stride, padding)
             kc.conv2d_backward(dy, cch)
 
-        def version(v):
-            fwd, bwd = getattr(kc, f"conv2d_forward_{v}"), getattr(kc, f"conv2d_backward_{v}")
-
+        def inner_loop(which):
+            """Version 3 with one inner loop forced for every GEMM (autotuning off)."""
             def run():
-                _, cch = fwd(x, w, b, stride, padding)
-                bwd(dy, cch)
+                saved = (kc._pick, kc._b.AUTOTUNE)
+                pick = saved[0]
+                kc._b.AUTOTUNE = False
+                if which == "plain":
+                    kc._pick = lambda *a, **kw: pick(*a, **kw).variants[1]
+                try:
+                    ours()
+                finally:
+                    kc._pick, kc._b.AUTOTUNE = saved
             return run
 
         fwd_s = time_it(lambda: kc.conv2d_forward(x, w, b, stride, padding), repeats)
         tot_s = time_it(ours, repeats)
-        v_s = {v: time_it(version(v), repeats) for v in ("v1", "v2", "v3")}
+        v_s = {v: time_it(inner_loop(v), repeats) for v in ("plain", "pipelined")}
         p, q = y.shape[2], y.shape[3]
         flops = 2.0 * batch * o * p * q * c * k * k * 3          # fwd + dx + dw GEMMs
         row = {"count": count, "C": c, "O": o, "H": h, "k": k, "stride": stride, "padding": padding,
                "ours_fwd_s": fwd_s, "ours_fwd_bwd_s": tot_s, "ours_TFLOPS": flops / tot_s / 1e12,
-               "v1_fwd_bwd_s": v_s["v1"], "v2_fwd_bwd_s": v_s["v2"], "v3_fwd_bwd_s": v_s["v3"]}
+               "v3_plain_fwd_bwd_s": v_s["plain"], "v3_pipelined_fwd_bwd_s": v_s["pipelined"]}
         if torch is not None:
             import torch.nn.functional as F
             xt = torch.as_tensor(x, device="cuda").requires_grad_(True)
@@ -210,15 +236,13 @@ def bench_conv(cupy, kc, time_it, repeats, batch, torch):
             row["ratio_fwd_bwd"] = tot_s / row["cudnn_fwd_bwd_s"]
         rows.append(row)
     summary = {"ours_weighted_s": sum(r["count"] * r["ours_fwd_bwd_s"] for r in rows),
-               "best_of_v1_v2_weighted_s": sum(r["count"] * min(r["v1_fwd_bwd_s"], r["v2_fwd_bwd_s"])
-                                               for r in rows),
-               "v3_weighted_s": sum(r["count"] * r["v3_fwd_bwd_s"] for r in rows),
-               "best_of_v1_v2_v3_weighted_s": sum(r["count"] * min(r["v1_fwd_bwd_s"], r["v2_fwd_bwd_s"],
-                                                                   r["v3_fwd_bwd_s"]) for r in rows)}
+               "v3_plain_weighted_s": sum(r["count"] * r["v3_plain_fwd_bwd_s"] for r in rows),
+               "v3_pipelined_weighted_s": sum(r["count"] * r["v3_pipelined_fwd_bwd_s"] for r in rows),
+               "autotuner": kc._b.tuning_report()}
     if torch is not None:
         summary["cudnn_weighted_s"] = sum(r["count"] * r["cudnn_fwd_bwd_s"] for r in rows)
         summary["ratio"] = summary["ours_weighted_s"] / summary["cudnn_weighted_s"]
-        summary["ratio_v3"] = summary["v3_weighted_s"] / summary["cudnn_weighted_s"]
+        summary["ratio_v3_plain"] = summary["v3_plain_weighted_s"] / summary["cudnn_weighted_s"]
     return rows, summary
 
 
@@ -234,7 +258,14 @@ def bench_norm_attention(cupy, knorm, katt, time_it, repeats, batch, torch):
             _, cache = knorm.group_norm_silu_forward(x, g, bta, 32, 1e-6)
             knorm.group_norm_silu_backward(dy, cache)
 
-        row = {"op": "group_norm_silu fwd+bwd", "shape": [batch, c, h, h], "ours_s": time_it(ours, repeats)}
+        def ours_v1():
+            _, cache = knorm.group_norm_silu_forward_v1(x, g, bta, 32, 1e-6)
+            knorm.group_norm_silu_backward(dy, cache)             # the cache's version: v1's kernel
+
+        row = {"op": "group_norm_silu fwd+bwd", "shape": [batch, c, h, h], "ours_s": time_it(ours, repeats),
+               "ours_v1_s": time_it(ours_v1, repeats),
+               "bytes_min": 5 * x.nbytes}   # the least traffic: forward x -> y, backward x, dy -> dx
+        row["ours_GBps_min_traffic"] = row["bytes_min"] / row["ours_s"] / 1e9
         if torch is not None:
             import torch.nn.functional as F
             xt = torch.as_tensor(x, device="cuda").requires_grad_(True)
@@ -304,19 +335,20 @@ def main(argv=None):
                 json.dump(result, f, indent=1)
 
     result["noise"] = bench_noise(cupy, noise, time_it, repeats, args.noise_batch)
+    result["noise_autotuner"] = runtime.tuning_report()
     save()
     print(f"{'noise kernel':48s} {'GB/s':>8s} {'of copy':>8s} {'ms':>8s}")
     for r in result["noise"]:
         print(f"{r['name']:48s} {r['GB/s']:8.1f} {r.get('fraction_of_copy', 1.0):8.2%} {r['seconds'] * 1e3:8.3f}")
     rows, summary = bench_conv(cupy, conv, time_it, repeats, args.batch, torch)
     result["conv"] = {"rows": rows, "summary": summary}
-    print(f"\n{'conv (count x C->O @H, k, s)':34s} {'ours ms':>9s} {'TFLOP/s':>8s} {'v1 ms':>8s} {'v2 ms':>8s} "
-          f"{'v3 ms':>8s} {'cuDNN ms':>9s} {'ratio':>6s}")
+    print(f"\n{'conv (count x C->O @H, k, s)':34s} {'ours ms':>9s} {'TFLOP/s':>8s} {'plain ms':>9s} "
+          f"{'pipel. ms':>9s} {'cuDNN ms':>9s} {'ratio':>6s}")
     for r in rows:
         label = f"{r['count']} x {r['C']}->{r['O']} @{r['H']} k{r['k']} s{r['stride']}"
         peer = f"{r['cudnn_fwd_bwd_s'] * 1e3:9.3f} {r['ratio_fwd_bwd']:6.2f}" if "cudnn_fwd_bwd_s" in r else ""
         print(f"{label:34s} {r['ours_fwd_bwd_s'] * 1e3:9.3f} {r['ours_TFLOPS']:8.2f} "
-              f"{r['v1_fwd_bwd_s'] * 1e3:8.3f} {r['v2_fwd_bwd_s'] * 1e3:8.3f} {r['v3_fwd_bwd_s'] * 1e3:8.3f} {peer}")
+              f"{r['v3_plain_fwd_bwd_s'] * 1e3:9.3f} {r['v3_pipelined_fwd_bwd_s'] * 1e3:9.3f} {peer}")
     print("conv summary (count-weighted fwd+bwd):", json.dumps(summary))
     save()
     result["norm_attention"] = bench_norm_attention(cupy, norm, attention, time_it, repeats, args.batch, torch)

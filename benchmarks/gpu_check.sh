@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # One script for a machine with an NVIDIA GPU. In order of importance, each phase under its own time
 # limit so that a slow one cannot starve the rest:
-#   1. the U-Net, training loop and sampler on the GPU backend against the reference (real GPU,
+#   1. the convolution, GroupNorm and noise kernel tests at full size (the kernels with autotuned
+#      variants, whose choice must never change a number);
+#   2. the U-Net, training loop and sampler on the GPU backend against the reference (real GPU,
 #      production tiles): tests/test_kernels_unet.py;
-#   2. the end-to-end benchmark: a cifar training step at batch 128 and a sampling step against
+#   3. the end-to-end benchmark: a cifar training step at batch 128 and a sampling step against
 #      diffusers' UNet2DModel in PyTorch eager FP32 (benchmarks/bench_gpu_e2e.py, with the per-op
-#      breakdown);
-#   3. the command line on the GPU: `ddpm train --device gpu` on the digits, `ddpm sample --device gpu`;
-#   4. the kernel benchmarks (noise kernels vs copy bandwidth, convolutions vs cuDNN);
-#   5. the other GPU kernel tests at full size.
-# Results go to $OUT (default ./gpu_check_out): gpu_check.log (everything), tests.log, e2e.json,
-# bench.json, summary.json, gpu_samples.png. About 8 minutes on an H100 (much of it JIT compilation).
+#      breakdown, wall and device time);
+#   4. the kernel benchmarks (noise kernels vs copy bandwidth, convolutions vs cuDNN, GroupNorm);
+#   5. an Nsight Compute profile of the noise, convolution and GroupNorm kernels (where they stall;
+#      benchmarks/profile_gpu.py), when ncu is installed;
+#   6. the other GPU kernel tests at full size;
+#   7. the command line on the GPU: `ddpm train --device gpu` on the digits, `ddpm sample --device gpu`.
+# Results go to $OUT (default ./gpu_check_out): gpu_check.log (everything), tests.log, tests2.log,
+# e2e.json, bench.json, ncu.txt, summary.json, gpu_samples.png. The phase limits add up to 14 minutes;
+# expect about 7 on an H200 (much of it JIT compilation).
 #
 # Needs numpy, pytest, hypothesis, numba, numba-cuda, CuPy and, for the peers, torch with CUDA and
 # diffusers. Machines without internet: put wheels in .whl/ (installed here into /tmp/site first).
@@ -29,9 +34,10 @@ phase() {  # phase SECONDS NAME COMMAND...: run with a time limit, log everythin
   timeout "$limit" "$@" >> "$LOG" 2>&1
   local rc=$?
   say "$name: exit status $rc"
-  echo "$name $rc" >> "$OUT/.status"
+  echo "$name $rc" >> "$STATUS"
 }
-: > "$OUT/.status"
+STATUS=$(mktemp)                 # phase exit statuses (not in $OUT: a device run returns only 8 files)
+: > "$STATUS"
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   say "installing the carried wheels into /tmp/site"
@@ -67,23 +73,33 @@ PY
 } >> "$LOG" 2>&1
 
 PYTEST="python3 -m pytest -p no:cacheprovider -rs --durations=10"   # pytest.ini adds -q
-phase 80 "U-Net on the GPU backend (tests)" $PYTEST tests/test_kernels_unet.py
-phase 180 "end-to-end benchmark" python3 benchmarks/bench_gpu_e2e.py --preset cifar --batch 128 \
+phase 130 "kernel tests (full size): conv, GroupNorm, noise" bash -c "$PYTEST tests/test_kernels_conv.py \
+  tests/test_kernels_norm.py tests/test_kernels_noise.py > $OUT/tests.log 2>&1; rc=\$?; tail -25 $OUT/tests.log; exit \$rc"
+phase 120 "U-Net on the GPU backend (tests)" $PYTEST tests/test_kernels_unet.py
+phase 200 "end-to-end benchmark" python3 benchmarks/bench_gpu_e2e.py --preset cifar --batch 128 \
   --sample-batch 128 --warmup 1 --repeats 5 --breakdown --out "$OUT/e2e.json"
+phase 120 "kernel benchmarks" python3 benchmarks/bench_kernels.py --quick --out "$OUT/bench.json"
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+if [ -n "$NCU" ]; then
+  phase 100 "Nsight Compute profile (noise, conv, GroupNorm kernels)" bash -c "'$NCU' --clock-control none \
+    --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
+    -k 'regex:philox_float_kernel_v2|q_sample_kernel_v2|conv2d_(fwd|dx|dw)_kernel_v3|group_norm_(fwd|bwd)_kernel' \
+    python3 benchmarks/profile_gpu.py > $OUT/ncu.txt 2>&1; rc=\$?; grep -E '^ +(Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per Thread|Achieved Occupancy|Issued Warp Per Scheduler|No Eligible)' $OUT/ncu.txt | head -60; exit \$rc"
+else
+  say "no ncu on this machine: profile skipped"
+fi
+phase 90 "kernel tests (full size): the others" bash -c "$PYTEST tests/test_kernels_optim.py \
+  tests/test_kernels_loss_attention.py tests/test_kernels_sampling.py tests/test_kernels_elementwise.py \
+  tests/test_kernels_train.py tests/test_kernels_runtime.py > $OUT/tests2.log 2>&1; rc=\$?; tail -25 $OUT/tests2.log; exit \$rc"
 RUN=$(mktemp -d)
-phase 70 "command line on the GPU" bash -c "python3 -m ddpm_ref train --device gpu --data digits --preset digits \
+phase 60 "command line on the GPU" bash -c "python3 -m ddpm_ref train --device gpu --data digits --preset digits \
   --steps 150 --batch 128 --out $RUN/run --quiet && python3 -m ddpm_ref sample --device gpu --ckpt $RUN/run \
   -n 64 --sampler ddim --steps 20 --out $OUT/gpu_samples && rm -f $OUT/gpu_samples.npy"
-phase 90 "kernel benchmarks" python3 benchmarks/bench_kernels.py --quick --out "$OUT/bench.json"
-phase 110 "kernel tests (full size)" bash -c "$PYTEST tests/test_kernels_noise.py tests/test_kernels_optim.py \
-  tests/test_kernels_conv.py tests/test_kernels_norm.py tests/test_kernels_loss_attention.py \
-  tests/test_kernels_sampling.py tests/test_kernels_elementwise.py tests/test_kernels_train.py \
-  tests/test_kernels_runtime.py > $OUT/tests.log 2>&1; rc=\$?; tail -25 $OUT/tests.log; exit \$rc"
 
-python3 - "$OUT" <<'PY' 2>&1 | tee -a "$LOG"
+python3 - "$OUT" "$STATUS" <<'PY' 2>&1 | tee -a "$LOG"
 import json, os, sys
 out = sys.argv[1]
-summary = {"phases": dict(line.rsplit(" ", 1) for line in open(os.path.join(out, ".status")).read().splitlines())}
+summary = {"phases": dict(line.rsplit(" ", 1) for line in open(sys.argv[2]).read().splitlines())}
 path = os.path.join(out, "bench.json")
 if os.path.exists(path):
     b = json.load(open(path))
@@ -95,14 +111,22 @@ if os.path.exists(path):
                                              for r in b["noise"] if "fraction_of_copy" in r}
     if "conv" in b:
         summary["conv_fwd_bwd_vs_cudnn"] = b["conv"]["summary"]
+    if "norm_attention" in b:
+        summary["norm_attention"] = [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}
+                                     for r in b["norm_attention"]]
+    summary["noise_autotuner"] = b.get("noise_autotuner")
 path = os.path.join(out, "e2e.json")
 if os.path.exists(path):
     e = json.load(open(path))
     summary["e2e"] = {k: {kk: v[kk] for kk in ("median_s", "step_s", "ratio_ours_over_peer", "pool_bytes",
                                                "max_allocated_bytes", "images_per_s_ddpm1000") if kk in v}
-                      for k, v in e.items() if isinstance(v, dict)}
+                      for k, v in e.items() if isinstance(v, dict) and not k.startswith("autotuner")}
+    bd = e.get("train_ours", {}).get("breakdown_s")
+    if bd:
+        summary["e2e_breakdown_top"] = dict(list(bd.items())[:12])
+    summary["e2e_autotuner"] = e.get("autotuner")
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
 print(json.dumps(summary, indent=1))
 PY
-rm -f "$OUT/.status"
+rm -f "$STATUS"
 say "done: results in $OUT"

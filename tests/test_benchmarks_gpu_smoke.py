@@ -32,8 +32,12 @@ def test_ours(mini_preset):
     row, tr = E.ours_train(mini_preset, batch=1, warmup=0, repeats=1, breakdown=True)
     assert row["median_s"] > 0 and len(row["times_s"]) == 1 and row["params"] == tr.params.size
     bd = row["breakdown_s"]
-    assert bd["(whole step, synchronised ops)"] > 0 and any(k.startswith("conv.conv2d_") for k in bd)
-    assert tr.step == 3                                              # first step + 1 timed + the breakdown's
+    assert bd["(whole step, wall_s)"] > 0 and bd["(whole step, gpu_s)"] > 0
+    conv_fwd = bd["conv.conv2d_forward"]
+    assert conv_fwd["calls"] > 0 and conv_fwd["wall_s"] > 0 and conv_fwd["gpu_s"] > 0
+    total = bd["(sum of ops)"]
+    assert total["calls"] == sum(v["calls"] for k, v in bd.items() if isinstance(v, dict) and k != "(sum of ops)")
+    assert tr.step == 4                                   # first step + 1 timed + the breakdown's two
     assert np.all(np.isfinite(tr.model.backend.to_host(tr.params)))
     assert E.ours_sample(mini_preset, batch=1, warmup=0, repeats=1) > 0
 
@@ -44,3 +48,24 @@ def test_peer_on_cpu(mini_preset):
     row = E.peer_train(torch, mini_preset, batch=2, warmup=0, repeats=2, tf32=False, device="cpu")
     assert row["median_s"] > 0 and len(row["times_s"]) == 2 and row["max_allocated_bytes"] is None
     assert E.peer_sample(torch, mini_preset, batch=2, warmup=0, repeats=1, tf32=False, device="cpu") > 0
+
+
+def test_profile_script(monkeypatch):
+    # benchmarks/profile_gpu.py (the launches gpu_check.sh runs under Nsight Compute) at toy size, with
+    # version 3's 128 x 128 tiles replaced by tiny ones of the same three variants.
+    import profile_gpu as P
+    from ddpm_ref.kernels import runtime
+    monkeypatch.setattr(runtime, "AUTOTUNE", True)
+    if SIM:
+        monkeypatch.setattr(kconv, "V3", kconv._tiled_variants_v3("prof3", 16, 16, 4, tx=4, ty=4, register=False,
+                                                                  bounded=(16, 2)))
+    rows = P.main(["--noise-samples", "3", "--noise-size", "10", "--batch", "1", "--channels", "4", "--hw", "3",
+                   "--groups", "2"])
+    labels = [label for label, _ in rows]
+    assert labels[:2] == ["normal grid (1, 2)", "q_sample grid (1, 2)"] if SIM else labels[0].startswith("normal")
+    assert [lab for lab in labels if lab.startswith("conv fwd")] == \
+        ["conv fwd pipelined", "conv fwd plain", f"conv fwd pipelined {kconv.V3.variants[2].label.split(' ', 1)[1]}"]
+    assert labels[-4:] == ["group_norm_silu fwd v1", "group_norm_silu bwd v1", "group_norm_silu fwd v2",
+                           "group_norm_silu bwd v2"]
+    assert all(t > 0 for _, t in rows)
+    assert runtime.AUTOTUNE is True                       # the script switches autotuning off only while it runs
