@@ -86,14 +86,13 @@ def ours_train(preset, batch, warmup, repeats, breakdown):
     row = {"median_s": med, "times_s": times, "first_step_s": round(first, 2),
            "pool_bytes": None if pool is None else int(pool.total_bytes()), "params": int(tr.params.size)}
     if breakdown:
-        row["breakdown_s"] = _breakdown(tr, sync)
+        row["breakdown_s"] = _breakdown(tr.model.backend, tr.train_step, sync)
     return row, tr
 
 
-def _wrap_ops(tr, wrapper):
-    """Replace every op ``*_forward`` / ``*_backward`` of the model's backend by ``wrapper(fn, key)``;
+def _wrap_ops(B, wrapper):
+    """Replace every op ``*_forward`` / ``*_backward`` of the backend ``B`` by ``wrapper(fn, key)``;
     returns the list to restore."""
-    B = tr.model.backend
     saved = []
     for mod_name in ("conv", "norm", "attention", "activation", "resample", "linear", "embedding"):
         mod = getattr(B, mod_name)
@@ -105,8 +104,8 @@ def _wrap_ops(tr, wrapper):
     return saved
 
 
-def _breakdown(tr, sync):
-    """Where one training step's time goes, by op: ``wall_s``, each op call bracketed by device
+def _breakdown(B, run, sync):
+    """Where one call of ``run`` (a training or sampling step on backend ``B``) spends its time, by op: ``wall_s``, each op call bracketed by device
     synchronisations (its host work plus its kernels, run alone); ``gpu_s``, from CUDA events recorded
     around each call without synchronising (the device time between the call's first and last
     launch, as in the real step); ``calls``. Returns {op: {"wall_s", "gpu_s", "calls"}} plus the
@@ -148,11 +147,11 @@ def _breakdown(tr, sync):
 
     result = {}
     for name, wrapper in (("wall_s", timed), ("gpu_s", evented)):
-        saved = _wrap_ops(tr, wrapper)
+        saved = _wrap_ops(B, wrapper)
         try:
             sync()
             t0 = time.perf_counter()
-            tr.train_step()
+            run()
             sync()
             result[f"(whole step, {name})"] = round(time.perf_counter() - t0, 5)
         finally:
@@ -207,7 +206,9 @@ def peer_train(torch, preset, batch, warmup, repeats, tf32, device="cuda"):
             "max_allocated_bytes": int(torch.cuda.max_memory_allocated()) if device == "cuda" else None}
 
 
-def ours_sample(preset, batch, warmup, repeats):
+def ours_sample(preset, batch, warmup, repeats, details=None):
+    """Median seconds of one sampling step (network + fused DDPM step); with a ``details`` dict, also
+    its per-op breakdown (``details["breakdown_s"]``, as for training)."""
     from ddpm_ref.kernels import noise as knoise
     from ddpm_ref.models.unet import UNet
     from ddpm_ref.rng import Stream
@@ -225,7 +226,11 @@ def ours_sample(preset, batch, warmup, repeats):
         out = f(x, tt)
         knoise.ddpm_step(sched, out, x, tt, 499, seed=0, index=index)
 
-    return _median_time(step, _our_sync_and_pool()[0], warmup, repeats)[0]
+    sync = _our_sync_and_pool()[0]
+    med = _median_time(step, sync, warmup, repeats)[0]
+    if details is not None:
+        details["breakdown_s"] = _breakdown(net.backend, step, sync)
+    return med
 
 
 def peer_sample(torch, preset, batch, warmup, repeats, tf32, device="cuda"):
@@ -296,8 +301,10 @@ def main(argv=None):
             print(f"diffusers train step, TF32 {'on' if tf32 else 'off'}: {result[key]['median_s'] * 1e3:.1f} ms "
                   f"(ours/peer {result[key]['ratio_ours_over_peer']:.2f}), max allocated "
                   f"{result[key]['max_allocated_bytes'] / 2**20:.0f} MiB", flush=True)
-    s_ours = ours_sample(args.preset, args.sample_batch, args.warmup, args.repeats)
-    result["sample_ours"] = {"step_s": s_ours, "images_per_s_ddpm1000": args.sample_batch / (1000 * s_ours)}
+    details = {} if args.breakdown else None
+    s_ours = ours_sample(args.preset, args.sample_batch, args.warmup, args.repeats, details)
+    result["sample_ours"] = {"step_s": s_ours, "images_per_s_ddpm1000": args.sample_batch / (1000 * s_ours),
+                             **(details or {})}
     save()
     print(f"ours sampling step (batch {args.sample_batch}): {s_ours * 1e3:.2f} ms = "
           f"{result['sample_ours']['images_per_s_ddpm1000']:.2f} images/s of DDPM-1000", flush=True)

@@ -132,7 +132,7 @@ def bench_noise(cupy, kn, time_it, repeats, n, launches=5):
     out = cupy.empty((n, 3072), dtype=cupy.float32)
     params = kn._packed(n, np.asarray(index, np.uint32), np.full(n, 5, np.uint32), np.zeros(n, np.uint32))
     normal_args = (out, params, np.uint32(1), np.uint32(4), np.int32(0))
-    normal_launch = lambda: kn._launch_tiles("normal", kn.philox_float_kernel_v2, n, 3072 // 4, normal_args)  # noqa: E731
+    normal_launch = lambda: kn._launch_tiles("normal", kn._NORMAL_KERNELS, n, 3072 // 4, normal_args)  # noqa: E731
     x2, xt2, tg2 = x0.reshape(n, -1), cupy.empty((n, 3072), cupy.float32), cupy.empty((n, 3072), cupy.float32)
     q_params = kn._packed(n, np.asarray(index, np.uint32), np.full(n, 5, np.uint32), np.zeros(n, np.uint32),
                           np.full(n, 0.5, np.float32), np.full(n, 0.5, np.float32))
@@ -143,17 +143,20 @@ def bench_noise(cupy, kn, time_it, repeats, n, launches=5):
     uniform_args = (out, params, np.uint32(1), np.uint32(4), np.int32(1))
     decomposition = [
         ("random_bits (Philox words)", 1, "kernel v2",
-         many(lambda: kn._launch_tiles("random_bits", kn.philox_bits_kernel_v2, n, 3072 // 4, bits_args)), launches),
+         many(lambda: kn._launch_tiles("random_bits", kn._BITS_KERNELS, n, 3072 // 4, bits_args)), launches),
         ("uniform", 1, "kernel v2",
-         many(lambda: kn._launch_tiles("uniform", kn.philox_float_kernel_v2, n, 3072 // 4, uniform_args)), launches),
+         many(lambda: kn._launch_tiles("uniform", kn._NORMAL_KERNELS, n, 3072 // 4, uniform_args)), launches),
     ]
-    # Each launch shape the autotuner chooses from, forced (the same numbers; only the time differs).
+    # Each variant the autotuner chooses from (launch shape x register cap), forced: the same
+    # numbers, only the time differs.
     shapes_cases = []
     for (g, th) in kn._tile_launches(n, 3072 // 4):
-        shapes_cases.append(("normal", 1, f"kernel v2, grid {g[0]}x{g[1]}",
-                             many(lambda g=g, th=th: kn.philox_float_kernel_v2[g, th](*normal_args)), launches))
-        shapes_cases.append(("q_sample_target (x_t + target)", 3, f"kernel v2, grid {g[0]}x{g[1]}",
-                             many(lambda g=g, th=th: kn.q_sample_kernel_v2[g, th](*q_args)), launches))
+        for kern_n, kern_q in zip(kn._NORMAL_KERNELS, kn._Q_SAMPLE_KERNELS):
+            label = kn._variant_label(kern_n, g)
+            shapes_cases.append(("normal", 1, f"kernel v2, {label}",
+                                 many(lambda g=g, th=th, k=kern_n: k[g, th](*normal_args)), launches))
+            shapes_cases.append(("q_sample_target (x_t + target)", 3, f"kernel v2, {label}",
+                                 many(lambda g=g, th=th, k=kern_q: k[g, th](*q_args)), launches))
     cases = [
         ("q_sample_target (x_t + target)", 3, "kernel v2", many(q_launch), launches),
         ("q_sample_target (x_t + target)", 3, "call v2", lambda: kn.q_sample_target_v2(sched, x0, t, 1, index, 5, "v"), 1),
@@ -300,6 +303,8 @@ def main(argv=None):
     parser.add_argument("--noise-batch", type=int, default=65536,
                         help="samples of 3x32x32 for the bandwidth runs (65536: 805 MB per array)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (5)")
+    parser.add_argument("--sections", nargs="+", default=["noise", "conv", "norm"],
+                        choices=["noise", "conv", "norm"], help="which sections to run (default: all)")
     args = parser.parse_args(argv)
     from ddpm_ref.kernels import runtime
     if runtime.backend() != "cuda":
@@ -334,13 +339,27 @@ def main(argv=None):
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
 
-    result["noise"] = bench_noise(cupy, noise, time_it, repeats, args.noise_batch)
-    result["noise_autotuner"] = runtime.tuning_report()
+    if "noise" in args.sections:
+        result["noise"] = bench_noise(cupy, noise, time_it, repeats, args.noise_batch)
+        result["noise_autotuner"] = runtime.tuning_report()
+        save()
+        print(f"{'noise kernel':48s} {'GB/s':>8s} {'of copy':>8s} {'ms':>8s}")
+        for r in result["noise"]:
+            print(f"{r['name']:48s} {r['GB/s']:8.1f} {r.get('fraction_of_copy', 1.0):8.2%} {r['seconds'] * 1e3:8.3f}")
+    if "conv" in args.sections:
+        _conv_section(result, cupy, conv, time_it, repeats, args.batch, torch)
+        save()
+    if "norm" in args.sections:
+        result["norm_attention"] = bench_norm_attention(cupy, norm, attention, time_it, repeats, args.batch, torch)
+        for r in result["norm_attention"]:
+            print(r)
     save()
-    print(f"{'noise kernel':48s} {'GB/s':>8s} {'of copy':>8s} {'ms':>8s}")
-    for r in result["noise"]:
-        print(f"{r['name']:48s} {r['GB/s']:8.1f} {r.get('fraction_of_copy', 1.0):8.2%} {r['seconds'] * 1e3:8.3f}")
-    rows, summary = bench_conv(cupy, conv, time_it, repeats, args.batch, torch)
+    result["seconds"] = round(time.time() - t0, 1)
+    return result
+
+
+def _conv_section(result, cupy, conv, time_it, repeats, batch, torch):
+    rows, summary = bench_conv(cupy, conv, time_it, repeats, batch, torch)
     result["conv"] = {"rows": rows, "summary": summary}
     print(f"\n{'conv (count x C->O @H, k, s)':34s} {'ours ms':>9s} {'TFLOP/s':>8s} {'plain ms':>9s} "
           f"{'pipel. ms':>9s} {'cuDNN ms':>9s} {'ratio':>6s}")
@@ -350,13 +369,6 @@ def main(argv=None):
         print(f"{label:34s} {r['ours_fwd_bwd_s'] * 1e3:9.3f} {r['ours_TFLOPS']:8.2f} "
               f"{r['v3_plain_fwd_bwd_s'] * 1e3:9.3f} {r['v3_pipelined_fwd_bwd_s'] * 1e3:9.3f} {peer}")
     print("conv summary (count-weighted fwd+bwd):", json.dumps(summary))
-    save()
-    result["norm_attention"] = bench_norm_attention(cupy, norm, attention, time_it, repeats, args.batch, torch)
-    for r in result["norm_attention"]:
-        print(r)
-    save()
-    result["seconds"] = round(time.time() - t0, 1)
-    return result
 
 
 if __name__ == "__main__":

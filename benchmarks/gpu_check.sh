@@ -20,6 +20,8 @@
 # Needs numpy, pytest, hypothesis, numba, numba-cuda, CuPy and, for the peers, torch with CUDA and
 # diffusers. Machines without internet: put wheels in .whl/ (installed here into /tmp/site first).
 # Usage: OUT=/some/dir bash benchmarks/gpu_check.sh
+# A subset: ONLY=tests1,e2e,bench TESTS1=tests/test_kernels_noise.py BENCH_SECTIONS=noise (phase keys:
+# tests1 unet e2e bench ncu tests2 cli).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./gpu_check_out}"
@@ -28,8 +30,12 @@ export NUMBA_ENABLE_CUDASIM=0 DDPM_KERNELS_FULL=1 NUMBA_CUDA_ARRAY_INTERFACE_SYN
 LOG="$OUT/gpu_check.log"
 : > "$LOG"
 say() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
-phase() {  # phase SECONDS NAME COMMAND...: run with a time limit, log everything, report the status
-  local limit=$1 name=$2; shift 2
+ONLY="${ONLY:-}"   # run only these phases (see Usage); empty: all
+phase() {  # phase KEY SECONDS NAME COMMAND...: run with a time limit, log everything, report the status
+  local key=$1 limit=$2 name=$3; shift 3
+  if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$key,"* ]]; then
+    return 0
+  fi
   say "$name (limit ${limit}s)"
   timeout "$limit" "$@" >> "$LOG" 2>&1
   local rc=$?
@@ -73,26 +79,28 @@ PY
 } >> "$LOG" 2>&1
 
 PYTEST="python3 -m pytest -p no:cacheprovider -rs --durations=10"   # pytest.ini adds -q
-phase 130 "kernel tests (full size): conv, GroupNorm, noise" bash -c "$PYTEST tests/test_kernels_conv.py \
-  tests/test_kernels_norm.py tests/test_kernels_noise.py > $OUT/tests.log 2>&1; rc=\$?; tail -25 $OUT/tests.log; exit \$rc"
-phase 120 "U-Net on the GPU backend (tests)" $PYTEST tests/test_kernels_unet.py
-phase 200 "end-to-end benchmark" python3 benchmarks/bench_gpu_e2e.py --preset cifar --batch 128 \
+TESTS1="${TESTS1:-tests/test_kernels_conv.py tests/test_kernels_norm.py tests/test_kernels_noise.py}"
+phase tests1 130 "kernel tests (full size): $TESTS1" bash -c "$PYTEST $TESTS1 > $OUT/tests.log 2>&1; rc=\$?; \
+  tail -25 $OUT/tests.log; exit \$rc"
+phase unet 120 "U-Net on the GPU backend (tests)" $PYTEST tests/test_kernels_unet.py
+phase e2e 200 "end-to-end benchmark" python3 benchmarks/bench_gpu_e2e.py --preset cifar --batch 128 \
   --sample-batch 128 --warmup 1 --repeats 5 --breakdown --out "$OUT/e2e.json"
-phase 120 "kernel benchmarks" python3 benchmarks/bench_kernels.py --quick --out "$OUT/bench.json"
+phase bench 120 "kernel benchmarks" python3 benchmarks/bench_kernels.py --quick \
+  --sections ${BENCH_SECTIONS:-noise conv norm} --out "$OUT/bench.json"
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ -n "$NCU" ]; then
-  phase 100 "Nsight Compute profile (noise, conv, GroupNorm kernels)" bash -c "'$NCU' --clock-control none \
+  phase ncu 100 "Nsight Compute profile (noise, conv, GroupNorm kernels)" bash -c "'$NCU' --clock-control none \
     --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
     -k 'regex:philox_float_kernel_v2|q_sample_kernel_v2|conv2d_(fwd|dx|dw)_kernel_v3|group_norm_(fwd|bwd)_kernel' \
     python3 benchmarks/profile_gpu.py > $OUT/ncu.txt 2>&1; rc=\$?; grep -E '^ +(Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per Thread|Achieved Occupancy|Issued Warp Per Scheduler|No Eligible)' $OUT/ncu.txt | head -60; exit \$rc"
 else
   say "no ncu on this machine: profile skipped"
 fi
-phase 90 "kernel tests (full size): the others" bash -c "$PYTEST tests/test_kernels_optim.py \
+phase tests2 90 "kernel tests (full size): the others" bash -c "$PYTEST tests/test_kernels_optim.py \
   tests/test_kernels_loss_attention.py tests/test_kernels_sampling.py tests/test_kernels_elementwise.py \
   tests/test_kernels_train.py tests/test_kernels_runtime.py > $OUT/tests2.log 2>&1; rc=\$?; tail -25 $OUT/tests2.log; exit \$rc"
 RUN=$(mktemp -d)
-phase 60 "command line on the GPU" bash -c "python3 -m ddpm_ref train --device gpu --data digits --preset digits \
+phase cli 60 "command line on the GPU" bash -c "python3 -m ddpm_ref train --device gpu --data digits --preset digits \
   --steps 150 --batch 128 --out $RUN/run --quiet && python3 -m ddpm_ref sample --device gpu --ckpt $RUN/run \
   -n 64 --sampler ddim --steps 20 --out $OUT/gpu_samples && rm -f $OUT/gpu_samples.npy"
 
@@ -124,6 +132,9 @@ if os.path.exists(path):
     bd = e.get("train_ours", {}).get("breakdown_s")
     if bd:
         summary["e2e_breakdown_top"] = dict(list(bd.items())[:12])
+    sbd = e.get("sample_ours", {}).get("breakdown_s")
+    if sbd:
+        summary["e2e_sample_breakdown_top"] = dict(list(sbd.items())[:10])
     summary["e2e_autotuner"] = e.get("autotuner")
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
 print(json.dumps(summary, indent=1))

@@ -3,8 +3,8 @@
 What it does: launches, once each and in this order, the kernels whose speed the GPU targets measure,
 at benchmark sizes, with autotuning off so that every variant runs exactly once:
 
-1. ``philox_float_kernel_v2`` (normals) and ``q_sample_kernel_v2`` at 65536 x 3072 values, on the plain
-   grid and on each persistent grid the autotuner chooses from;
+1. ``philox_float_kernel_v2`` (normals) and ``q_sample_kernel_v2`` at 65536 x 3072 values, in every
+   variant the autotuner chooses from (the plain and persistent grids, each register cap);
 2. the cifar preset's most frequent convolution (128 -> 128 channels, 3x3, 32x32, batch 128): forward,
    dx and dw of the 128 x 128 tiles in each variant (pipelined, plain, register-capped);
 3. GroupNorm+SiLU forward and backward at (128, 128, 32, 32), versions 1 and 2.
@@ -78,11 +78,12 @@ def main(argv=None) -> int:
     x0 = dev(r.uniform(-1, 1, (n, size)))
     out, xt, tg = (xp.empty((n, size), dtype=xp.float32) for _ in range(3))
     for grid, threads in kn._tile_launches(n, nb):
-        timed(f"normal grid {grid}", lambda: kn.philox_float_kernel_v2[grid, threads](
-            out, params, np.uint32(1), np.uint32(4), np.int32(0)))
-        timed(f"q_sample grid {grid}", lambda: kn.q_sample_kernel_v2[grid, threads](
-            x0, xt, tg, params, np.uint32(1), np.uint32(4), np.int32(0), np.int32(1)))
-    del x0, out, xt, tg
+        for kern_n, kern_q in zip(kn._NORMAL_KERNELS, kn._Q_SAMPLE_KERNELS):
+            label = kn._variant_label(kern_n, grid)
+            timed(f"normal {label}", lambda: kern_n[grid, threads](
+                out, params, np.uint32(1), np.uint32(4), np.int32(0)))
+            timed(f"q_sample {label}", lambda: kern_q[grid, threads](
+                x0, xt, tg, params, np.uint32(1), np.uint32(4), np.int32(0), np.int32(1)))
 
     B, C, H = args.batch, args.channels, args.hw
     x = dev(r.standard_normal((B, C, H, H)))

@@ -3,6 +3,8 @@ its launcher uses, so the compile check (tests/test_kernels_compile.py) can buil
 sm_90 without a GPU. Not a public API."""
 from __future__ import annotations
 
+import types
+
 from .runtime import cuda_module, is_simulator
 
 cuda = cuda_module()
@@ -25,9 +27,23 @@ def kernel(*signatures, name=None, register=True, launch_bounds=None):
         if register:
             REGISTRY.append((func.__module__, func.__name__, func, tuple(signatures)))
         if launch_bounds is None or is_simulator():
-            return cuda.jit(func)
-        return cuda.jit(func, launch_bounds=launch_bounds)
+            disp = cuda.jit(func)
+        else:
+            disp = cuda.jit(func, launch_bounds=launch_bounds)
+        disp._ddpm_py, disp._ddpm_sigs, disp._ddpm_bounds = func, tuple(signatures), launch_bounds
+        return disp
     return deco
+
+
+def capped(dispatcher, launch_bounds, register=True):
+    """A twin of a ``@kernel`` kernel compiled under ``launch_bounds`` (fewer registers, more resident
+    warps): the same Python function under the name ``<name>_lb<min blocks>``, so the same numbers.
+    Registered for the compile check like any kernel."""
+    py = dispatcher._ddpm_py
+    name = f"{py.__name__}_lb{launch_bounds[1]}"
+    twin = types.FunctionType(py.__code__, py.__globals__, name, py.__defaults__, py.__closure__)
+    twin.__doc__ = py.__doc__
+    return kernel(*dispatcher._ddpm_sigs, name=name, register=register, launch_bounds=launch_bounds)(twin)
 
 
 def device(func):

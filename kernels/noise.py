@@ -44,7 +44,7 @@ import math
 import numpy as np
 
 from . import runtime as _b
-from ._jit import cuda, device, kernel
+from ._jit import capped as _jit_capped, cuda, device, kernel
 from numba import float32, float64, uint32, uint64  # noqa: E402  (numba is importable once ._jit imported)
 from .rng import philox4x32_10, philox4x32_10_v2, philox_normal4, philox_normal4_v2, word_to_uniform
 
@@ -343,6 +343,17 @@ def _row_launch(n_rows):
     return max(1, min(n_rows, 65535)), _RED_THREADS
 
 
+def _row_launches(n_rows):
+    """:func:`_row_launch` first, then persistent grids (``_PERSISTENT_BLOCKS_PER_SM``), same block size."""
+    out = [_row_launch(n_rows)]
+    if not _b.is_simulator():
+        for per_sm in (32, 8):
+            blocks = max(1, min(n_rows, 65535, per_sm * _b.sm_count()))
+            if all(blocks != b for b, _ in out):
+                out.append((blocks, _RED_THREADS))
+    return out
+
+
 def mse_noise_loss_v1(schedule, pred, x0, t, seed, index, step=0, prediction="epsilon", weights=None,
                    stream=None, sub=0, dloss=1.0):
     """Fused L_simple (eq. 14) with the noise regenerated in registers (nothing read but pred, x0).
@@ -570,6 +581,18 @@ def mse_noise_kernel_v2(pred, x0, params, seed, stream, mode, dpred, sq_sum):
         cuda.syncthreads()
 
 
+# Register-capped twins (``_jit.capped``) of the v2 kernels, for the autotuner. Unbounded, ptxas gives
+# the normal and q_sample kernels 50-52 registers on sm_90 (four 256-thread blocks, half the warps a
+# multiprocessor holds; Nsight Compute on an H200: about 10 cycles between a warp's instructions, 77%
+# of issue slots used); capped at 40 (six blocks, no spills) and 32 (eight, 8 to 60 bytes of spills).
+# The loss kernel: 66 registers unbounded, 64 and 48 capped (12 bytes of spills).
+_TILE_CAPS = ((_THREADS, 6), (_THREADS, 8))
+_NORMAL_KERNELS = (philox_float_kernel_v2,) + tuple(_jit_capped(philox_float_kernel_v2, c) for c in _TILE_CAPS)
+_Q_SAMPLE_KERNELS = (q_sample_kernel_v2,) + tuple(_jit_capped(q_sample_kernel_v2, c) for c in _TILE_CAPS)
+_MSE_KERNELS = (mse_noise_kernel_v2,) + tuple(_jit_capped(mse_noise_kernel_v2, c)
+                                               for c in ((_RED_THREADS, 4), (_RED_THREADS, 5)))
+
+
 def _packed(n, index, step, sub, a=None, b=None, coef=None):
     """The per-sample scalars as one (N, 6) float64 device array (one host-to-device copy)."""
     params = np.zeros((n, 6), dtype=np.float64)
@@ -608,14 +631,22 @@ def _tile_launches(n, nb):
     return out
 
 
-def _launch_tiles(name, kern, n, nb, args, timer=None):
-    """Launch a v2 tile kernel over n samples of nb Philox blocks on the fastest shape for this problem
-    (``runtime.tuned``, keyed by the kernel name, n and nb; every shape writes the same outputs)."""
-    return _b.tuned((f"noise.{name}", n, nb), _tile_launches(n, nb), lambda gt: kern[gt[0], gt[1]](*args),
-                    label=lambda gt: f"grid y {gt[0][1]}", timer=timer)
+def _variant_label(kern, grid):
+    bounds = getattr(kern, "_ddpm_bounds", None)
+    return f"grid {grid[0]}x{grid[1]}" + (f", launch bounds {bounds}" if bounds else "")
 
 
-@kernel(f"void(uint32[:, ::1], float64[:, ::1], uint32, uint32)")
+def _launch_tiles(name, kernels, n, nb, args, timer=None):
+    """Launch a v2 tile kernel over n samples of nb Philox blocks: the fastest, for this problem, of
+    its register variants (``kernels``, the unbounded one first) on each launch shape
+    (:func:`_tile_launches`), chosen by ``runtime.tuned`` (keyed by the kernel name, n and nb). Every
+    variant writes the same outputs: the code is the same, and each value is fixed by its counter."""
+    variants = [(k, g, th) for (g, th) in _tile_launches(n, nb) for k in kernels]
+    return _b.tuned((f"noise.{name}", n, nb), variants, lambda v: v[0][v[1], v[2]](*args),
+                    label=lambda v: _variant_label(v[0], v[1]), timer=timer)
+
+
+@kernel("void(uint32[:, ::1], float64[:, ::1], uint32, uint32)")
 def philox_bits_kernel_v2(out, params, seed, stream):
     """out (N, size) uint32 with the uint32-state Philox (version 2); params (N, 6) packed."""
     n = out.shape[0]
@@ -638,6 +669,9 @@ def philox_bits_kernel_v2(out, params, seed, stream):
                 out[i, e + 3] = w3
 
 
+_BITS_KERNELS = (philox_bits_kernel_v2,) + tuple(_jit_capped(philox_bits_kernel_v2, c) for c in _TILE_CAPS[:1])
+
+
 def random_bits_v2(seed, stream, index, step=0, shape=(), sub=0):
     """Device uint32 words ``(len(index),) + shape``, bit-identical to ``ddpm_ref.rng.random_bits``."""
     seed, stream, index, step, sub = _address(seed, stream, index, step, sub)
@@ -646,7 +680,7 @@ def random_bits_v2(seed, stream, index, step=0, shape=(), sub=0):
     n = index.shape[0]
     out = xp.empty((n, size), dtype=xp.uint32)
     if out.size:
-        _launch_tiles("random_bits", philox_bits_kernel_v2, n, (size + 3) // 4,
+        _launch_tiles("random_bits", _BITS_KERNELS, n, (size + 3) // 4,
                       (out, _packed(n, index, step, sub), seed, stream))
     return out.reshape((n,) + shape)
 
@@ -658,7 +692,7 @@ def _floats_v2(kind, seed, stream, index, step, shape, sub):
     n = index.shape[0]
     out = xp.empty((n, size), dtype=xp.float32)
     if out.size:
-        _launch_tiles("normal" if kind == 0 else "uniform", philox_float_kernel_v2, n, (size + 3) // 4,
+        _launch_tiles("normal" if kind == 0 else "uniform", _NORMAL_KERNELS, n, (size + 3) // 4,
                       (out, _packed(n, index, step, sub), seed, stream, np.int32(kind)))
     return out.reshape((n,) + shape)
 
@@ -693,7 +727,7 @@ def _q_sample_plan(schedule, x0, t, seed, index, step, prediction, stream, sub, 
 
     def launch():
         if x2.size:
-            _launch_tiles(f"q_sample/{int(mode)}/{int(store)}", q_sample_kernel_v2, n, (x2.shape[1] + 3) // 4,
+            _launch_tiles(f"q_sample/{int(mode)}/{int(store)}", _Q_SAMPLE_KERNELS, n, (x2.shape[1] + 3) // 4,
                           (x2, xt, target, params, seed, stream, mode, store))
     return launch, xt.reshape(x0.shape), (target.reshape(x0.shape) if store_target else None)
 
@@ -743,11 +777,15 @@ def _mse_plan(schedule, pred, x0, t, seed, index, step, prediction, weights, str
     sq_sum = xp.empty(n, dtype=xp.float64)                          # every row is written
     coef = ((float(dloss) * 2.0 / (n * size)) * w.astype(np.float64)).astype(np.float32)
     params = _packed(n, index, step, sub, a, b, coef)
-    blocks, threads = _row_launch(n)
     x2 = x0.reshape(n, -1)
+    variants = [(k, blocks, threads) for (blocks, threads) in _row_launches(n) for k in _MSE_KERNELS]
+    args = (p2, x2, params, seed, stream, mode, dpred, sq_sum)
 
     def launch():
-        mse_noise_kernel_v2[blocks, threads](p2, x2, params, seed, stream, mode, dpred, sq_sum)
+        # The variants (grid sizes, register caps) give the same numbers: a block sums its
+        # sample's tiles in one fixed order whatever the grid, with a fixed block size.
+        _b.tuned(("noise.mse_loss", n, size), variants, lambda v: v[0][v[1], v[2]](*args),
+                 label=lambda v: _variant_label(v[0], (v[1], 1)))
 
     def finish():
         per_sample = sq_sum / size                                 # (N,) float64

@@ -39,7 +39,10 @@ def test_ours(mini_preset):
     assert total["calls"] == sum(v["calls"] for k, v in bd.items() if isinstance(v, dict) and k != "(sum of ops)")
     assert tr.step == 4                                   # first step + 1 timed + the breakdown's two
     assert np.all(np.isfinite(tr.model.backend.to_host(tr.params)))
-    assert E.ours_sample(mini_preset, batch=1, warmup=0, repeats=1) > 0
+    details = {}
+    assert E.ours_sample(mini_preset, batch=1, warmup=0, repeats=1, details=details) > 0
+    sb = details["breakdown_s"]
+    assert sb["conv.conv2d_forward"]["calls"] > 0 and "conv.conv2d_backward" not in sb
 
 
 def test_peer_on_cpu(mini_preset):
@@ -62,7 +65,8 @@ def test_profile_script(monkeypatch):
     rows = P.main(["--noise-samples", "3", "--noise-size", "10", "--batch", "1", "--channels", "4", "--hw", "3",
                    "--groups", "2"])
     labels = [label for label, _ in rows]
-    assert labels[:2] == ["normal grid (1, 2)", "q_sample grid (1, 2)"] if SIM else labels[0].startswith("normal")
+    assert labels[:4] == ["normal grid 1x2", "q_sample grid 1x2", "normal grid 1x2, launch bounds (256, 6)",
+                          "q_sample grid 1x2, launch bounds (256, 6)"] if SIM else labels[0].startswith("normal")
     assert [lab for lab in labels if lab.startswith("conv fwd")] == \
         ["conv fwd pipelined", "conv fwd plain", f"conv fwd pipelined {kconv.V3.variants[2].label.split(' ', 1)[1]}"]
     assert labels[-4:] == ["group_norm_silu fwd v1", "group_norm_silu bwd v1", "group_norm_silu fwd v2",

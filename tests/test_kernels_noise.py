@@ -149,41 +149,53 @@ def test_q_sample_validation():
         noise.q_sample_target(sched, kb.to_device(np.zeros((2, 3))), np.array([1, 2]), 0, [0, 1])
 
 
-def test_tile_kernels_do_not_depend_on_the_grid(monkeypatch):
-    # The autotuner picks among grid shapes (noise._tile_launches) on a GPU; each element's value is
-    # fixed by its counter, so every shape must write the same arrays: one block row per sample,
-    # fewer rows than samples (blocks loop over samples), several blocks along a sample.
+def test_tile_kernels_do_not_depend_on_the_grid_or_the_register_cap(monkeypatch):
+    # The autotuner picks among grid shapes (noise._tile_launches, noise._row_launches) and register-
+    # capped twins of each kernel on a GPU; each element's value is fixed by its counter (and the loss
+    # sums a sample in a fixed order), so every variant must write the same arrays: one block row per
+    # sample, fewer rows than samples (blocks loop over samples), several blocks along a sample.
     sched = Schedule.linear(T=10)
     n, shape = 5, (3, 7, 7)                       # 147 values: 37 Philox blocks per sample
     x0 = np.random.default_rng(2).uniform(-1, 1, (n,) + shape).astype(np.float32)
+    pred = np.random.default_rng(3).normal(size=(n,) + shape).astype(np.float32)
     t = np.array([0, 3, 9, 5, 1])
     grids = [((1, 5), 32), ((1, 2), 32), ((2, 1), 32), ((3, 2), 16)]
+    rows = [(5, 32), (2, 32), (1, 32)]
+    assert len(noise._Q_SAMPLE_KERNELS) == len(noise._NORMAL_KERNELS) == len(noise._MSE_KERNELS) == 3
+    outs = []
+    for i, gt in enumerate(grids):
+        k = i % 3                                 # each register twin, on some grid
+        monkeypatch.setattr(noise, "_tile_launches", lambda n_, nb, gt=gt: [gt])
+        monkeypatch.setattr(noise, "_row_launches", lambda n_, r=rows[i % 3]: [r])
+        for name in ("_Q_SAMPLE_KERNELS", "_NORMAL_KERNELS", "_MSE_KERNELS", "_BITS_KERNELS"):
+            kernels = getattr(noise, name)
+            monkeypatch.setattr(noise, name, (kernels[min(k, len(kernels) - 1)],))
+        xt, target = noise.q_sample_target(sched, kb.to_device(x0), t, 11, np.arange(n), 4, "v")
+        z = noise.normal(11, 4, np.arange(n), 4, shape)
+        w = noise.random_bits(11, 4, np.arange(n), 4, shape)
+        loss, per, dpred = noise.mse_noise_loss(sched, kb.to_device(pred), kb.to_device(x0), t, 11,
+                                                np.arange(n), 4, "v")
+        outs.append([kb.to_host(a) for a in (xt, target, z, w, per, dpred)] + [np.float64(loss)])
+        monkeypatch.undo()
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            np.testing.assert_array_equal(a, b)
+    # The autotuner on these variants, with a fake timer: the fastest (here the 5th of 12) is kept.
     monkeypatch.setattr(noise, "_tile_launches", lambda n_, nb: grids)
+    monkeypatch.setattr(kb, "_TUNED", {})
     timed = []
 
     def timer(fn):
         fn()
         timed.append(1)
-        return [3.0, 1.0, 2.0, 4.0][len(timed) - 1]   # the second shape "wins"
+        return 1.0 if len(timed) == 5 else 2.0
 
-    outs = []
-    for gt in grids:
-        monkeypatch.setattr(noise, "_tile_launches", lambda n_, nb, gt=gt: [gt])
-        xt, target = noise.q_sample_target(sched, kb.to_device(x0), t, 11, np.arange(n), 4, "v")
-        z = noise.normal(11, 4, np.arange(n), 4, shape)
-        w = noise.random_bits(11, 4, np.arange(n), 4, shape)
-        outs.append([kb.to_host(a) for a in (xt, target, z, w)])
-    for other in outs[1:]:
-        for a, b in zip(outs[0], other):
-            np.testing.assert_array_equal(a, b)
-    monkeypatch.setattr(noise, "_tile_launches", lambda n_, nb: grids)
-    monkeypatch.setattr(kb, "_TUNED", {})
     out = kb.to_device(np.zeros((n, 147), np.float32))
     params = noise._packed(n, np.arange(n, dtype=np.uint32), np.full(n, 4, np.uint32), np.zeros(n, np.uint32))
-    chosen = noise._launch_tiles("normal", noise.philox_float_kernel_v2, n, 37,
+    chosen = noise._launch_tiles("normal", noise._NORMAL_KERNELS, n, 37,
                                  (out, params, np.uint32(11), np.uint32(4), np.int32(0)), timer=timer)
-    assert chosen == grids[1] and len(timed) == 4
-    assert kb.tuning_report() == {"noise.normal": {"grid y 2": 1}}
+    assert len(timed) == 12 and chosen == (noise._NORMAL_KERNELS[1],) + grids[1]
+    assert kb.tuning_report() == {"noise.normal": {"grid 1x2, launch bounds (256, 6)": 1}}
     np.testing.assert_array_equal(kb.to_host(out), outs[0][2].reshape(n, 147))
 
 
