@@ -10,6 +10,7 @@ This module is bookkeeping only: it holds no maths from the paper and draws no r
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
@@ -34,6 +35,7 @@ class ParamLayout:
         self.names: List[str] = []
         self.shapes: Dict[str, Tuple[int, ...]] = {}
         self.offsets: Dict[str, int] = {}
+        self._numel: Dict[str, int] = {}     # computed once: named() runs on every forward pass
         offset = 0
         for entry in entries:
             if len(entry) != 2:
@@ -49,7 +51,8 @@ class ParamLayout:
             self.names.append(name)
             self.shapes[name] = shape
             self.offsets[name] = offset
-            offset += int(np.prod(shape, dtype=np.int64))
+            self._numel[name] = math.prod(shape)
+            offset += self._numel[name]
         self.size: int = offset
 
     def __len__(self) -> int:
@@ -66,7 +69,7 @@ class ParamLayout:
 
     def numel(self, name: str) -> int:
         """Number of elements of tensor ``name``."""
-        return int(np.prod(self.shapes[name], dtype=np.int64))
+        return self._numel[name]
 
     def index(self, name: str) -> int:
         """Position of ``name`` in the layout (the tensor's number, used to address its init noise)."""
@@ -89,7 +92,7 @@ class ParamLayout:
         out = {}
         for name in self.names:
             o = self.offsets[name]
-            out[name] = flat[o:o + self.numel(name)].reshape(self.shapes[name])
+            out[name] = flat[o:o + self._numel[name]].reshape(self.shapes[name])
         return out
 
     def zeros(self, dtype=np.float32) -> np.ndarray:
