@@ -39,19 +39,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _timer(cupy):
+    """time_it(fn, repeats): the median of ``repeats`` CUDA-event timings after two warm-up calls."""
+    from ddpm_ref.kernels.runtime import event_times
+
     def time_it(fn, repeats):
-        for _ in range(2):
-            fn()
-        cupy.cuda.Device().synchronize()
-        times = []
-        for _ in range(repeats):
-            start, end = cupy.cuda.Event(), cupy.cuda.Event()
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(cupy.cuda.get_elapsed_time(start, end) / 1e3)   # seconds
-        return float(np.median(times))
+        return float(np.median(event_times(fn, repeats, warmup=2)))
     return time_it
 
 
@@ -193,14 +185,13 @@ def bench_conv(cupy, kc, time_it, repeats, batch, torch):
             _, cch = kc.conv2d_forward(x, w, b, stride, padding)
             kc.conv2d_backward(dy, cch)
 
-        def inner_loop(which):
-            """Version 3 with one inner loop forced for every GEMM (autotuning off)."""
+        def inner_loop(index):
+            """Version 3 with inner-loop variant ``index`` forced for every GEMM (autotuning off)."""
             def run():
                 saved = (kc._pick, kc._b.AUTOTUNE)
                 pick = saved[0]
                 kc._b.AUTOTUNE = False
-                if which == "plain":
-                    kc._pick = lambda *a, **kw: pick(*a, **kw).variants[1]
+                kc._pick = lambda *a, **kw: pick(*a, **kw).variants[index]
                 try:
                     ours()
                 finally:
@@ -209,12 +200,13 @@ def bench_conv(cupy, kc, time_it, repeats, batch, torch):
 
         fwd_s = time_it(lambda: kc.conv2d_forward(x, w, b, stride, padding), repeats)
         tot_s = time_it(ours, repeats)
-        v_s = {v: time_it(inner_loop(v), repeats) for v in ("plain", "pipelined")}
+        loops = [t.label for t in kc.V3.variants]            # every tile size has the same loop variants
+        v_s = {label: time_it(inner_loop(i), repeats) for i, label in enumerate(loops)}
         p, q = y.shape[2], y.shape[3]
         flops = 2.0 * batch * o * p * q * c * k * k * 3          # fwd + dx + dw GEMMs
         row = {"count": count, "C": c, "O": o, "H": h, "k": k, "stride": stride, "padding": padding,
                "ours_fwd_s": fwd_s, "ours_fwd_bwd_s": tot_s, "ours_TFLOPS": flops / tot_s / 1e12,
-               "v3_plain_fwd_bwd_s": v_s["plain"], "v3_pipelined_fwd_bwd_s": v_s["pipelined"]}
+               "loops_fwd_bwd_s": v_s}
         if torch is not None:
             import torch.nn.functional as F
             xt = torch.as_tensor(x, device="cuda").requires_grad_(True)
@@ -239,13 +231,12 @@ def bench_conv(cupy, kc, time_it, repeats, batch, torch):
             row["ratio_fwd_bwd"] = tot_s / row["cudnn_fwd_bwd_s"]
         rows.append(row)
     summary = {"ours_weighted_s": sum(r["count"] * r["ours_fwd_bwd_s"] for r in rows),
-               "v3_plain_weighted_s": sum(r["count"] * r["v3_plain_fwd_bwd_s"] for r in rows),
-               "v3_pipelined_weighted_s": sum(r["count"] * r["v3_pipelined_fwd_bwd_s"] for r in rows),
+               "loops_weighted_s": {label: sum(r["count"] * r["loops_fwd_bwd_s"][label] for r in rows)
+                                    for label in rows[0]["loops_fwd_bwd_s"]} if rows else {},
                "autotuner": kc._b.tuning_report()}
     if torch is not None:
         summary["cudnn_weighted_s"] = sum(r["count"] * r["cudnn_fwd_bwd_s"] for r in rows)
         summary["ratio"] = summary["ours_weighted_s"] / summary["cudnn_weighted_s"]
-        summary["ratio_v3_plain"] = summary["v3_plain_weighted_s"] / summary["cudnn_weighted_s"]
     return rows, summary
 
 
@@ -361,13 +352,14 @@ def main(argv=None):
 def _conv_section(result, cupy, conv, time_it, repeats, batch, torch):
     rows, summary = bench_conv(cupy, conv, time_it, repeats, batch, torch)
     result["conv"] = {"rows": rows, "summary": summary}
-    print(f"\n{'conv (count x C->O @H, k, s)':34s} {'ours ms':>9s} {'TFLOP/s':>8s} {'plain ms':>9s} "
-          f"{'pipel. ms':>9s} {'cuDNN ms':>9s} {'ratio':>6s}")
+    loops = list(rows[0]["loops_fwd_bwd_s"]) if rows else []
+    print(f"\n{'conv (count x C->O @H, k, s)':34s} {'ours ms':>9s} {'TFLOP/s':>8s} "
+          + " ".join(f"{lab[:9] + ' ms':>12s}" for lab in loops) + f" {'cuDNN ms':>9s} {'ratio':>6s}")
     for r in rows:
         label = f"{r['count']} x {r['C']}->{r['O']} @{r['H']} k{r['k']} s{r['stride']}"
         peer = f"{r['cudnn_fwd_bwd_s'] * 1e3:9.3f} {r['ratio_fwd_bwd']:6.2f}" if "cudnn_fwd_bwd_s" in r else ""
         print(f"{label:34s} {r['ours_fwd_bwd_s'] * 1e3:9.3f} {r['ours_TFLOPS']:8.2f} "
-              f"{r['v3_plain_fwd_bwd_s'] * 1e3:9.3f} {r['v3_pipelined_fwd_bwd_s'] * 1e3:9.3f} {peer}")
+              + " ".join(f"{r['loops_fwd_bwd_s'][lab] * 1e3:12.3f}" for lab in loops) + f" {peer}")
     print("conv summary (count-weighted fwd+bwd):", json.dumps(summary))
 
 

@@ -14,6 +14,9 @@ What it measures (one process, NumPy only, no peer):
     OPENBLAS_NUM_THREADS=1 python -m benchmarks.sampling_cpu profile [--preset small --batch 16]
     OPENBLAS_NUM_THREADS=1 python -m benchmarks.sampling_cpu ab --base HEAD [--repeats 40] [--train]
 
+(``python benchmarks/sampling_cpu.py ...`` works too.) Both also return their figures (a dict), for
+tests/test_benchmarks_smoke.py.
+
 No test asserts a time. Set one BLAS thread (the suite's default) for figures comparable to the
 suite's sampling rows.
 """
@@ -32,9 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import median
-from ddpm_ref import backend as backend_mod
-from ddpm_ref.models.unet import UNet
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # run as a script, too
+
+from benchmarks.common import median  # noqa: E402
+from ddpm_ref import backend as backend_mod  # noqa: E402
+from ddpm_ref.models.unet import UNet  # noqa: E402
 
 _ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,6 +133,7 @@ def profile(preset, batch, repeats):
     print(f"{'op shapes path':64s} {'calls':>5s} {'ms':>8s} {'share':>6s}")
     for ms, k in rows:
         print(f"{k:64s} {ncalls[k]:5d} {ms:8.2f} {100 * ms / total:5.1f}%")
+    return {"pass_ms": total, "families_ms": dict(fam), "shapes": {k: (ncalls[k], ms) for ms, k in rows}}
 
 
 def _base_backend(rev):
@@ -183,6 +189,7 @@ def ab(preset, batch, repeats, rev, train=False):
         for stat, fn in (("median", median), ("p25", _p25), ("min", min)):
             b, n = fn(t["base"]) * 1e3, fn(t["new"]) * 1e3
             print(f"{label} {stat:6s} ms: base {b:8.2f}  new {n:8.2f}  new/base {n / b:.3f}")
+    return {"max_abs_diff": diff, "cpu_s": cpu, "wall_s": wall}
 
 
 def _p25(values):
@@ -201,9 +208,8 @@ def main(argv=None):
                     help="ab: time forward (with cache) + backward instead of the sampling forward pass")
     args = ap.parse_args(argv)
     if args.mode == "profile":
-        profile(args.preset, args.batch, args.repeats)
-    else:
-        ab(args.preset, args.batch, args.repeats, args.base, args.train)
+        return profile(args.preset, args.batch, args.repeats)
+    return ab(args.preset, args.batch, args.repeats, args.base, args.train)
 
 
 if __name__ == "__main__":

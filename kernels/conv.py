@@ -36,8 +36,8 @@ whole kernel, so its pixel coordinates are decoded once):
   division per element; dw with each gathered row's (n, p, q) advanced by carries instead of divided
   out; all three with register prefetch of the next K step's global loads during the current step's
   FMAs and unsigned shared-tile indices (no wraparound code in the FMA loop). Each tile size comes in
-  variants with bit-identical results (the inner loop pipelined or plain, and for V3 a register cap),
-  and the launcher times them on the first launch of each problem (:func:`_launch_tuned`).
+  variants with bit-identical results (the inner loop plain, unrolled by four, or pipelined), and
+  the launcher times them on the first launch of each problem (:func:`_launch_tuned`).
 
 The public ``conv2d_forward`` / ``conv2d_backward`` run v3, with the tile size picked per GEMM
 (``_pick``); ``conv2d_forward_v1`` / ``_v2`` / ``_v3`` force a version, for the benchmarks.
@@ -401,7 +401,7 @@ V2 = _tiled_kernels("v2", 128, 128, 8)
 # Version 3: K reordered to (kernel offset, channel), division-free gathers, register prefetch
 # ---------------------------------------------------------------------------------------------
 
-def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, pipelined=True, launch_bounds=None):
+def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, loop="plain", launch_bounds=None):
     """Forward, dx and dw kernels, version 3.
 
     Differences from :func:`_tiled_kernels` (same thread layout, shared tiles and register tiles):
@@ -419,15 +419,16 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, pipeline
     * x and dy are read through flat views with per-offset base indices; the shared tiles are
       read with unsigned indices, so Numba emits no negative-index wraparound in the FMA loop (in
       v1/v2 that bookkeeping is about as many instructions as the FMAs there).
-    * ``pipelined=True``: the FMA loop over a step's BK rows issues the shared-memory loads of the
-      next row before the FMAs of the current one (:func:`_tile_step`); ``False``: one register set,
-      loads then FMAs per row (:func:`_tile_step_plain`, the loop as first written). Same FMAs in the
-      same order, so both give bit-identical results; the pipelined loop needs more registers
-      (sm_90: 150 instead of 120 for the 128 x 128 forward kernel, which halves the blocks per
-      multiprocessor), so which is faster depends on the shape and the GPU: the launcher times both
-      on first use of a problem (:func:`_launch_tuned`). ``launch_bounds`` caps the registers (for
-      the pipelined 128 x 128 tiles, (256, 2): 128 registers, two blocks per multiprocessor; ptxas
-      spills only outside the forward and dx FMA loops, but inside dw's).
+    * ``loop``, the FMA loop over a step's BK rows: "plain", per row its shared-memory loads then its
+      FMAs (:func:`_tile_step_plain`, the loop as first written); "unrolled", the same four rows to
+      an iteration (:func:`_tile_step_unrolled`: Numba does not unroll the loop itself, and its
+      bookkeeping is 17 of about 100 instructions per row; for the 128 x 128 forward kernel on
+      sm_90, 125 registers instead of 120 and FMAs 72% of the loop's instructions instead of 63%);
+      "pipelined", the loads of row kk + 1 issued before the FMAs of row kk with two register sets
+      (:func:`_tile_step`; 150 registers there, half the blocks per multiprocessor). The same FMAs
+      in the same order, so all give bit-identical results; which is fastest depends on the shape
+      and the GPU, and the launcher times them on first use of a problem (:func:`_launch_tuned`).
+      ``launch_bounds`` caps the registers.
     """
     TX = tx
     TY = ty
@@ -441,8 +442,26 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, pipeline
     BM_PAD = BM + 4                # as v1/v2: conflict-free As stores
     if BM % TY or BN % TX or NT % BK or NT % BN or BM % A_ROWS_PER_PASS or BK % B_ROWS_PER_PASS:
         raise ValueError(f"tile {BM}x{BN}x{BK} does not fit {TY}x{TX} threads")
-    if BK % 2:
-        raise ValueError(f"version 3 needs an even BK, got {BK}")
+    if BK % 4:
+        raise ValueError(f"version 3 needs BK a multiple of 4, got {BK}")
+    if loop not in ("plain", "unrolled", "pipelined"):
+        raise ValueError(f"loop must be 'plain', 'unrolled' or 'pipelined', got {loop!r}")
+
+    @device
+    def _load_row(As, Bs, k, a, b, ty, tx):
+        """Row k of the shared tiles into the register sets a (TM) and b (TN); unsigned indices, so
+        no negative-index wraparound code."""
+        ku = uint64(k)
+        for i in range(TM):
+            a[i] = As[ku, uint64(ty + TY * i)]
+        for j in range(TN):
+            b[j] = Bs[ku, uint64(tx + TX * j)]
+
+    @device
+    def _fma_row(acc, a, b):
+        for i in range(TM):
+            for j in range(TN):
+                acc[i, j] += a[i] * b[j]
 
     @device
     def _tile_step(As, Bs, acc, a_reg, b_reg, a_nxt, b_nxt, ty, tx):
@@ -450,44 +469,36 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, pipeline
         loads of row kk + 1 are issued before the FMAs of row kk (two register sets, rows in pairs),
         so each row's loads overlap the previous row's FMAs instead of stalling them (with one set,
         every row starts by waiting for its own loads). The same FMAs in the same order: results
-        are bit-identical to the one-set loop. Unsigned indices: no negative-index wraparound code."""
-        for i in range(TM):
-            a_reg[i] = As[0, uint64(ty + TY * i)]
-        for j in range(TN):
-            b_reg[j] = Bs[0, uint64(tx + TX * j)]
+        are bit-identical to the one-set loop."""
+        _load_row(As, Bs, 0, a_reg, b_reg, ty, tx)
         for kk in range(0, BK, 2):
-            k1 = uint64(kk + 1)
-            for i in range(TM):
-                a_nxt[i] = As[k1, uint64(ty + TY * i)]
-            for j in range(TN):
-                b_nxt[j] = Bs[k1, uint64(tx + TX * j)]
-            for i in range(TM):
-                for j in range(TN):
-                    acc[i, j] += a_reg[i] * b_reg[j]
+            _load_row(As, Bs, kk + 1, a_nxt, b_nxt, ty, tx)
+            _fma_row(acc, a_reg, b_reg)
             if kk + 2 < BK:
-                k2 = uint64(kk + 2)
-                for i in range(TM):
-                    a_reg[i] = As[k2, uint64(ty + TY * i)]
-                for j in range(TN):
-                    b_reg[j] = Bs[k2, uint64(tx + TX * j)]
-            for i in range(TM):
-                for j in range(TN):
-                    acc[i, j] += a_nxt[i] * b_nxt[j]
+                _load_row(As, Bs, kk + 2, a_reg, b_reg, ty, tx)
+            _fma_row(acc, a_nxt, b_nxt)
 
     @device
     def _tile_step_plain(As, Bs, acc, a_reg, b_reg, a_nxt, b_nxt, ty, tx):
         """The same sum with one register set: per row, its loads, then its FMAs."""
         for kk in range(BK):
-            ku = uint64(kk)
-            for i in range(TM):
-                a_reg[i] = As[ku, uint64(ty + TY * i)]
-            for j in range(TN):
-                b_reg[j] = Bs[ku, uint64(tx + TX * j)]
-            for i in range(TM):
-                for j in range(TN):
-                    acc[i, j] += a_reg[i] * b_reg[j]
+            _load_row(As, Bs, kk, a_reg, b_reg, ty, tx)
+            _fma_row(acc, a_reg, b_reg)
 
-    _step = _tile_step if pipelined else _tile_step_plain
+    @device
+    def _tile_step_unrolled(As, Bs, acc, a_reg, b_reg, a_nxt, b_nxt, ty, tx):
+        """:func:`_tile_step_plain` with four rows written out per iteration (BK is a multiple of 4)."""
+        for kk in range(0, BK, 4):
+            _load_row(As, Bs, kk, a_reg, b_reg, ty, tx)
+            _fma_row(acc, a_reg, b_reg)
+            _load_row(As, Bs, kk + 1, a_reg, b_reg, ty, tx)
+            _fma_row(acc, a_reg, b_reg)
+            _load_row(As, Bs, kk + 2, a_reg, b_reg, ty, tx)
+            _fma_row(acc, a_reg, b_reg)
+            _load_row(As, Bs, kk + 3, a_reg, b_reg, ty, tx)
+            _fma_row(acc, a_reg, b_reg)
+
+    _step = {"plain": _tile_step_plain, "unrolled": _tile_step_unrolled, "pipelined": _tile_step}[loop]
 
     @kernel(f"void(float32[::1], {_F3}, {_F1}, {_F2}, {_F3}, {_F3}, int32, int32, int32, int32, int32, "
             f"int32, int32, int32)", name=f"conv2d_fwd_kernel_{version}", register=register,
@@ -818,21 +829,19 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, pipeline
                     if cj < CRS:
                         part[z, o, cj] = acc[i, j]
 
-    label = ("pipelined" if pipelined else "plain") + (f" {launch_bounds}" if launch_bounds else "")
+    label = loop + (f" {launch_bounds}" if launch_bounds else "")
     return Tiles(version, BM, BN, BK, TX, TY, conv2d_fwd_kernel, conv2d_dx_kernel, conv2d_dw_kernel, v3=True,
                  label=label)
 
 
-def _tiled_variants_v3(version, BM, BN, BK, tx=16, ty=16, register=True, bounded=None):
-    """Version 3 tiles with the pipelined inner loop; in ``.variants``, the same tiles with the plain
-    loop and (``bounded``: launch bounds) the pipelined loop under a register cap, for
-    :func:`_launch_tuned` to choose from per problem. All compute bit-identical results."""
-    main = _tiled_kernels_v3(version, BM, BN, BK, tx=tx, ty=ty, register=register, pipelined=True)
-    main.variants.append(_tiled_kernels_v3(version + "_plain", BM, BN, BK, tx=tx, ty=ty, register=register,
-                                           pipelined=False))
-    if bounded is not None:
-        main.variants.append(_tiled_kernels_v3(version + "_bounded", BM, BN, BK, tx=tx, ty=ty,
-                                               register=register, pipelined=True, launch_bounds=bounded))
+def _tiled_variants_v3(version, BM, BN, BK, tx=16, ty=16, register=True):
+    """Version 3 tiles with the plain inner loop; in ``.variants`` (the plain one first), the same
+    tiles with the unrolled and the pipelined loops, for :func:`_launch_tuned` to choose from per
+    problem. All compute bit-identical results; without autotuning the plain loop runs."""
+    main = _tiled_kernels_v3(version, BM, BN, BK, tx=tx, ty=ty, register=register, loop="plain")
+    for loop in ("unrolled", "pipelined"):
+        main.variants.append(_tiled_kernels_v3(f"{version}_{loop}", BM, BN, BK, tx=tx, ty=ty, register=register,
+                                               loop=loop))
     return main
 
 
@@ -842,13 +851,14 @@ def _tiled_variants_v3(version, BM, BN, BK, tx=16, ty=16, register=True, bounded
 # about 5% faster with 32 x 8 threads (16 x 4 outputs per thread) than with 16 x 16 on every shape,
 # and 256 x 128 tiles (16 x 16 threads, 16 x 8 outputs each) 10 to 25% faster again where the GEMM
 # has at least 256 rows and many columns.
-# Each in its variants (pipelined inner loop first, the plain one, for V3 a register-capped pipelined
-# one), chosen per problem by the autotuner. On an H200 (Nsight Compute, benchmarks/profile_gpu.py,
-# 128 -> 128 channels, 3x3, 32x32, batch 128) the forward kernel took 1.55 ms plain (120 registers,
-# 80% of issue slots busy), 2.05 ms pipelined (150 registers, half the occupancy) and 1.71 ms capped;
-# over the cifar preset's convolutions the autotuner chose the plain loop for about three problems
-# in four, and the total stayed where the plain loop alone puts it (0.261 against 0.263 s).
-V3 = _tiled_variants_v3("v3", 128, 128, 8, tx=32, ty=8, bounded=(256, 2))
+# Each in its inner-loop variants, chosen per problem by the autotuner. On an H200 (Nsight Compute,
+# benchmarks/profile_gpu.py, 128 -> 128 channels, 3x3, 32x32, batch 128) the forward kernel took
+# 1.55 ms plain (120 registers, 80% of issue slots busy), 2.05 ms pipelined (150 registers, half the
+# occupancy) and 1.71 ms pipelined under a (256, 2) register cap (dropped since: it spilled inside
+# dw's loop and won 2 of 78 problems); over the cifar preset's convolutions the autotuner chose the
+# plain loop for about three problems in four, and the total stayed where the plain loop alone puts
+# it (0.261 against 0.263 s). The unrolled loop came after those runs: unmeasured on a GPU so far.
+V3 = _tiled_variants_v3("v3", 128, 128, 8, tx=32, ty=8)
 V3S = _tiled_variants_v3("v3s", 64, 64, 8)
 V3L = _tiled_variants_v3("v3l", 256, 128, 8)
 

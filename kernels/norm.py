@@ -226,6 +226,20 @@ def _slab_sum(x3, n, g, cg, spatial, tid, nt, shift, square):
 
 
 @device
+def _load4(a3, n, g, i, tpc):
+    """a3[n, g, i + k tpc] for k = 0..3: four independent loads, issued together."""
+    return a3[n, g, i], a3[n, g, i + tpc], a3[n, g, i + 2 * tpc], a3[n, g, i + 3 * tpc]
+
+
+@device
+def _store4(a3, n, g, i, tpc, v0, v1, v2, v3):
+    a3[n, g, i] = v0
+    a3[n, g, i + tpc] = v1
+    a3[n, g, i + 2 * tpc] = v2
+    a3[n, g, i + 3 * tpc] = v3
+
+
+@device
 def _normalize(xv, mu, r, gc, bc, silu):
     z = gc * ((xv - mu) * r) + bc
     if silu != 0:
@@ -263,14 +277,10 @@ def group_norm_fwd_kernel_v2(x3, gamma, beta, y3, mean, rstd, spatial, eps, silu
                     base = c * spatial
                     j = lane
                     while j + 3 * tpc < spatial:
-                        v0 = x3[n, g, base + j]
-                        v1 = x3[n, g, base + j + tpc]
-                        v2 = x3[n, g, base + j + 2 * tpc]
-                        v3 = x3[n, g, base + j + 3 * tpc]
-                        y3[n, g, base + j] = _normalize(v0, mu32, r, gc, bc, silu)
-                        y3[n, g, base + j + tpc] = _normalize(v1, mu32, r, gc, bc, silu)
-                        y3[n, g, base + j + 2 * tpc] = _normalize(v2, mu32, r, gc, bc, silu)
-                        y3[n, g, base + j + 3 * tpc] = _normalize(v3, mu32, r, gc, bc, silu)
+                        v0, v1, v2, v3 = _load4(x3, n, g, base + j, tpc)
+                        _store4(y3, n, g, base + j, tpc, _normalize(v0, mu32, r, gc, bc, silu),
+                                _normalize(v1, mu32, r, gc, bc, silu), _normalize(v2, mu32, r, gc, bc, silu),
+                                _normalize(v3, mu32, r, gc, bc, silu))
                         j += 4 * tpc
                     while j < spatial:
                         y3[n, g, base + j] = _normalize(x3[n, g, base + j], mu32, r, gc, bc, silu)
@@ -287,6 +297,13 @@ def _dz_xhat(xv, dv, mu, r, gc, bc, silu):
         sg = _sigmoid(z)
         dz = dz * (sg * (float32(1.0) + z * (float32(1.0) - sg)))
     return dz, xhat
+
+
+@device
+def _add_dz(s_dz, s_dzx, xv, dv, mu, r, gc, bc, silu):
+    """(s_dz + dz, s_dzx + dz xhat) in float64 for one element."""
+    dz, xhat = _dz_xhat(xv, dv, mu, r, gc, bc, silu)
+    return s_dz + float64(dz), s_dzx + float64(dz) * float64(xhat)
 
 
 @device
@@ -331,31 +348,16 @@ def group_norm_bwd_kernel_v2(dy3, x3, gamma, beta, mean, rstd, spatial, silu, dx
                 base = c * spatial
                 j = lane
                 while j + 3 * tpc < spatial:
-                    x0 = x3[n, g, base + j]
-                    x1 = x3[n, g, base + j + tpc]
-                    x2 = x3[n, g, base + j + 2 * tpc]
-                    xq = x3[n, g, base + j + 3 * tpc]
-                    d0 = dy3[n, g, base + j]
-                    d1 = dy3[n, g, base + j + tpc]
-                    d2 = dy3[n, g, base + j + 2 * tpc]
-                    dq = dy3[n, g, base + j + 3 * tpc]
-                    dz, xh = _dz_xhat(x0, d0, mu, r, gc, bc, silu)
-                    s_dz += float64(dz)
-                    s_dzx += float64(dz) * float64(xh)
-                    dz, xh = _dz_xhat(x1, d1, mu, r, gc, bc, silu)
-                    s_dz += float64(dz)
-                    s_dzx += float64(dz) * float64(xh)
-                    dz, xh = _dz_xhat(x2, d2, mu, r, gc, bc, silu)
-                    s_dz += float64(dz)
-                    s_dzx += float64(dz) * float64(xh)
-                    dz, xh = _dz_xhat(xq, dq, mu, r, gc, bc, silu)
-                    s_dz += float64(dz)
-                    s_dzx += float64(dz) * float64(xh)
+                    x0, x1, x2, xq = _load4(x3, n, g, base + j, tpc)
+                    d0, d1, d2, dq = _load4(dy3, n, g, base + j, tpc)
+                    s_dz, s_dzx = _add_dz(s_dz, s_dzx, x0, d0, mu, r, gc, bc, silu)
+                    s_dz, s_dzx = _add_dz(s_dz, s_dzx, x1, d1, mu, r, gc, bc, silu)
+                    s_dz, s_dzx = _add_dz(s_dz, s_dzx, x2, d2, mu, r, gc, bc, silu)
+                    s_dz, s_dzx = _add_dz(s_dz, s_dzx, xq, dq, mu, r, gc, bc, silu)
                     j += 4 * tpc
                 while j < spatial:
-                    dz, xh = _dz_xhat(x3[n, g, base + j], dy3[n, g, base + j], mu, r, gc, bc, silu)
-                    s_dz += float64(dz)
-                    s_dzx += float64(dz) * float64(xh)
+                    s_dz, s_dzx = _add_dz(s_dz, s_dzx, x3[n, g, base + j], dy3[n, g, base + j], mu, r, gc, bc,
+                                          silu)
                     j += tpc
             sh1[tid] = s_dz
             sh2[tid] = s_dzx
@@ -393,18 +395,13 @@ def group_norm_bwd_kernel_v2(dy3, x3, gamma, beta, mean, rstd, spatial, silu, dx
                     base = c * spatial
                     j = lane
                     while j + 3 * tpc < spatial:
-                        x0 = x3[n, g, base + j]
-                        x1 = x3[n, g, base + j + tpc]
-                        x2 = x3[n, g, base + j + 2 * tpc]
-                        xq = x3[n, g, base + j + 3 * tpc]
-                        d0 = dy3[n, g, base + j]
-                        d1 = dy3[n, g, base + j + tpc]
-                        d2 = dy3[n, g, base + j + 2 * tpc]
-                        dq = dy3[n, g, base + j + 3 * tpc]
-                        dx3[n, g, base + j] = _dx_of(x0, d0, mu, r, gc, bc, silu, m1, m2)
-                        dx3[n, g, base + j + tpc] = _dx_of(x1, d1, mu, r, gc, bc, silu, m1, m2)
-                        dx3[n, g, base + j + 2 * tpc] = _dx_of(x2, d2, mu, r, gc, bc, silu, m1, m2)
-                        dx3[n, g, base + j + 3 * tpc] = _dx_of(xq, dq, mu, r, gc, bc, silu, m1, m2)
+                        x0, x1, x2, xq = _load4(x3, n, g, base + j, tpc)
+                        d0, d1, d2, dq = _load4(dy3, n, g, base + j, tpc)
+                        _store4(dx3, n, g, base + j, tpc,
+                                _dx_of(x0, d0, mu, r, gc, bc, silu, m1, m2),
+                                _dx_of(x1, d1, mu, r, gc, bc, silu, m1, m2),
+                                _dx_of(x2, d2, mu, r, gc, bc, silu, m1, m2),
+                                _dx_of(xq, dq, mu, r, gc, bc, silu, m1, m2))
                         j += 4 * tpc
                     while j < spatial:
                         dx3[n, g, base + j] = _dx_of(x3[n, g, base + j], dy3[n, g, base + j], mu, r, gc, bc,

@@ -21,7 +21,7 @@ import numpy as np
 __all__ = [
     "GPUUnavailableError", "backend", "require_gpu", "is_simulator", "xp", "to_device", "to_host",
     "check_array", "launch_1d", "cuda_module", "simulate_unless_disabled", "tuned", "tuning_report",
-    "sm_count",
+    "sm_count", "event_times",
 ]
 
 _INSTALL_HINT = "install the `gpu` extra: pip install 'ddpm-ref[gpu]' (cupy-cuda12x, numba-cuda)"
@@ -228,20 +228,27 @@ AUTOTUNE = os.environ.get("DDPM_AUTOTUNE", "1") != "0"
 _TUNED: dict = {}       # key -> (chosen variant's label, the variant)
 
 
-def _event_timer(fn, repeats=3):
-    """Fastest of ``repeats`` CUDA-event timings of ``fn`` (seconds), after one untimed call (which
-    also compiles a kernel on its first use)."""
+def event_times(fn, repeats, warmup=1):
+    """Seconds of each of ``repeats`` calls of ``fn``, timed on the GPU between two CUDA events, after
+    ``warmup`` untimed calls (the first also compiles a kernel on its first use)."""
     import cupy
-    fn()
-    best = float("inf")
+    for _ in range(warmup):
+        fn()
+    cupy.cuda.Device().synchronize()
+    times = []
     for _ in range(repeats):
         start, end = cupy.cuda.Event(), cupy.cuda.Event()
         start.record()
         fn()
         end.record()
         end.synchronize()
-        best = min(best, cupy.cuda.get_elapsed_time(start, end) / 1e3)
-    return best
+        times.append(cupy.cuda.get_elapsed_time(start, end) / 1e3)
+    return times
+
+
+def _event_timer(fn, repeats=3):
+    """The autotuner's timer: the fastest of ``repeats`` event timings after one untimed call."""
+    return min(event_times(fn, repeats))
 
 
 def tuned(key, variants, launch, label=str, timer=None):

@@ -257,3 +257,18 @@ def test_sample_step_cycles_through_the_chain_and_stays_finite():
         step()
     state = step.state
     assert state["i"] == 7 % 3 and state["x"].shape == (2, 1, 8, 8) and np.all(np.isfinite(state["x"]))
+
+
+def test_sampling_cpu_profile_and_ab():
+    # benchmarks/sampling_cpu.py at toy size: the profile's op families add up to at most the pass,
+    # and the A/B of the working tree's ops against HEAD's (a git checkout, as in CI) runs both sides.
+    from benchmarks import sampling_cpu
+    prof = sampling_cpu.main(["profile", "--preset", "tiny", "--batch", "2", "--repeats", "2"])
+    assert prof["pass_ms"] > 0 and "conv.conv2d_forward" in prof["families_ms"]
+    assert 0 < sum(prof["families_ms"].values()) <= prof["pass_ms"] * 1.05    # timer overheads: 5%
+    assert all(calls > 0 and ms >= 0 for calls, ms in prof["shapes"].values())
+    res = sampling_cpu.main(["ab", "--preset", "tiny", "--batch", "2", "--repeats", "2", "--base", "HEAD"])
+    assert len(res["cpu_s"]["base"]) == len(res["wall_s"]["new"]) == 2
+    # the same model and input through HEAD's ops and the working tree's: equal up to float32 rounding
+    # of a different summation order where the ops changed since HEAD (none in a clean checkout)
+    assert res["max_abs_diff"] < 1e-4

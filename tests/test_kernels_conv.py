@@ -113,9 +113,9 @@ def test_conv_production_tiles(version):
         _check(1, 2, 3, 4, 3, 3, 2, (0, 1, 0, 1), True, True, 1, version)
 
 
-# The variants of version 3 (pipelined shared loads, one register set, a register cap, which the
-# simulator ignores): same FMAs in the same order, so bit-identical outputs; the autotuner relies on it.
-PAIR3 = conv._tiled_variants_v3("pair3", 16, 16, 4, tx=4, ty=4, register=False, bounded=(16, 2))
+# The variants of version 3 (the plain inner loop, unrolled by four, pipelined shared loads): same FMAs
+# in the same order, so bit-identical outputs; the autotuner relies on it.
+PAIR3 = conv._tiled_variants_v3("pair3", 16, 16, 4, tx=4, ty=4, register=False)
 
 
 def _run_all(tiles, x, w, b, dy, stride, padding):
@@ -132,11 +132,18 @@ def test_pipelined_inner_loop_bit_identical(k, stride, padding):
     b = kb.to_device(r.normal(size=18).astype(np.float32))
     y, _ = conv._forward(PAIR3, x, w, b, stride, padding, None, None)
     dy = kb.to_device(r.normal(size=tuple(y.shape)).astype(np.float32))
-    assert [t.label for t in PAIR3.variants] == ["pipelined", "plain", "pipelined (16, 2)"]
+    assert [t.label for t in PAIR3.variants] == ["plain", "unrolled", "pipelined"]
     want = _run_all(PAIR3, x, w, b, dy, stride, padding)
     for other in PAIR3.variants[1:]:
         for got, ref_ in zip(_run_all(other, x, w, b, dy, stride, padding), want):
             np.testing.assert_array_equal(got, ref_)
+
+
+def test_loop_variants_need_bk_multiple_of_4():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        conv._tiled_kernels_v3("bad", 16, 16, 2, tx=4, ty=4, register=False)
+    with pytest.raises(ValueError, match="loop must be"):
+        conv._tiled_kernels_v3("bad", 16, 16, 4, tx=4, ty=4, register=False, loop="fast")
 
 
 def test_autotuner_keeps_the_faster_loop(monkeypatch):
@@ -145,7 +152,7 @@ def test_autotuner_keeps_the_faster_loop(monkeypatch):
     x = r.normal(size=(1, 5, 4, 4)).astype(np.float32)
     w = r.normal(size=(6, 5, 3, 3)).astype(np.float32)
     want, _ = ref.conv2d_forward(x.astype(np.float64), w.astype(np.float64), None, 1, 1)
-    times = itertools.cycle([2.0, 1.0, 3.0])   # variants timed in order: the plain one "wins"
+    times = itertools.cycle([2.0, 1.0, 3.0])   # variants timed in order: the unrolled one "wins"
     timed = []
 
     def timer(fn):
@@ -159,7 +166,7 @@ def test_autotuner_keeps_the_faster_loop(monkeypatch):
     _close(y, want, 45, "y after tuning")
     assert len(timed) == 3 and len(kb._TUNED) == 1
     assert next(iter(kb._TUNED.values()))[1] is PAIR3.variants[1]
-    assert kb.tuning_report() == {"conv.fwd": {"plain": 1}}
+    assert kb.tuning_report() == {"conv.fwd": {"unrolled": 1}}
     y2, _ = conv._forward(PAIR3, kb.to_device(x), kb.to_device(w), None, 1, 1, None, None)   # cached: no timing
     assert len(timed) == 3
     np.testing.assert_array_equal(kb.to_host(y2), kb.to_host(y))
