@@ -93,7 +93,7 @@ if [ -n "$NCU" ]; then
     --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
     -k 'regex:philox_float_kernel_v2|q_sample_kernel_v2|conv2d_(fwd|dx|dw)_kernel_v3|group_norm_(fwd|bwd)_kernel' \
     python3 benchmarks/profile_gpu.py > $OUT/ncu.txt 2>&1; rc=\$?; grep -E '^ +(Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per Thread|Achieved Occupancy|Issued Warp Per Scheduler|No Eligible)' $OUT/ncu.txt | head -60; exit \$rc"
-else
+elif [ -z "$ONLY" ] || [[ ",$ONLY," == *",ncu,"* ]]; then
   say "no ncu on this machine: profile skipped"
 fi
 phase tests2 90 "kernel tests (full size): the others" bash -c "$PYTEST tests/test_kernels_optim.py \
