@@ -105,8 +105,9 @@ def _wrap_ops(B, wrapper):
 
 
 def _breakdown(B, run, sync):
-    """Where one call of ``run`` (a training or sampling step on backend ``B``) spends its time, by op: ``wall_s``, each op call bracketed by device
-    synchronisations (its host work plus its kernels, run alone); ``gpu_s``, from CUDA events recorded
+    """Where one call of ``run`` (a training or sampling step on backend ``B``) spends its time, by
+    op: ``wall_s``, each op call bracketed by device synchronisations (its host work plus its
+    kernels, run alone); ``gpu_s``, from CUDA events recorded
     around each call without synchronising (the device time between the call's first and last
     launch, as in the real step); ``calls``. Returns {op: {"wall_s", "gpu_s", "calls"}} plus the
     whole step's two figures. Without CuPy (the simulator, where kernels run synchronously on the

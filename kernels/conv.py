@@ -973,12 +973,6 @@ def _launch_tuned(kind, tiles, grid, args, timer=None):
                     label=lambda t: t.label, timer=timer)
 
 
-def _sm_count() -> int:
-    """Multiprocessors of the current GPU; 1 in the simulator (small, so that the simulator
-    exercises the split path)."""
-    return _b.sm_count()
-
-
 # Tests of whole models in the simulator set this to small version-3 tiles (16 x 16, 16 threads), so
 # that a U-Net's dozens of launches cost seconds, not minutes, of simulated threads; the production
 # tiles have tests of their own. None (always, outside tests): the heuristic of :func:`_pick`.
@@ -1000,12 +994,12 @@ def _pick(rows: int, cols: int, split: bool = False, v3: bool = False):
         return V3L                     # tall GEMMs with many columns: the 256 x 128 tiles
     if split:
         return big
-    return big if _ceil(rows, 128) * _ceil(cols, 128) >= _sm_count() else small
+    return big if _ceil(rows, 128) * _ceil(cols, 128) >= _b.sm_count() else small
 
 
 def _dw_splits(grid_xy: int, k_total: int, bk: int) -> int:
     """How many K slices for the weight gradient: enough blocks to fill the GPU (2 per SM)."""
-    target = 2 * _sm_count()
+    target = 2 * _b.sm_count()
     return max(1, min(_ceil(k_total, bk), _ceil(target, grid_xy)))
 
 

@@ -343,11 +343,17 @@ def _row_launch(n_rows):
     return max(1, min(n_rows, 65535)), _RED_THREADS
 
 
+# Persistent grids: about this many blocks per multiprocessor in all (the kernels loop over samples
+# with the block index as the start and the grid size as the stride, so any grid computes the same
+# numbers).
+_PERSISTENT_BLOCKS_PER_SM = (32, 8)
+
+
 def _row_launches(n_rows):
     """:func:`_row_launch` first, then persistent grids (``_PERSISTENT_BLOCKS_PER_SM``), same block size."""
     out = [_row_launch(n_rows)]
     if not _b.is_simulator():
-        for per_sm in (32, 8):
+        for per_sm in _PERSISTENT_BLOCKS_PER_SM:
             blocks = max(1, min(n_rows, 65535, per_sm * _b.sm_count()))
             if all(blocks != b for b, _ in out):
                 out.append((blocks, _RED_THREADS))
@@ -603,16 +609,6 @@ def _packed(n, index, step, sub, a=None, b=None, coef=None):
         if v is not None:
             params[:, col] = np.asarray(v, dtype=np.float32)        # float32 values, exact in float64
     return _b.to_device(params)
-
-
-def _tile_launch(n, nb):
-    """(grid (x, y), threads) for the v2 tile kernels: x over tiles of one sample, y over samples."""
-    return _tile_launches(n, nb)[0]
-
-
-# Persistent grids: about this many blocks per multiprocessor in all (the kernels loop over samples
-# with blockIdx.y as the start and gridDim.y as the stride, so any y computes the same numbers).
-_PERSISTENT_BLOCKS_PER_SM = (32, 8)
 
 
 def _tile_launches(n, nb):

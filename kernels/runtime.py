@@ -194,7 +194,8 @@ _SMS: dict = {}
 
 
 def sm_count() -> int:
-    """Multiprocessors of the current GPU (cached per device); 1 in the simulator."""
+    """Multiprocessors of the current GPU (cached per device); 1 in the simulator (small, so that
+    the simulator exercises the convolution's split-K path)."""
     if is_simulator():
         return 1
     import cupy
@@ -219,8 +220,9 @@ def launch_1d(n: int, threads: int = 256) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 # Some kernels come in variants that write bit-identical outputs from the same inputs (a convolution's
 # inner-loop variants; a noise kernel's grid shapes, since every element's value is fixed by its
-# counter, and its register-capped twins). Which is fastest depends on the GPU and the shape, so on a real GPU the first launch of
-# each distinct problem times every variant (CUDA events) and later launches run the fastest, as
+# counter, and its register-capped twins). Which is fastest depends on the GPU and the shape, so
+# on a real GPU the first launch of each distinct problem times every variant (CUDA events) and
+# later launches run the fastest, as
 # cuDNN's benchmark mode does. The choice can change only the time, never a result (each variant
 # pair has a bit-identity test in the simulator). ``DDPM_AUTOTUNE=0`` always runs the first
 # variant; the simulator always does.
