@@ -222,10 +222,9 @@ def launch_1d(n: int, threads: int = 256) -> tuple[int, int]:
 # inner-loop variants; a noise kernel's grid shapes, since every element's value is fixed by its
 # counter, and its register-capped twins). Which is fastest depends on the GPU and the shape, so
 # on a real GPU the first launch of each distinct problem times every variant (CUDA events) and
-# later launches run the fastest, as
-# cuDNN's benchmark mode does. The choice can change only the time, never a result (each variant
-# pair has a bit-identity test in the simulator). ``DDPM_AUTOTUNE=0`` always runs the first
-# variant; the simulator always does.
+# later launches run the fastest, as cuDNN's benchmark mode does. The choice can change only the
+# time, never a result (each family of variants has a bit-identity test in the simulator).
+# ``DDPM_AUTOTUNE=0`` always runs the first variant; the simulator always does.
 AUTOTUNE = os.environ.get("DDPM_AUTOTUNE", "1") != "0"
 _TUNED: dict = {}       # key -> (chosen variant's label, the variant)
 
