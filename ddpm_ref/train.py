@@ -368,7 +368,6 @@ class Trainer:
         self.step = 0
         self.metrics = {"elapsed": 0.0, "loss_ema": None}
         self._grad = B.xp.zeros(self.params.size, np.float32)
-        self._scratch = None if B.on_device else np.empty(self.params.size, np.float32)
         self._perm_cache: dict = {}
 
     # ------------------------------------------------------------------ config and checkpoints
@@ -546,7 +545,7 @@ class Trainer:
                                      "training stopped before applying it")
         if self.ema is not None and not self.backend.on_device:
             ema_update(self.ema, self.params, ema_decay(self.cfg.ema_decay, self.opt.step_count,
-                                                        self.cfg.ema_warmup), self._scratch)
+                                                        self.cfg.ema_warmup))
         if hasattr(self.sampler, "update"):
             self.sampler.update(info["t"], info["losses"])
         self.step = s + 1

@@ -216,3 +216,50 @@ def test_train_config_lr_schedule_reaches_the_optimizer():
         TrainConfig(lr_schedule="step")
     with pytest.raises(ValueError, match="steps must exceed warmup = 100, got steps=100"):
         TrainConfig(lr_schedule="linear", steps=100)
+
+
+def _whole_buffer_adamw(theta, m, v, g, k, lr, b1, b2, eps, wd, mask):
+    """One AdamW update as whole-array float32 passes (the arithmetic before chunking), in place."""
+    f32 = np.float32
+    if wd:
+        theta[mask] *= f32(1.0 - lr * wd)
+    m *= f32(b1)
+    m += g * f32(1.0 - b1)
+    v *= f32(b2)
+    v += (g * g) * f32(1.0 - b2)
+    denom = np.sqrt(v) / f32(math.sqrt(1.0 - b2 ** k)) + f32(eps)
+    theta -= (m / denom) * f32(lr / (1.0 - b1 ** k))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 15])
+def test_chunked_update_is_the_whole_buffer_arithmetic(monkeypatch, chunk):
+    # AdamW's update and the EMA run chunk by chunk (optim._UPDATE_CHUNK); elementwise, so every
+    # chunking, including chunks that do not divide the size (257), must give the same bits as
+    # whole-array passes, with a decay mask, over several updates.
+    monkeypatch.setattr(optim, "_UPDATE_CHUNK", chunk)
+    theta0, grads = _problem(3)
+    mask = np.random.default_rng(4).random(theta0.size) < 0.6
+    a, ref = theta0.copy(), theta0.copy()
+    m, v = np.zeros_like(ref), np.zeros_like(ref)
+    opt = optim.AdamW(a.size, lr=3e-3, weight_decay=0.1, decay_mask=mask, max_grad_norm=None)
+    for k, g in enumerate(grads[:6], start=1):
+        opt.step(a, g.copy())
+        _whole_buffer_adamw(ref, m, v, g, k, 3e-3, opt.beta1, opt.beta2, opt.eps, 0.1, mask)
+    np.testing.assert_array_equal(a, ref)
+    np.testing.assert_array_equal(opt.m, m)
+    np.testing.assert_array_equal(opt.v, v)
+    ema = theta0.copy()
+    optim.ema_update(ema, a, 0.75)
+    np.testing.assert_array_equal(ema, theta0 * np.float32(0.75) + a * np.float32(0.25))
+    short = np.empty(max(1, chunk // 2), np.float32)     # too short a scratch: a chunk is allocated
+    ema2 = theta0.copy()
+    optim.ema_update(ema2, a, 0.75, scratch=short)
+    np.testing.assert_array_equal(ema2, ema)
+
+
+def test_global_norm_chunks_match_one_float64_sum(monkeypatch):
+    # The reused float64 buffer, over chunks that do not divide the size, against one float64 sum.
+    monkeypatch.setattr(optim, "_CHUNK", 10)
+    g = np.random.default_rng(5).standard_normal(97).astype(np.float32)
+    ref = math.sqrt(float(np.sum(g.astype(np.float64) ** 2)))
+    assert optim.global_norm(g) == pytest.approx(ref, rel=1e-14)
