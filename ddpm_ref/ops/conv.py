@@ -57,8 +57,8 @@ pass, freed before the input-gradient GEMM allocates its own).
   3x3 conv, 32 -> 32 channels, batch 128, spent ~75% of its forward time copying). Chosen by
   ``_dense_wins``; the matrix lives in the cache (at most _DENSE_MAX_ELEMENTS).
 
-* "winograd" (3x3, stride 1, padding 1, forward only: every such conv from 8x8 to 32x32 with at
-  least 32 input and output channels, which is most of the U-Net's work): Winograd's minimal filtering
+* "winograd" (3x3, stride 1, padding 1: every such conv from 8x8 to 32x32 with at least 32 input
+  and output channels, which is most of the U-Net's work): Winograd's minimal filtering
   F(2x2, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks", eq. 8).
   Each 2x2 output tile is ``Y = A^T [ (G g G^T) * (B^T d B) ] A`` summed over input channels, with
   d the 4x4 input tile around it (tiles overlap by 2), g the 3x3 kernel and ``*`` elementwise:
@@ -77,8 +77,13 @@ pass, freed before the input-gradient GEMM allocates its own).
   Rounding: the transforms add up to 4 terms (input) and
   9 (output) before and after the GEMM, and G has halves: float32 results differ from the
   direct sum by a few ulps more than the other paths (measured ~2x their error against float64).
-  The backward pass is that of the path chosen without it ("shift" or "im2col"), on that path's
-  input layout rebuilt from the cached x (one copy of x).
+  Backward: the input gradient of a 3x3 "same" conv is itself a 3x3 "same" conv, of dy with the
+  kernel flipped and its channel axes swapped (``dx = conv(dy, w[:, :, ::-1, ::-1]^T)``, same
+  min(C, O)), so it goes through this path too; dw and db are those of the path chosen without
+  winograd ("shift" or "im2col"), on that path's input layout rebuilt from the cached x (one copy
+  of x). Measured against torch (one thread, ``python -m benchmarks --rows ops``): the conv
+  backward passes of one U-Net pass went from 1.13x to 0.92x torch's time on cifar at batch 8 and
+  from 1.34x to 1.08x on small at batch 64 with the input gradient on this path.
   Chosen by ``_winograd_wins`` from the sweep of benchmarks/conv_paths.py.
 
 Python loops run over the kh*kw kernel offsets only (and the four parity planes and the image
@@ -247,7 +252,7 @@ def _choose_path(N, C, O, H, W, Ho, Wo, kh, kw, stride, pads):
 
 def _copy_path(N, C, Ho, Wo, kh, kw, stride):
     """"im2col" or "shift", by the rules in _choose_path's docstring (also the backward path of
-    "winograd", which has no backward pass of its own)."""
+    "winograd", whose weight gradient it computes)."""
     if _FORCED_PATH == "winograd":
         return "shift"
     if stride != 1:
@@ -344,8 +349,8 @@ def _conv2d(x, w, b, stride, padding, temb=None):
         return y, cache
     if path == "winograd":
         y = _winograd(x, w, bias)                                         # (N, O, H, W)
-        # the backward pass is that of the path chosen without winograd, on its input layout
-        # rebuilt from x
+        # backward: dx on the winograd path again, dw and db on the path chosen without winograd
+        # (its input layout rebuilt from x)
         cache = {"path": path, "x": x, "backward_path": _copy_path(N, C, Ho, Wo, kh, kw, stride)}
         cache.update(w=w, has_bias=b is not None, x_shape=x.shape, stride=stride,
                      padding=(pt, pb, pl, pr), out_hw=(Ho, Wo))
@@ -637,6 +642,14 @@ def conv2d_backward(dy, cache, input_grad=True):
             return None, dw, db
         dx = dy2 @ cache["Wd"].astype(dt, copy=False).T                  # (N, C*H*W)
         return dx.reshape(N, C, H, W), dw, db
+    if cache["path"] == "winograd" and input_grad:
+        # The input gradient of a 3x3 stride-1 "same" conv is itself one: with dyp = dy zero-padded
+        # by 1, dx[n, c, h, w] = sum_{o, i, j} w[o, c, 2 - i, 2 - j] dyp[n, o, h + i, w + j], the
+        # kernel flipped and its channel axes swapped, and min(C, O) is the same, so it takes the
+        # Winograd path too. dw and db come from the backward path below.
+        _, dw, db = conv2d_backward(dy, cache, input_grad=False)
+        w_flip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))   # (C, O, 3, 3)
+        return _winograd(dy, w_flip, None), dw, db
     path = cache["path"] if cache["path"] != "winograd" else cache["backward_path"]
     if path == "shift":
         Hs, Ws, base, M, L = _shift_layout(H, W, Ho, Wo, kh, kw, pt, pb, pl, pr, N)
