@@ -299,37 +299,45 @@ def test_conv_winograd_chunks_match_one_chunk(monkeypatch):
     assert np.abs(y2 - ref).max() < 1e-4 * np.abs(ref).max()
 
 
-def test_conv_winograd_backward():
-    """A winograd forward keeps x only. Its backward pass takes dw and db from the path the conv
-    would take without winograd (im2col for cifar's 8x8 level at batch 4, shift for small's at
-    batch 16), bit for bit that path's; dx is the "same" conv of dy with the kernel flipped and
-    its channel axes swapped, again on the winograd path (bit for bit that forward call), within
-    float32 rounding of the float64 gradient. The odd 9x11 images check the cropped last tiles."""
+@pytest.mark.parametrize("N,C,H,W,O,chunk_images", [
+    (4, 64, 8, 8, 48, None),     # one chunk
+    (16, 32, 8, 8, 64, None),    # small's 8x8 level at sampling batch 16
+    (5, 40, 9, 11, 32, 2),       # odd image (cropped last tiles, half-empty dy tiles), chunks 2, 2, 1
+    (3, 32, 16, 16, 32, 1),      # one image per chunk: dw accumulates over three chunks
+])
+def test_conv_winograd_backward(monkeypatch, N, C, H, W, O, chunk_images):
+    """A winograd forward keeps x only. dx is the "same" conv of dy with the kernel flipped and its
+    channel axes swapped, taken by the winograd forward (bit for bit that call); dw is the
+    transpose of F(2x2, 3x3), accumulated over chunks of images. Both against the float64 gradient
+    of the direct sum (the shift path in float64) within winograd's float32 bound (1e-5 of the
+    scale, as test_conv_winograd_float32_accuracy); db is dy's sum."""
+    if chunk_images is not None:
+        tiles = ((H + 1) // 2) * ((W + 1) // 2)
+        monkeypatch.setattr(conv_mod, "_WINOGRAD_CHUNK_ELEMENTS", chunk_images * 16 * tiles * max(C, O))
+        monkeypatch.setattr(conv_mod, "_WINOGRAD_MIN_TILES", 1)
     rng = np.random.default_rng(14)
-    for N, C, H, W, O, other in [(4, 64, 8, 8, 48, "im2col"), (16, 32, 8, 8, 64, "shift"),
-                                 (2, 40, 9, 11, 32, "im2col"), (16, 32, 9, 11, 32, "shift")]:
-        x = rng.standard_normal((N, C, H, W)).astype(np.float32)
-        w = (rng.standard_normal((O, C, 3, 3)) / np.sqrt(9 * C)).astype(np.float32)
-        b = rng.standard_normal(O).astype(np.float32)
-        y, cache = conv2d_forward(x, w, b)
-        assert cache["path"] == "winograd" and cache["backward_path"] == other
-        with force_path(other):
-            y0, cache0 = conv2d_forward(x, w, b)
-        dy = rng.standard_normal(y.shape).astype(np.float32)
-        dx, dw, db = conv2d_backward(dy, cache)
-        dx0, dw0, db0 = conv2d_backward(dy, cache0)
-        np.testing.assert_array_equal(dw, dw0)
-        np.testing.assert_array_equal(db, db0)
-        w_flip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-        dx_fwd, cache_f = conv2d_forward(dy, w_flip)
-        assert cache_f["path"] == "winograd"
-        np.testing.assert_array_equal(dx, dx_fwd)
-        dx64 = conv2d_backward(dy.astype(np.float64), conv2d_forward(
-            x.astype(np.float64), w.astype(np.float64), b.astype(np.float64))[1])[0]
-        scale = np.abs(dx64).max()
-        assert np.abs(dx - dx64).max() < 1e-5 * scale            # winograd's float32 bound above
-        assert np.abs(dx0 - dx64).max() < 1e-5 * scale
-        assert conv2d_backward(dy, cache, input_grad=False)[0] is None
+    x = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    w = (rng.standard_normal((O, C, 3, 3)) / np.sqrt(9 * C)).astype(np.float32)
+    b = rng.standard_normal(O).astype(np.float32)
+    y, cache = conv2d_forward(x, w, b)
+    assert cache["path"] == "winograd" and set(cache) >= {"x", "w"} and "xr" not in cache
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dx, dw, db = conv2d_backward(dy, cache)
+    assert dx.dtype == dw.dtype == db.dtype == np.float32
+    w_flip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+    dx_fwd, cache_f = conv2d_forward(dy, w_flip)
+    assert cache_f["path"] == "winograd"
+    np.testing.assert_array_equal(dx, dx_fwd)
+    with force_path("shift"):
+        dx64, dw64, db64 = conv2d_backward(dy.astype(np.float64), conv2d_forward(
+            x.astype(np.float64), w.astype(np.float64), b.astype(np.float64))[1])
+    assert np.abs(dx - dx64).max() < 1e-5 * np.abs(dx64).max()
+    assert np.abs(dw - dw64).max() < 1e-5 * np.abs(dw64).max()
+    np.testing.assert_allclose(db, db64, rtol=1e-5, atol=1e-4)   # float32 sums of N*H*W values
+    dx_none, dw2, db2 = conv2d_backward(dy, cache, input_grad=False)
+    assert dx_none is None
+    np.testing.assert_array_equal(dw2, dw)
+    np.testing.assert_array_equal(db2, db)
 
 
 def test_conv_float64_stays_float64():

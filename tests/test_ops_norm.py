@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from gradcheck import check_op
-from ddpm_ref.ops.activation import silu_forward
+from ddpm_ref.ops.activation import sigmoid, silu_forward
 from ddpm_ref.ops.norm import (group_norm_backward, group_norm_forward, group_norm_silu_backward,
                                group_norm_silu_forward)
 
@@ -114,6 +114,31 @@ def test_fused_silu_equals_the_pair_bit_for_bit(dtype):
     ref, _ = silu_forward(z)
     assert np.any(z < -200) and np.any(z > 200)
     np.testing.assert_array_equal(y, ref)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_silu_backward_uses_the_cached_denominator_exactly(dtype):
+    """The fused backward takes sigmoid(z) = -1 / den from the forward's cached denominator
+    den = -(1 + exp(-z)) instead of recomputing exp: the same bits as recomputing the sigmoid and
+    running the chain rule through group_norm_backward, including where exp(-z) overflows
+    (s = 0) and underflows (s = 1)."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 8, 5, 4)).astype(dtype)
+    gamma = (rng.standard_normal(8) * 300).astype(dtype)      # |z| up to ~1000: both exp limits
+    beta = rng.standard_normal(8).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    _, cache = group_norm_silu_forward(x, gamma, beta, 4, eps=1e-6)
+    z, cache_gn = group_norm_forward(x, gamma, beta, 4, eps=1e-6)
+    assert np.any(z < -200) and np.any(z > 200)
+    with np.errstate(over="ignore"):
+        s = sigmoid(z)
+    dz = 1 - s                                                # the fused backward's order of operations
+    dz *= z
+    dz += 1
+    dz *= s
+    dz *= dy
+    for got, want in zip(group_norm_silu_backward(dy, cache), group_norm_backward(dz, cache_gn)):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_group_norm_errors():

@@ -77,13 +77,12 @@ pass, freed before the input-gradient GEMM allocates its own).
   Rounding: the transforms add up to 4 terms (input) and
   9 (output) before and after the GEMM, and G has halves: float32 results differ from the
   direct sum by a few ulps more than the other paths (measured ~2x their error against float64).
-  Backward: the input gradient of a 3x3 "same" conv is itself a 3x3 "same" conv, of dy with the
-  kernel flipped and its channel axes swapped (``dx = conv(dy, w[:, :, ::-1, ::-1]^T)``, same
-  min(C, O)), so it goes through this path too; dw and db are those of the path chosen without
-  winograd ("shift" or "im2col"), on that path's input layout rebuilt from the cached x (one copy
-  of x). Measured against torch (one thread, ``python -m benchmarks --rows ops``): the conv
-  backward passes of one U-Net pass went from 1.13x to 0.92x torch's time on cifar at batch 8 and
-  from 1.34x to 1.08x on small at batch 64 with the input gradient on this path.
+  Backward, from the cached x alone: the input gradient of a 3x3 "same" conv is itself a 3x3
+  "same" conv, of dy with the kernel flipped and its channel axes swapped
+  (``dx = conv(dy, w[:, :, ::-1, ::-1]^T)``, same min(C, O)), so it goes through this path too. The
+  weight gradient is the transpose of the forward's algebra: per tile ``<dy_t, y_t> =
+  <G^T [(A dy_t A^T) * (B^T d_t B)] G, g>``, so dw is 16 GEMMs ``(O, tiles) @ (tiles, C)`` reducing
+  over every tile of the batch, then ``G^T . G`` (see _winograd_weight_grad).
   Chosen by ``_winograd_wins`` from the sweep of benchmarks/conv_paths.py.
 
 Python loops run over the kh*kw kernel offsets only (and the four parity planes and the image
@@ -251,10 +250,7 @@ def _choose_path(N, C, O, H, W, Ho, Wo, kh, kw, stride, pads):
 
 
 def _copy_path(N, C, Ho, Wo, kh, kw, stride):
-    """"im2col" or "shift", by the rules in _choose_path's docstring (also the backward path of
-    "winograd", whose weight gradient it computes)."""
-    if _FORCED_PATH == "winograd":
-        return "shift"
+    """"im2col" or "shift", by the rules in _choose_path's docstring."""
     if stride != 1:
         return "im2col"
     if kh * kw * C * N * Ho * Wo <= _IM2COL_TINY:
@@ -349,9 +345,7 @@ def _conv2d(x, w, b, stride, padding, temb=None):
         return y, cache
     if path == "winograd":
         y = _winograd(x, w, bias)                                         # (N, O, H, W)
-        # backward: dx on the winograd path again, dw and db on the path chosen without winograd
-        # (its input layout rebuilt from x)
-        cache = {"path": path, "x": x, "backward_path": _copy_path(N, C, Ho, Wo, kh, kw, stride)}
+        cache = {"path": path, "x": x}                                    # backward: winograd too
         cache.update(w=w, has_bias=b is not None, x_shape=x.shape, stride=stride,
                      padding=(pt, pb, pl, pr), out_hw=(Ho, Wo))
         return y, cache
@@ -435,14 +429,71 @@ def _winograd(x, w, bias):
     dt = x.dtype
     U = (_WINOGRAD_GG.astype(dt) @ w.reshape(O * C, 9).T).reshape(16, O, C)   # G g G^T, (16, O, C)
     y = np.empty((N, O, H, W), dtype=dt)
-    tiles = ((H + 1) // 2) * ((W + 1) // 2)                              # 2x2 tiles per image
-    nb = max(1, _WINOGRAD_CHUNK_ELEMENTS // (16 * tiles * C), -(-_WINOGRAD_MIN_TILES // tiles))
-    nb = min(N, nb)
+    nb = _winograd_chunk(N, H, W, C)
     for n0 in range(0, N, nb):
         n1 = min(N, n0 + nb)
         b = bias if bias is None or bias.shape[0] == 1 else bias[n0:n1]
         _winograd_block(x[n0:n1], U, b, y[n0:n1])
     return y
+
+
+def _winograd_chunk(N, H, W, channels):
+    """Images per chunk of the winograd path: transformed arrays of 16 values per 2x2 tile and
+    channel of at most about _WINOGRAD_CHUNK_ELEMENTS, but at least _WINOGRAD_MIN_TILES tiles."""
+    tiles = ((H + 1) // 2) * ((W + 1) // 2)                              # 2x2 tiles per image
+    nb = max(1, _WINOGRAD_CHUNK_ELEMENTS // (16 * tiles * channels), -(-_WINOGRAD_MIN_TILES // tiles))
+    return min(N, nb)
+
+
+def _winograd_weight_grad(x, dy):
+    """``dw`` (O, C, 3, 3) of the 3x3 "same" conv of x (N, C, H, W) given dy (N, O, H, W), by the
+    transpose of F(2x2, 3x3) (module docstring): per 2x2 tile the forward is bilinear,
+    ``y_t = A^T [(G g G^T) * V_t] A`` with ``V_t = B^T d_t B``, so
+    ``<dy_t, y_t> = <G^T [(A dy_t A^T) * V_t] G, g>`` and
+
+        dw[o, c] = G^T ( sum_tiles (A dy_t[o] A^T) * V_t[c] ) G.
+
+    The tile sum is 16 GEMMs ``M[k] = DY[k]^T (O, tiles) @ V[k] (tiles, C)`` whose reduction runs over
+    all the batch's tiles (long GEMMs, 2.25x fewer flops than im2col's), accumulated over chunks of
+    images; V is the forward's input transform. dy's odd last row/column pads to a zero tile half.
+    """
+    N, C, H, W = x.shape
+    O = dy.shape[1]
+    dt = x.dtype
+    M = None                                                              # (16, O, C)
+    nb = _winograd_chunk(N, H, W, max(C, O))
+    for n0 in range(0, N, nb):
+        n1 = min(N, n0 + nb)
+        V = _winograd_input_transform(x[n0:n1])                           # (4, 4, n, th, tw, C)
+        th, tw = V.shape[3:5]
+        P = (n1 - n0) * th * tw
+        # dy's tiles, channel-last: D[a, b, n, p, q, o] = dy[n, o, 2p + a, 2q + b] (0 past the edge)
+        D = np.zeros((2, 2, n1 - n0, th, tw, O), dtype=dt)
+        for a in range(2):
+            for b in range(2):
+                rows, cols = (H - a + 1) // 2, (W - b + 1) // 2
+                D[a, b, :, :rows, :cols] = dy[n0:n1, :, a::2, b::2].transpose(0, 2, 3, 1)
+        # A dy_t A^T, rows then columns: (A v) = (v0, v0 + v1, v0 - v1, -v1) for a pair v.
+        R = np.empty((4, 2, n1 - n0, th, tw, O), dtype=dt)
+        R[0] = D[0]
+        np.add(D[0], D[1], out=R[1])
+        np.subtract(D[0], D[1], out=R[2])
+        np.negative(D[1], out=R[3])
+        del D
+        DY = np.empty((4, 4, n1 - n0, th, tw, O), dtype=dt)
+        DY[:, 0] = R[:, 0]
+        np.add(R[:, 0], R[:, 1], out=DY[:, 1])
+        np.subtract(R[:, 0], R[:, 1], out=DY[:, 2])
+        np.negative(R[:, 1], out=DY[:, 3])
+        del R
+        Mc = np.matmul(DY.reshape(16, P, O).transpose(0, 2, 1), V.reshape(16, P, C))  # (16, O, C)
+        del DY, V
+        if M is None:
+            M = Mc
+        else:
+            M += Mc
+    dw9 = _WINOGRAD_GG.T.astype(dt) @ M.reshape(16, O * C)                # G^T M G, (9, O*C)
+    return np.ascontiguousarray(dw9.reshape(3, 3, O, C).transpose(2, 3, 0, 1))
 
 
 def _winograd_block(x, U, bias, y):
@@ -461,6 +512,39 @@ def _winograd_block(x, U, bias, y):
     """
     N, C, H, W = x.shape
     O = U.shape[1]
+    dt = x.dtype
+    V = _winograd_input_transform(x)                                      # (4, 4, N, th, tw, C)
+    th, tw = V.shape[3:5]
+    P = N * th * tw                                                       # tiles in the batch
+    M = np.matmul(V.reshape(16, P, C), U.transpose(0, 2, 1))              # (16, P, C) @ (16, C, O)
+    del V
+    M = M.reshape(4, 4, N, th, tw, O)
+    # Y = A^T M A: A^T on the rows of M, then on the columns, into the 2x2 tiles of yt.
+    u = np.empty((2, 4, N, th, tw, O), dtype=dt)                          # (A^T M)[a, b]
+    np.add(M[0], M[1], out=u[0])
+    u[0] += M[2]
+    np.subtract(M[1], M[2], out=u[1])
+    u[1] -= M[3]
+    del M
+    yt = np.empty((N, th, 2, tw, 2, O), dtype=dt)                         # (N, 2 th, 2 tw, O)
+    ya = yt.transpose(4, 2, 0, 1, 3, 5)                                   # (b, a, N, th, tw, O) view
+    np.add(u[:, 0], u[:, 1], out=ya[0])
+    ya[0] += u[:, 2]
+    np.subtract(u[:, 1], u[:, 2], out=ya[1])
+    ya[1] -= u[:, 3]
+    del u, ya
+    yt = yt.reshape(N, 2 * th, 2 * tw, O)[:, :H, :W]                      # (N, H, W, O)
+    if bias is None:
+        np.copyto(y, yt.transpose(0, 3, 1, 2))
+    else:
+        np.add(yt.transpose(0, 3, 1, 2), bias, out=y)
+
+
+def _winograd_input_transform(x):
+    """``V = B^T d B`` for the 4x4 input tile d of every 2x2 output tile of x (N, C, H, W) zero-padded
+    by 1: (4, 4, N, th, tw, C), th, tw = ceil(H / 2), ceil(W / 2), channel-last (see _winograd_block
+    for the layout)."""
+    N, C, H, W = x.shape
     dt = x.dtype
     th, tw = (H + 1) // 2, (W + 1) // 2                                   # 2x2 output tiles
     # Parity planes: x row i is padded row i + 1, so odd rows of x land on the even plane from its
@@ -489,29 +573,7 @@ def _winograd_block(x, U, bias, y):
     np.subtract(Te[:, :, :, 1:], Td[:, :, :, :tw], out=V[:, 2])
     np.subtract(Td[:, :, :, :tw], Td[:, :, :, 1:], out=V[:, 3])
     del T, Te, Td
-    P = N * th * tw                                                       # tiles in the batch
-    M = np.matmul(V.reshape(16, P, C), U.transpose(0, 2, 1))              # (16, P, C) @ (16, C, O)
-    del V
-    M = M.reshape(4, 4, N, th, tw, O)
-    # Y = A^T M A: A^T on the rows of M, then on the columns, into the 2x2 tiles of yt.
-    u = np.empty((2, 4, N, th, tw, O), dtype=dt)                          # (A^T M)[a, b]
-    np.add(M[0], M[1], out=u[0])
-    u[0] += M[2]
-    np.subtract(M[1], M[2], out=u[1])
-    u[1] -= M[3]
-    del M
-    yt = np.empty((N, th, 2, tw, 2, O), dtype=dt)                         # (N, 2 th, 2 tw, O)
-    ya = yt.transpose(4, 2, 0, 1, 3, 5)                                   # (b, a, N, th, tw, O) view
-    np.add(u[:, 0], u[:, 1], out=ya[0])
-    ya[0] += u[:, 2]
-    np.subtract(u[:, 1], u[:, 2], out=ya[1])
-    ya[1] -= u[:, 3]
-    del u, ya
-    yt = yt.reshape(N, 2 * th, 2 * tw, O)[:, :H, :W]                      # (N, H, W, O)
-    if bias is None:
-        np.copyto(y, yt.transpose(0, 3, 1, 2))
-    else:
-        np.add(yt.transpose(0, 3, 1, 2), bias, out=y)
+    return V
 
 
 def _offset_groups(kh, kw, C, M):
@@ -642,21 +704,20 @@ def conv2d_backward(dy, cache, input_grad=True):
             return None, dw, db
         dx = dy2 @ cache["Wd"].astype(dt, copy=False).T                  # (N, C*H*W)
         return dx.reshape(N, C, H, W), dw, db
-    if cache["path"] == "winograd" and input_grad:
-        # The input gradient of a 3x3 stride-1 "same" conv is itself one: with dyp = dy zero-padded
-        # by 1, dx[n, c, h, w] = sum_{o, i, j} w[o, c, 2 - i, 2 - j] dyp[n, o, h + i, w + j], the
-        # kernel flipped and its channel axes swapped, and min(C, O) is the same, so it takes the
-        # Winograd path too. dw and db come from the backward path below.
-        _, dw, db = conv2d_backward(dy, cache, input_grad=False)
+    if cache["path"] == "winograd":
+        # dw by the transpose of the forward's F(2x2, 3x3) (_winograd_weight_grad). The input
+        # gradient of a 3x3 stride-1 "same" conv is itself one: with dyp = dy zero-padded by 1,
+        # dx[n, c, h, w] = sum_{o, i, j} w[o, c, 2 - i, 2 - j] dyp[n, o, h + i, w + j], the kernel
+        # flipped and its channel axes swapped (same min(C, O)), so the winograd forward again.
+        db = dy.sum(axis=(0, 2, 3)) if cache["has_bias"] else None        # (O,)
+        dw = _winograd_weight_grad(cache["x"].astype(dt, copy=False), dy)
+        if not input_grad:
+            return None, dw, db
         w_flip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))   # (C, O, 3, 3)
         return _winograd(dy, w_flip, None), dw, db
-    path = cache["path"] if cache["path"] != "winograd" else cache["backward_path"]
-    if path == "shift":
+    if cache["path"] == "shift":
         Hs, Ws, base, M, L = _shift_layout(H, W, Ho, Wo, kh, kw, pt, pb, pl, pr, N)
-        if cache["path"] == "winograd":                                   # forward kept x only
-            xr = _shift_input(cache["x"].astype(dt, copy=False), Hs, Ws, base, M, L)
-        else:
-            xr = cache["xr"].astype(dt, copy=False)                       # (C, L)
+        xr = cache["xr"].astype(dt, copy=False)                           # (C, L)
         # dy on the output grid, zero where the forward threw positions away, so the sums below
         # run over real outputs only.
         dyr = np.zeros((O, N, Hs, Ws), dtype=dt)                          # (O, N, Hs, Ws)
@@ -711,10 +772,7 @@ def conv2d_backward(dy, cache, input_grad=True):
         dx = dx_grid.reshape(C, N, Hs, Ws)[:, :, :H, :W]                  # (C, N, H, W) view
         return np.ascontiguousarray(dx.transpose(1, 0, 2, 3)), dw, db     # (N, C, H, W)
 
-    if cache["path"] == "winograd":                                       # forward kept x only
-        xp = _im2col_input(cache["x"].astype(dt, copy=False), pt, pb, pl, pr)
-    else:
-        xp = cache["xp"].astype(dt, copy=False)                           # (C, N, Hp, Wp)
+    xp = cache["xp"].astype(dt, copy=False)                               # (C, N, Hp, Wp)
     dy2 = np.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(O, N * Ho * Wo)  # (O, P)
     db = dy2.sum(axis=1) if cache["has_bias"] else None                   # (O,)
     col = _im2col(xp, kh, kw, stride, Ho, Wo)                             # (K, P), rebuilt
