@@ -8,10 +8,17 @@ memory only: 65536 registers, allocated per warp in units of 256; 228 KB of shar
 blocks and 2048 threads). That is the occupancy half of a kernel's speed; the other half needs a GPU
 (benchmarks/bench_kernels.py).
 
+With ``--loops`` it also disassembles each kernel (``nvdisasm``, from a CUDA toolkit or the
+``nvidia-cuda-nvdisasm`` wheel) and reports its hottest loop, the backward branch whose body holds the
+most FMAs: instructions in all, FFMAs, shared-memory loads (and how many of them are 16-byte
+``LDS.128``), and the FMA share. An issue-bound loop (the convolution's, on an H200) runs at most at
+that share of the FP32 peak, so it says which variant is worth timing on a GPU.
+
 Needs NVVM and NVRTC (as the compile check) and ``ptxas`` from a CUDA toolkit on the PATH (or
 ``--ptxas``). Usage::
 
     python benchmarks/kernel_resources.py [--cc 9.0] [--threads 256] [--match conv] [--json out.json]
+    python benchmarks/kernel_resources.py --match conv2d_fwd --loops [--nvdisasm PATH]
 """
 from __future__ import annotations
 
@@ -55,6 +62,43 @@ def parse_ptxas(stderr: str) -> dict:
     return out
 
 
+_SASS_INSTR = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;")
+_SASS_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_SASS_BRANCH = re.compile(r"\bBRA\s+`\((\.L_x_\d+)\)")
+
+
+def loop_mix(sass: str):
+    """The hottest loop of a kernel's ``nvdisasm`` listing: the body of the backward branch (a ``BRA``
+    to a label at or before it) holding the most ``FFMA``. Returns ``{"instructions", "ffma", "lds",
+    "lds128", "ffma_share"}``, or None when no loop holds an FFMA."""
+    instrs, labels, pending = [], {}, []
+    for line in sass.splitlines():
+        m = _SASS_LABEL.match(line)
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = _SASS_INSTR.match(line)
+        if m:
+            for name in pending:
+                labels[name] = len(instrs)
+            pending = []
+            instrs.append(m.group(1))
+    best = None
+    for end, ins in enumerate(instrs):
+        m = _SASS_BRANCH.search(ins)
+        if m and labels.get(m.group(1), end + 1) <= end:
+            body = instrs[labels[m.group(1)]:end + 1]
+            ffma = sum(1 for x in body if re.search(r"\bFFMA\b", x))
+            if ffma and (best is None or ffma > best[0]):
+                best = (ffma, body)
+    if best is None:
+        return None
+    ffma, body = best
+    lds = [x for x in body if re.search(r"\bLDS\b|\bLDS\.", x)]
+    return {"instructions": len(body), "ffma": ffma, "lds": len(lds),
+            "lds128": sum(1 for x in lds if "LDS.128" in x), "ffma_share": ffma / len(body)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cc", default="9.0")
@@ -62,9 +106,14 @@ def main(argv=None) -> int:
     ap.add_argument("--match", default="", help="only kernels whose name contains this")
     ap.add_argument("--ptxas", default=shutil.which("ptxas"))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--loops", action="store_true", help="also the hottest loop's instruction mix (nvdisasm)")
+    ap.add_argument("--nvdisasm", default=shutil.which("nvdisasm"))
     args = ap.parse_args(argv)
     if not args.ptxas:
         raise SystemExit("ptxas not found: install a CUDA toolkit or pass --ptxas PATH")
+    if args.loops and not args.nvdisasm:
+        raise SystemExit("--loops needs nvdisasm: install a CUDA toolkit or the nvidia-cuda-nvdisasm wheel, "
+                         "or pass --nvdisasm PATH")
     os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
     from ddpm_ref.kernels import MODULES
     from ddpm_ref.kernels.runtime import cuda_module
@@ -83,19 +132,32 @@ def main(argv=None) -> int:
             path = os.path.join(tmp, f"{name}.ptx")
             with open(path, "w") as f:
                 f.write(ptx)
-            res = subprocess.run([args.ptxas, "-v", f"-arch=sm_{major}{minor}", "-O3", path, "-o", os.devnull],
+            cubin = os.path.join(tmp, f"{name}.cubin")
+            res = subprocess.run([args.ptxas, "-v", f"-arch=sm_{major}{minor}", "-O3", path, "-o", cubin],
                                  capture_output=True, text=True)
             if res.returncode:
                 raise SystemExit(f"ptxas failed on {name}: {res.stderr[-2000:]}")
             row = {"kernel": f"{module.rsplit('.', 1)[-1]}.{name}", "launch_bounds": bounds, **parse_ptxas(res.stderr)}
+            if args.loops:
+                dis = subprocess.run([args.nvdisasm, "-c", cubin], capture_output=True, text=True)
+                if dis.returncode:
+                    raise SystemExit(f"nvdisasm failed on {name}: {dis.stderr[-2000:]}")
+                row["loop"] = loop_mix(dis.stdout)
             threads = bounds[0] if bounds else args.threads
             row["blocks_per_sm"] = blocks_per_sm(row["registers"], row["smem"], threads)
             row["warps_per_sm"] = row["blocks_per_sm"] * -(-threads // 32)
             rows.append(row)
-    print(f"{'kernel':44s} {'regs':>5s} {'spill st/ld':>12s} {'stack':>6s} {'smem':>6s} {'blocks':>7s} {'warps':>6s}")
+    loops = "  hottest loop: instrs ffma lds (128-bit) share" if args.loops else ""
+    print(f"{'kernel':44s} {'regs':>5s} {'spill st/ld':>12s} {'stack':>6s} {'smem':>6s} {'blocks':>7s} {'warps':>6s}"
+          + loops)
     for r in rows:
-        print(f"{r['kernel']:44s} {r['registers']:5d} {r['spill_stores']:5d}/{r['spill_loads']:<6d} "
-              f"{r['stack_frame']:6d} {r['smem']:6d} {r['blocks_per_sm']:7d} {r['warps_per_sm']:6d}")
+        line = (f"{r['kernel']:44s} {r['registers']:5d} {r['spill_stores']:5d}/{r['spill_loads']:<6d} "
+                f"{r['stack_frame']:6d} {r['smem']:6d} {r['blocks_per_sm']:7d} {r['warps_per_sm']:6d}")
+        lp = r.get("loop")
+        if lp:
+            line += (f"  {lp['instructions']:6d} {lp['ffma']:4d} {lp['lds']:3d} ({lp['lds128']:3d}) "
+                     f"{lp['ffma_share']:5.0%}")
+        print(line)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"cc": args.cc, "threads": args.threads, "kernels": rows}, f, indent=1)

@@ -6,7 +6,7 @@ at benchmark sizes, with autotuning off so that every variant runs exactly once:
 1. ``philox_float_kernel_v2`` (normals) and ``q_sample_kernel_v2`` at 65536 x 3072 values, in every
    variant the autotuner chooses from (the plain and persistent grids, each register cap);
 2. the cifar preset's most frequent convolution (128 -> 128 channels, 3x3, 32x32, batch 128): forward,
-   dx and dw of the 128 x 128 tiles in each variant (pipelined, plain, register-capped);
+   dx and dw of the 128 x 128 tiles in each variant (plain strided; plain and unrolled blocked);
 3. GroupNorm+SiLU forward and backward at (128, 128, 32, 32), versions 1 and 2.
 
 Run it under ncu, for example (benchmarks/gpu_check.sh does)::

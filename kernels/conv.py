@@ -36,8 +36,9 @@ whole kernel, so its pixel coordinates are decoded once):
   division per element; dw with each gathered row's (n, p, q) advanced by carries instead of divided
   out; all three with register prefetch of the next K step's global loads during the current step's
   FMAs and unsigned shared-tile indices (no wraparound code in the FMA loop). Each tile size comes in
-  variants with bit-identical results (the inner loop plain, unrolled by four, or pipelined), and
-  the launcher times them on the first launch of each problem (:func:`_launch_tuned`).
+  variants with bit-identical results (the inner loop plain or unrolled by four, a thread's outputs
+  strided or in blocked runs of four that load 16 bytes at a time), and the launcher times them on
+  the first launch of each problem (:func:`_launch_tuned`).
 
 The public ``conv2d_forward`` / ``conv2d_backward`` run v3, with the tile size picked per GEMM
 (``_pick``); ``conv2d_forward_v1`` / ``_v2`` / ``_v3`` force a version, for the benchmarks.
@@ -56,10 +57,11 @@ fully, reads them back through 256 bytes of per-thread local memory once per til
 nothing next to the main loop.
 
 What it is not: tuned to cuDNN's level (2.5x its time on the cifar preset; no tensor cores: FP32
-like the reference). The forward kernel is issue-bound: of about 100 instructions in its inner
-loop, 64 are FMAs, 20 shared-memory loads (Numba emits no 16-byte ``ld.shared.v4``) and 17 loop
-and address bookkeeping (Numba does not unroll the BK loop). Future versions go beside v1, v2 and v3
-(llm.c's dev/cuda style), each validated by the same tests.
+like the reference). The plain strided forward kernel is issue-bound (Nsight Compute on an H200):
+of about 100 instructions in its inner loop, 64 are FMAs, 20 four-byte shared-memory loads and 17
+loop and address bookkeeping. The blocked variants bring that to 85 (plain) and 73 (unrolled) per
+64 FMAs (:func:`_tiled_kernels_v3`); no GPU has timed them yet. Future versions go beside v1, v2
+and v3 (llm.c's dev/cuda style), each validated by the same tests.
 """
 from __future__ import annotations
 
@@ -401,7 +403,8 @@ V2 = _tiled_kernels("v2", 128, 128, 8)
 # Version 3: K reordered to (kernel offset, channel), division-free gathers, register prefetch
 # ---------------------------------------------------------------------------------------------
 
-def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, loop="plain", launch_bounds=None):
+def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, loop="plain", launch_bounds=None,
+                      mapping="strided"):
     """Forward, dx and dw kernels, version 3.
 
     Differences from :func:`_tiled_kernels` (same thread layout, shared tiles and register tiles):
@@ -422,13 +425,37 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, loop="pl
     * ``loop``, the FMA loop over a step's BK rows: "plain", per row its shared-memory loads then its
       FMAs (:func:`_tile_step_plain`, the loop as first written); "unrolled", the same four rows to
       an iteration (:func:`_tile_step_unrolled`: Numba does not unroll the loop itself, and its
-      bookkeeping is 17 of about 100 instructions per row; for the 128 x 128 forward kernel on
-      sm_90, 125 registers instead of 120 and FMAs 72% of the loop's instructions instead of 63%);
-      "pipelined", the loads of row kk + 1 issued before the FMAs of row kk with two register sets
-      (:func:`_tile_step`; 150 registers there, half the blocks per multiprocessor). The same FMAs
-      in the same order, so all give bit-identical results; which is fastest depends on the shape
-      and the GPU, and the launcher times them on first use of a problem (:func:`_launch_tuned`).
-      ``launch_bounds`` caps the registers.
+      bookkeeping is 17 of about 100 instructions per row). The same FMAs in the same order.
+    * ``mapping``, which outputs of the block tile a thread owns: "strided", rows ``ty + TY i`` and
+      columns ``tx + TX j``, one value per shared-memory load; "blocked", runs of four consecutive
+      rows and columns, rows ``4 TY (i // 4) + 4 ty + i % 4`` and likewise columns, so that ptxas
+      merges each run's four loads into one 16-byte ``LDS.128``. A warp's runs are consecutive
+      16-byte pieces of a shared row: conflict-free loads, or broadcasts. Which thread computes an
+      output changes neither its FMAs nor their order. The epilogue's stores are then four-strided
+      within a warp (fewer full sectors), once per tile.
+    * ``launch_bounds`` caps the registers.
+
+    Every combination gives bit-identical results; which is fastest depends on the shape and the
+    GPU, and the launcher times the family's variants on first use of a problem
+    (:func:`_launch_tuned`). In the sm_90 machine code of the 128 x 128 tiles (32 x 8 threads,
+    ``benchmarks/kernel_resources.py --loops``), one row of the forward kernel's FMA loop is:
+
+    ==================  =========  =====================  ==========  =========
+    variant             registers  shared loads           FMAs        FMA share
+    ==================  =========  =====================  ==========  =========
+    plain, strided      120        20 (4-byte)            64 of 100   64%
+    unrolled, strided   124        20 (4-byte)            64 of 87    73%
+    plain, blocked      123        5 (LDS.128)            64 of 85    75%
+    unrolled, blocked   168        5 (LDS.128)            64 of 73    88%
+    ==================  =========  =====================  ==========  =========
+
+    The strided loads may also cost shared-memory bandwidth: a warp of 32 x 8 threads shares one ty,
+    so its 16 A loads per row are broadcasts that each take a shared-memory cycle; at one such cycle
+    per multiprocessor per clock, 20 cycles per row against 16 issue cycles for its 64 FMAs on the
+    four schedulers; blocked, 8 (a count, not yet checked by Nsight Compute). The unrolled blocked
+    loop's 168 registers leave one block of 256 threads per multiprocessor instead of two, so it
+    relies on its own instruction-level parallelism to hide latency (capped at 128 registers by
+    launch bounds it spills 100 to 156 bytes).
     """
     TX = tx
     TY = ty
@@ -444,8 +471,30 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, loop="pl
         raise ValueError(f"tile {BM}x{BN}x{BK} does not fit {TY}x{TX} threads")
     if BK % 4:
         raise ValueError(f"version 3 needs BK a multiple of 4, got {BK}")
-    if loop not in ("plain", "unrolled", "pipelined"):
-        raise ValueError(f"loop must be 'plain', 'unrolled' or 'pipelined', got {loop!r}")
+    if loop not in ("plain", "unrolled"):
+        raise ValueError(f"loop must be 'plain' or 'unrolled', got {loop!r}")
+    if mapping not in ("strided", "blocked"):
+        raise ValueError(f"mapping must be 'strided' or 'blocked', got {mapping!r}")
+    if mapping == "blocked" and (TM % 4 or TN % 4):
+        raise ValueError(f"the blocked mapping needs runs of 4 outputs: {TM} x {TN} per thread")
+
+    if mapping == "strided":
+        @device
+        def _row(ty, i):
+            """The block-tile row of a thread's register row i (column: _col)."""
+            return ty + TY * i
+
+        @device
+        def _col(tx, j):
+            return tx + TX * j
+    else:
+        @device
+        def _row(ty, i):
+            return TY * 4 * (i // 4) + 4 * ty + i % 4
+
+        @device
+        def _col(tx, j):
+            return TX * 4 * (j // 4) + 4 * tx + j % 4
 
     @device
     def _load_row(As, Bs, k, a, b, ty, tx):
@@ -453,9 +502,9 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, loop="pl
         no negative-index wraparound code."""
         ku = uint64(k)
         for i in range(TM):
-            a[i] = As[ku, uint64(ty + TY * i)]
+            a[i] = As[ku, uint64(_row(ty, i))]
         for j in range(TN):
-            b[j] = Bs[ku, uint64(tx + TX * j)]
+            b[j] = Bs[ku, uint64(_col(tx, j))]
 
     @device
     def _fma_row(acc, a, b):
@@ -464,29 +513,14 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, loop="pl
                 acc[i, j] += a[i] * b[j]
 
     @device
-    def _tile_step(As, Bs, acc, a_reg, b_reg, a_nxt, b_nxt, ty, tx):
-        """acc += As^T Bs over the BK rows of the shared tiles, software-pipelined: the shared-memory
-        loads of row kk + 1 are issued before the FMAs of row kk (two register sets, rows in pairs),
-        so each row's loads overlap the previous row's FMAs instead of stalling them (with one set,
-        every row starts by waiting for its own loads). The same FMAs in the same order: results
-        are bit-identical to the one-set loop."""
-        _load_row(As, Bs, 0, a_reg, b_reg, ty, tx)
-        for kk in range(0, BK, 2):
-            _load_row(As, Bs, kk + 1, a_nxt, b_nxt, ty, tx)
-            _fma_row(acc, a_reg, b_reg)
-            if kk + 2 < BK:
-                _load_row(As, Bs, kk + 2, a_reg, b_reg, ty, tx)
-            _fma_row(acc, a_nxt, b_nxt)
-
-    @device
-    def _tile_step_plain(As, Bs, acc, a_reg, b_reg, a_nxt, b_nxt, ty, tx):
-        """The same sum with one register set: per row, its loads, then its FMAs."""
+    def _tile_step_plain(As, Bs, acc, a_reg, b_reg, ty, tx):
+        """acc += As^T Bs over the BK rows of the shared tiles: per row, its loads, then its FMAs."""
         for kk in range(BK):
             _load_row(As, Bs, kk, a_reg, b_reg, ty, tx)
             _fma_row(acc, a_reg, b_reg)
 
     @device
-    def _tile_step_unrolled(As, Bs, acc, a_reg, b_reg, a_nxt, b_nxt, ty, tx):
+    def _tile_step_unrolled(As, Bs, acc, a_reg, b_reg, ty, tx):
         """:func:`_tile_step_plain` with four rows written out per iteration (BK is a multiple of 4)."""
         for kk in range(0, BK, 4):
             _load_row(As, Bs, kk, a_reg, b_reg, ty, tx)
@@ -498,7 +532,7 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, loop="pl
             _load_row(As, Bs, kk + 3, a_reg, b_reg, ty, tx)
             _fma_row(acc, a_reg, b_reg)
 
-    _step = {"plain": _tile_step_plain, "unrolled": _tile_step_unrolled, "pipelined": _tile_step}[loop]
+    _step = {"plain": _tile_step_plain, "unrolled": _tile_step_unrolled}[loop]
 
     @kernel(f"void(float32[::1], {_F3}, {_F1}, {_F2}, {_F3}, {_F3}, int32, int32, int32, int32, int32, "
             f"int32, int32, int32)", name=f"conv2d_fwd_kernel_{version}", register=register,
@@ -523,8 +557,6 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, loop="pl
         acc = cuda.local.array((TM, TN), float32)
         a_reg = cuda.local.array(TM, float32)
         b_reg = cuda.local.array(TN, float32)
-        a_nxt = cuda.local.array(TM, float32)
-        b_nxt = cuda.local.array(TN, float32)
         a_pre = cuda.local.array(NA, float32)
         b_pre = cuda.local.array(NB, float32)
         tx = cuda.threadIdx.x
@@ -589,13 +621,13 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, loop="pl
                         t = 0
                         r += 1
             if s > 0:                        # FMAs on step s - 1 while step s's loads fly
-                _step(As, Bs, acc, a_reg, b_reg, a_nxt, b_nxt, ty, tx)
+                _step(As, Bs, acc, a_reg, b_reg, ty, tx)
                 cuda.syncthreads()
         for i in range(TM):
-            o = m0 + ty + TY * i
+            o = m0 + _row(ty, i)
             if o < O:
                 for j in range(TN):
-                    cj = n0 + tx + TX * j
+                    cj = n0 + _col(tx, j)
                     if cj < NPQ:
                         n = cj // PQ
                         v = acc[i, j]
@@ -604,10 +636,10 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, loop="pl
                         y3[n, o, cj - n * PQ] = v
         if flags & 6:
             for i in range(TM):
-                o = m0 + ty + TY * i
+                o = m0 + _row(ty, i)
                 if o < O:
                     for j in range(TN):
-                        cj = n0 + tx + TX * j
+                        cj = n0 + _col(tx, j)
                         if cj < NPQ:
                             n = cj // PQ
                             p = cj - n * PQ
@@ -639,8 +671,6 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, loop="pl
         acc = cuda.local.array((TM, TN), float32)
         a_reg = cuda.local.array(TM, float32)
         b_reg = cuda.local.array(TN, float32)
-        a_nxt = cuda.local.array(TM, float32)
-        b_nxt = cuda.local.array(TN, float32)
         a_pre = cuda.local.array(NA, float32)
         b_pre = cuda.local.array(NB, float32)
         tx = cuda.threadIdx.x
@@ -707,13 +737,13 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, loop="pl
                         t = 0
                         r += 1
             if s > 0:
-                _step(As, Bs, acc, a_reg, b_reg, a_nxt, b_nxt, ty, tx)
+                _step(As, Bs, acc, a_reg, b_reg, ty, tx)
                 cuda.syncthreads()
         for i in range(TM):
-            c = m0 + ty + TY * i
+            c = m0 + _row(ty, i)
             if c < C:
                 for j in range(TN):
-                    cj = n0 + tx + TX * j
+                    cj = n0 + _col(tx, j)
                     if cj < NHW:
                         n = cj // HW
                         dx3[n, c, cj - n * HW] = acc[i, j]
@@ -739,8 +769,6 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, loop="pl
         acc = cuda.local.array((TM, TN), float32)
         a_reg = cuda.local.array(TM, float32)
         b_reg = cuda.local.array(TN, float32)
-        a_nxt = cuda.local.array(TM, float32)
-        b_nxt = cuda.local.array(TN, float32)
         a_pre = cuda.local.array(NA, float32)
         b_pre = cuda.local.array(NB, float32)
         bn_s = cuda.local.array(NB, int64)
@@ -818,30 +846,31 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, loop="pl
                     bp_s[l] = p_
                     bq_s[l] = q_
             if s > 0:
-                _step(As, Bs, acc, a_reg, b_reg, a_nxt, b_nxt, ty, tx)
+                _step(As, Bs, acc, a_reg, b_reg, ty, tx)
                 cuda.syncthreads()
         z = cuda.blockIdx.z
         for i in range(TM):
-            o = m0 + ty + TY * i
+            o = m0 + _row(ty, i)
             if o < O:
                 for j in range(TN):
-                    cj = n0 + tx + TX * j
+                    cj = n0 + _col(tx, j)
                     if cj < CRS:
                         part[z, o, cj] = acc[i, j]
 
-    label = loop + (f" {launch_bounds}" if launch_bounds else "")
+    label = loop + (f" {launch_bounds}" if launch_bounds else "") + (" blocked" if mapping == "blocked" else "")
     return Tiles(version, BM, BN, BK, TX, TY, conv2d_fwd_kernel, conv2d_dx_kernel, conv2d_dw_kernel, v3=True,
                  label=label)
 
 
 def _tiled_variants_v3(version, BM, BN, BK, tx=16, ty=16, register=True):
-    """Version 3 tiles with the plain inner loop; in ``.variants`` (the plain one first), the same
-    tiles with the unrolled and the pipelined loops, for :func:`_launch_tuned` to choose from per
-    problem. All compute bit-identical results; without autotuning the plain loop runs."""
+    """Version 3 tiles with the plain strided inner loop (the one measured fastest on an H200 so far,
+    first, so it is the one that runs without autotuning); in ``.variants``, the same tiles with the
+    blocked mapping, plain and unrolled, for :func:`_launch_tuned` to choose from per problem. All
+    compute bit-identical results."""
     main = _tiled_kernels_v3(version, BM, BN, BK, tx=tx, ty=ty, register=register, loop="plain")
-    for loop in ("unrolled", "pipelined"):
-        main.variants.append(_tiled_kernels_v3(f"{version}_{loop}", BM, BN, BK, tx=tx, ty=ty, register=register,
-                                               loop=loop))
+    for loop in ("plain", "unrolled"):
+        main.variants.append(_tiled_kernels_v3(f"{version}_{loop}_blk", BM, BN, BK, tx=tx, ty=ty,
+                                               register=register, loop=loop, mapping="blocked"))
     return main
 
 
@@ -851,13 +880,15 @@ def _tiled_variants_v3(version, BM, BN, BK, tx=16, ty=16, register=True):
 # about 5% faster with 32 x 8 threads (16 x 4 outputs per thread) than with 16 x 16 on every shape,
 # and 256 x 128 tiles (16 x 16 threads, 16 x 8 outputs each) 10 to 25% faster again where the GEMM
 # has at least 256 rows and many columns.
-# Each in its inner-loop variants, chosen per problem by the autotuner. On an H200 (Nsight Compute,
+# Each in its variants, chosen per problem by the autotuner. On an H200 (Nsight Compute,
 # benchmarks/profile_gpu.py, 128 -> 128 channels, 3x3, 32x32, batch 128) the forward kernel took
-# 1.55 ms plain (120 registers, 80% of issue slots busy), 2.05 ms pipelined (150 registers, half the
-# occupancy) and 1.71 ms pipelined under a (256, 2) register cap (dropped since: it spilled inside
-# dw's loop and won 2 of 78 problems); over the cifar preset's convolutions the autotuner chose the
-# plain loop for about three problems in four, and the total stayed where the plain loop alone puts
-# it (0.261 against 0.263 s). The unrolled loop came after those runs: unmeasured on a GPU so far.
+# 1.55 ms plain (120 registers, 80% of issue slots busy) and 2.05 ms with the shared loads of row
+# k + 1 pipelined before the FMAs of row k (150 registers, half the occupancy); over the cifar
+# preset's convolutions the autotuner chose the plain loop for about three problems in four, and the
+# total stayed where the plain loop alone puts it (0.261 against 0.263 s). The pipelined loop is gone
+# (as is a register-capped twin that spilled and won 2 of 78 problems), and so is the strided loop
+# unrolled by four, never timed: the blocked plain loop has about its FMA share (75 against 73%) with
+# a quarter of its shared loads. The blocked variants are unmeasured on a GPU so far.
 V3 = _tiled_variants_v3("v3", 128, 128, 8, tx=32, ty=8)
 V3S = _tiled_variants_v3("v3s", 64, 64, 8)
 V3L = _tiled_variants_v3("v3l", 256, 128, 8)

@@ -55,7 +55,7 @@ def test_peer_on_cpu(mini_preset):
 
 def test_profile_script(monkeypatch):
     # benchmarks/profile_gpu.py (the launches gpu_check.sh runs under Nsight Compute) at toy size, with
-    # version 3's 128 x 128 tiles replaced by tiny ones in the same three inner-loop variants.
+    # version 3's 128 x 128 tiles replaced by tiny ones in the same three variants.
     import profile_gpu as P
     from ddpm_ref.kernels import runtime
     monkeypatch.setattr(runtime, "AUTOTUNE", True)
@@ -67,7 +67,7 @@ def test_profile_script(monkeypatch):
     assert labels[:4] == ["normal grid 1x2", "q_sample grid 1x2", "normal grid 1x2, launch bounds (256, 6)",
                           "q_sample grid 1x2, launch bounds (256, 6)"] if SIM else labels[0].startswith("normal")
     assert [lab for lab in labels if lab.startswith("conv fwd")] == \
-        ["conv fwd plain", "conv fwd unrolled", "conv fwd pipelined"]
+        ["conv fwd plain", "conv fwd plain blocked", "conv fwd unrolled blocked"]
     assert labels[-4:] == ["group_norm_silu fwd v1", "group_norm_silu bwd v1", "group_norm_silu fwd v2",
                            "group_norm_silu bwd v2"]
     assert all(t > 0 for _, t in rows)

@@ -274,3 +274,30 @@ def test_sampling_cpu_profile_and_ab():
     # the same model and input through HEAD's ops and the working tree's: equal up to float32 rounding
     # of a different summation order where the ops changed since HEAD (none in a clean checkout)
     assert res["max_abs_diff"] < 1e-4
+
+
+def test_kernel_resources_loop_mix_finds_the_hottest_loop():
+    # benchmarks/kernel_resources.py --loops parses nvdisasm's listing (the toolchain is not in CI; this
+    # is its format): two loops, the second with more FFMAs; a forward branch is not a loop.
+    from benchmarks.kernel_resources import loop_mix
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   FFMA R2, R3, R4, R2 ;
+        /*0020*/              @P0 BRA `(.L_x_0) ;
+        /*0030*/              @P1 BRA `(.L_x_2) ;
+.L_x_1:
+        /*0040*/                   LDS.128 R4, [R8] ;
+        /*0050*/                   LDS R9, [R8+0x210] ;
+        /*0060*/                   FFMA R10, R4, R9, R10 ;
+        /*0070*/                   FFMA R11, R5, R9, R11 ;
+        /*0080*/                   FFMA R12, R6, R9, R12 ;
+        /*0090*/                   IADD3 R8, R8, 0x4, RZ ;
+        /*00a0*/              @P2 BRA `(.L_x_1) ;
+.L_x_2:
+        /*00b0*/                   FFMA R13, R6, R9, R12 ;
+        /*00c0*/                   EXIT ;
+"""
+    mix = loop_mix(sass)
+    assert mix == {"instructions": 7, "ffma": 3, "lds": 2, "lds128": 1, "ffma_share": 3 / 7}
+    assert loop_mix("        /*0000*/                   EXIT ;\n") is None

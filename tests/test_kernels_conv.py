@@ -113,9 +113,13 @@ def test_conv_production_tiles(version):
         _check(1, 2, 3, 4, 3, 3, 2, (0, 1, 0, 1), True, True, 1, version)
 
 
-# The variants of version 3 (the plain inner loop, unrolled by four, pipelined shared loads): same FMAs
-# in the same order, so bit-identical outputs; the autotuner relies on it.
+# The variants of version 3 (the plain strided loop; the blocked mapping, plain and unrolled by four):
+# same FMAs in the same order, so bit-identical outputs; the autotuner relies on it. Tiles of 16 x 16
+# on 4 x 4 threads: 4 x 4 outputs per thread, one run of four each way in the blocked mapping.
 PAIR3 = conv._tiled_variants_v3("pair3", 16, 16, 4, tx=4, ty=4, register=False)
+# ... and 64 x 32 tiles on 4 x 8 threads: 8 x 8 outputs per thread, two runs of four each way, so the
+# blocked mapping's run offset (4 TY, 4 TX) is exercised too.
+PAIR3W = conv._tiled_variants_v3("pair3w", 64, 32, 4, tx=4, ty=8, register=False)
 
 
 def _run_all(tiles, x, w, b, dy, stride, padding):
@@ -124,17 +128,25 @@ def _run_all(tiles, x, w, b, dy, stride, padding):
     return [kb.to_host(a) for a in (y, dx, dw, db)]
 
 
-@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (3, 2, (0, 1, 0, 1)), (1, 1, 0)])
-def test_pipelined_inner_loop_bit_identical(k, stride, padding):
+@pytest.mark.parametrize("k,stride,padding,family", [(3, 1, 1, "pair3"), (3, 2, (0, 1, 0, 1), "pair3"),
+                                                     (1, 1, 0, "pair3"), (1, 1, 0, "pair3w")])
+def test_conv_variants_bit_identical(k, stride, padding, family):
+    # One image (42 output columns: three column tiles of 16, two of 32), to keep the simulator quick;
+    # the wide family's mapping does not depend on the kernel size, so it runs the 1x1 case only.
+    tiles = {"pair3": PAIR3, "pair3w": PAIR3W}[family]
     r = np.random.default_rng(7)
-    x = kb.to_device(r.normal(size=(2, 9, 7, 6)).astype(np.float32))      # C 9: three K steps of 4
-    w = kb.to_device(r.normal(size=(18, 9, k, k)).astype(np.float32))     # O 18: two row tiles
-    b = kb.to_device(r.normal(size=18).astype(np.float32))
-    y, _ = conv._forward(PAIR3, x, w, b, stride, padding, None, None)
+    xh = r.normal(size=(1, 9, 7, 6)).astype(np.float32)                   # C 9: three K steps of 4
+    wh = r.normal(size=(18, 9, k, k)).astype(np.float32)                  # O 18: two row tiles of 16
+    bh = r.normal(size=18).astype(np.float32)
+    x, w, b = kb.to_device(xh), kb.to_device(wh), kb.to_device(bh)
+    y, _ = conv._forward(tiles, x, w, b, stride, padding, None, None)
     dy = kb.to_device(r.normal(size=tuple(y.shape)).astype(np.float32))
-    assert [t.label for t in PAIR3.variants] == ["plain", "unrolled", "pipelined"]
-    want = _run_all(PAIR3, x, w, b, dy, stride, padding)
-    for other in PAIR3.variants[1:]:
+    assert [t.label for t in tiles.variants] == ["plain", "plain blocked", "unrolled blocked"]
+    want = _run_all(tiles, x, w, b, dy, stride, padding)
+    y_ref, _ = ref.conv2d_forward(xh.astype(np.float64), wh.astype(np.float64), bh.astype(np.float64),
+                                  stride, padding)
+    _close(want[0], y_ref, 9 * k * k, f"{family} y")                        # the first variant is right ...
+    for other in tiles.variants[1:]:                                       # ... and the others equal it
         for got, ref_ in zip(_run_all(other, x, w, b, dy, stride, padding), want):
             np.testing.assert_array_equal(got, ref_)
 
@@ -143,7 +155,11 @@ def test_loop_variants_need_bk_multiple_of_4():
     with pytest.raises(ValueError, match="multiple of 4"):
         conv._tiled_kernels_v3("bad", 16, 16, 2, tx=4, ty=4, register=False)
     with pytest.raises(ValueError, match="loop must be"):
-        conv._tiled_kernels_v3("bad", 16, 16, 4, tx=4, ty=4, register=False, loop="fast")
+        conv._tiled_kernels_v3("bad", 16, 16, 4, tx=4, ty=4, register=False, loop="pipelined")
+    with pytest.raises(ValueError, match="mapping must be"):
+        conv._tiled_kernels_v3("bad", 16, 16, 4, tx=4, ty=4, register=False, mapping="diagonal")
+    with pytest.raises(ValueError, match=r"runs of 4 outputs: 2 x 4 per thread"):     # 8 x 16 tile, 4 x 4 threads
+        conv._tiled_kernels_v3("bad", 8, 16, 4, tx=4, ty=4, register=False, mapping="blocked")
 
 
 def test_autotuner_keeps_the_faster_loop(monkeypatch):
@@ -152,7 +168,7 @@ def test_autotuner_keeps_the_faster_loop(monkeypatch):
     x = r.normal(size=(1, 5, 4, 4)).astype(np.float32)
     w = r.normal(size=(6, 5, 3, 3)).astype(np.float32)
     want, _ = ref.conv2d_forward(x.astype(np.float64), w.astype(np.float64), None, 1, 1)
-    times = itertools.cycle([2.0, 1.0, 3.0])   # variants timed in order: the unrolled one "wins"
+    times = itertools.cycle([2.0, 1.0, 3.0])   # variants timed in order: the plain blocked one "wins"
     timed = []
 
     def timer(fn):
@@ -166,7 +182,7 @@ def test_autotuner_keeps_the_faster_loop(monkeypatch):
     _close(y, want, 45, "y after tuning")
     assert len(timed) == 3 and len(kb._TUNED) == 1
     assert next(iter(kb._TUNED.values()))[1] is PAIR3.variants[1]
-    assert kb.tuning_report() == {"conv.fwd": {"unrolled": 1}}
+    assert kb.tuning_report() == {"conv.fwd": {"plain blocked": 1}}
     y2, _ = conv._forward(PAIR3, kb.to_device(x), kb.to_device(w), None, 1, 1, None, None)   # cached: no timing
     assert len(timed) == 3
     np.testing.assert_array_equal(kb.to_host(y2), kb.to_host(y))
