@@ -69,7 +69,7 @@ import numpy as np
 
 from . import runtime as _b
 from ._jit import cuda, device, kernel
-from numba import float32, float64, int64, uint64
+from numba import float32, float64, int32, uint64
 
 # Padding and output-size rules are the reference's, not a copy of them.
 from ddpm_ref.ops.conv import _normalize_padding, conv_output_size  # noqa: E402
@@ -447,6 +447,9 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, loop="pl
     unrolled, strided   124        20 (4-byte)            64 of 87    73%
     plain, blocked      123        5 (LDS.128)            64 of 85    75%
     unrolled, blocked   168        5 (LDS.128)            64 of 73    88%
+
+    (registers of the forward kernel; dx takes about as many; dw, with its decoded rows in int32,
+    128 for both plain loops and 144 for the unrolled blocked one)
     ==================  =========  =====================  ==========  =========
 
     The strided loads may also cost shared-memory bandwidth: a warp of 32 x 8 threads shares one ty,
@@ -755,7 +758,10 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, loop="pl
         """part[z] (O, C*kh*kw) = dy (O, K_z) @ gathered x (K_z, C*kh*kw) over K slice z of N*P*Q.
 
         dy1, x1: dy (N, O, P, Q) and x (N, C, H, W) flattened. Each gathered K row's (n, p, q) is
-        decoded once and then advanced by BK per step (a carry or two, no division)."""
+        decoded once and then advanced by BK per step (a carry or two, no division), kept in int32
+        (each below 2**31; the products that index x are formed in int64 all the same, Numba's
+        integer arithmetic being at least 64-bit): with int64 the 128 x 128 kernel took 162
+        registers, one block of 256 threads per multiprocessor; with int32, 128, two blocks."""
         CRS = part.shape[2]
         RS = CRS // C
         PQ = P * Q
@@ -771,9 +777,9 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, loop="pl
         b_reg = cuda.local.array(TN, float32)
         a_pre = cuda.local.array(NA, float32)
         b_pre = cuda.local.array(NB, float32)
-        bn_s = cuda.local.array(NB, int64)
-        bp_s = cuda.local.array(NB, int64)
-        bq_s = cuda.local.array(NB, int64)
+        bn_s = cuda.local.array(NB, int32)
+        bp_s = cuda.local.array(NB, int32)
+        bq_s = cuda.local.array(NB, int32)
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
         tid = ty * TX + tx
