@@ -122,8 +122,8 @@ PAIR3 = conv._tiled_variants_v3("pair3", 16, 16, 4, tx=4, ty=4, register=False)
 PAIR3W = conv._tiled_variants_v3("pair3w", 64, 32, 4, tx=4, ty=8, register=False)
 
 
-def _run_all(tiles, x, w, b, dy, stride, padding):
-    y, cache = conv._forward(tiles, x, w, b, stride, padding, None, None)
+def _run_all(tiles, x, w, b, dy, stride, padding, temb=None, residual=None):
+    y, cache = conv._forward(tiles, x, w, b, stride, padding, temb, residual)
     dx, dw, db = conv._backward(tiles, tiles, dy, cache, True)
     return [kb.to_host(a) for a in (y, dx, dw, db)]
 
@@ -139,15 +139,19 @@ def test_conv_variants_bit_identical(k, stride, padding, family):
     wh = r.normal(size=(18, 9, k, k)).astype(np.float32)                  # O 18: two row tiles of 16
     bh = r.normal(size=18).astype(np.float32)
     x, w, b = kb.to_device(xh), kb.to_device(wh), kb.to_device(bh)
-    y, _ = conv._forward(tiles, x, w, b, stride, padding, None, None)
-    dy = kb.to_device(r.normal(size=tuple(y.shape)).astype(np.float32))
-    assert [t.label for t in tiles.variants] == ["plain", "plain blocked", "unrolled blocked"]
-    want = _run_all(tiles, x, w, b, dy, stride, padding)
     y_ref, _ = ref.conv2d_forward(xh.astype(np.float64), wh.astype(np.float64), bh.astype(np.float64),
                                   stride, padding)
-    _close(want[0], y_ref, 9 * k * k, f"{family} y")                        # the first variant is right ...
+    # The forward's whole epilogue (bias, temb, residual), whose two loops follow the mapping too.
+    temb_h = r.normal(size=y_ref.shape[:2]).astype(np.float32)
+    res_h = r.normal(size=y_ref.shape).astype(np.float32)
+    temb, residual = kb.to_device(temb_h), kb.to_device(res_h)
+    dy = kb.to_device(r.normal(size=y_ref.shape).astype(np.float32))
+    assert [t.label for t in tiles.variants] == ["plain", "plain blocked", "unrolled blocked"]
+    want = _run_all(tiles, x, w, b, dy, stride, padding, temb, residual)
+    _close(want[0], y_ref + temb_h[:, :, None, None] + res_h, 9 * k * k,
+           f"{family} y")                                                  # the first variant is right ...
     for other in tiles.variants[1:]:                                       # ... and the others equal it
-        for got, ref_ in zip(_run_all(other, x, w, b, dy, stride, padding), want):
+        for got, ref_ in zip(_run_all(other, x, w, b, dy, stride, padding, temb, residual), want):
             np.testing.assert_array_equal(got, ref_)
 
 
