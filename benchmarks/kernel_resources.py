@@ -69,8 +69,10 @@ _SASS_BRANCH = re.compile(r"\bBRA\s+`\((\.L_x_\d+)\)")
 
 def loop_mix(sass: str):
     """The hottest loop of a kernel's ``nvdisasm`` listing: the body of the backward branch (a ``BRA``
-    to a label at or before it) holding the most ``FFMA``. Returns ``{"instructions", "ffma", "lds",
-    "lds128", "ffma_share"}``, or None when no loop holds an FFMA."""
+    to a label at or before it) holding the most ``FFMA`` (the smallest such body on a tie). Returns
+    ``{"instructions", "ffma", "lds", "lds128", "ffma_share", "outer"}``, or None when no loop holds an
+    FFMA; ``outer`` is the static size of the smallest loop around it (None if none): what each of
+    its trips adds to the hot loop's, e.g. a convolution's global loads and shared stores per K step."""
     instrs, labels, pending = [], {}, []
     for line in sass.splitlines():
         m = _SASS_LABEL.match(line)
@@ -83,20 +85,25 @@ def loop_mix(sass: str):
                 labels[name] = len(instrs)
             pending = []
             instrs.append(m.group(1))
-    best = None
+    spans = []                                                            # (start, end) of each loop
     for end, ins in enumerate(instrs):
         m = _SASS_BRANCH.search(ins)
         if m and labels.get(m.group(1), end + 1) <= end:
-            body = instrs[labels[m.group(1)]:end + 1]
-            ffma = sum(1 for x in body if re.search(r"\bFFMA\b", x))
-            if ffma and (best is None or ffma > best[0]):
-                best = (ffma, body)
+            spans.append((labels[m.group(1)], end))
+    best = None
+    for start, end in spans:
+        ffma = sum(1 for x in instrs[start:end + 1] if re.search(r"\bFFMA\b", x))
+        if ffma and (best is None or (ffma, start - end) > (best[0], best[1] - best[2])):
+            best = (ffma, start, end)
     if best is None:
         return None
-    ffma, body = best
+    ffma, start, end = best
+    body = instrs[start:end + 1]
+    around = [e - s + 1 for s, e in spans if s <= start and end <= e and (s, e) != (start, end)]
     lds = [x for x in body if re.search(r"\bLDS\b|\bLDS\.", x)]
     return {"instructions": len(body), "ffma": ffma, "lds": len(lds),
-            "lds128": sum(1 for x in lds if "LDS.128" in x), "ffma_share": ffma / len(body)}
+            "lds128": sum(1 for x in lds if "LDS.128" in x), "ffma_share": ffma / len(body),
+            "outer": min(around) if around else None}
 
 
 def main(argv=None) -> int:
@@ -147,7 +154,7 @@ def main(argv=None) -> int:
             row["blocks_per_sm"] = blocks_per_sm(row["registers"], row["smem"], threads)
             row["warps_per_sm"] = row["blocks_per_sm"] * -(-threads // 32)
             rows.append(row)
-    loops = "  hottest loop: instrs ffma lds (128-bit) share" if args.loops else ""
+    loops = "  hottest loop: instrs ffma lds (128-bit) share  outer" if args.loops else ""
     print(f"{'kernel':44s} {'regs':>5s} {'spill st/ld':>12s} {'stack':>6s} {'smem':>6s} {'blocks':>7s} {'warps':>6s}"
           + loops)
     for r in rows:
@@ -156,7 +163,7 @@ def main(argv=None) -> int:
         lp = r.get("loop")
         if lp:
             line += (f"  {lp['instructions']:6d} {lp['ffma']:4d} {lp['lds']:3d} ({lp['lds128']:3d}) "
-                     f"{lp['ffma_share']:5.0%}")
+                     f"{lp['ffma_share']:5.0%}  {lp['outer'] if lp['outer'] is not None else '-':>5}")
         print(line)
     if args.json:
         with open(args.json, "w") as f:

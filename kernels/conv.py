@@ -59,8 +59,8 @@ nothing next to the main loop.
 What it is not: tuned to cuDNN's level (2.5x its time on the cifar preset; no tensor cores: FP32
 like the reference). The plain strided forward kernel is issue-bound (Nsight Compute on an H200):
 of about 100 instructions in its inner loop, 64 are FMAs, 20 four-byte shared-memory loads and 17
-loop and address bookkeeping. The blocked variants bring that to 85 (plain) and 73 (unrolled) per
-64 FMAs (:func:`_tiled_kernels_v3`); no GPU has timed them yet. Future versions go beside v1, v2
+loop and address bookkeeping. The blocked variants bring that to 83 (plain) and 73 (unrolled) per
+64 FMAs (:func:`_tiled_kernels_v3`, with the whole K step's counts); no GPU has timed them yet. Future versions go beside v1, v2
 and v3 (llm.c's dev/cuda style), each validated by the same tests.
 """
 from __future__ import annotations
@@ -438,19 +438,22 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, loop="pl
     Every combination gives bit-identical results; which is fastest depends on the shape and the
     GPU, and the launcher times the family's variants on first use of a problem
     (:func:`_launch_tuned`). In the sm_90 machine code of the 128 x 128 tiles (32 x 8 threads,
-    ``benchmarks/kernel_resources.py --loops``), one row of the forward kernel's FMA loop is:
+    ``benchmarks/kernel_resources.py --loops``): registers, the inner loop's instructions per row
+    of 64 FMAs (forward kernel), and the instructions of one whole K step (8 rows, 512 FMAs, with
+    the global prefetch, shared stores and barriers around them) for fwd / dx / dw:
 
-    ==================  =========  =====================  ==========  =========
-    variant             registers  shared loads           FMAs        FMA share
-    ==================  =========  =====================  ==========  =========
-    plain, strided      120        20 (4-byte)            64 of 100   64%
-    unrolled, strided   124        20 (4-byte)            64 of 87    73%
-    plain, blocked      123        5 (LDS.128)            64 of 85    75%
-    unrolled, blocked   168        5 (LDS.128)            64 of 73    88%
+    =================  ===========  =======================  ==================  =============
+    variant            registers    inner loop, one row      K step              FMA share
+    =================  ===========  =======================  ==================  =============
+    plain, strided     128/120/126  97 (20 four-byte loads)  1003 / 1128 / 1224  51 / 45 / 42%
+    plain, blocked     127/128/128  83 (5 LDS.128)           891 / 979 / 1109    57 / 52 / 46%
+    unrolled, blocked  168/168/130  72.5 (5 LDS.128)         807 / 897 / 1010    63 / 57 / 51%
+    =================  ===========  =======================  ==================  =============
 
-    (registers of the forward kernel; dx takes about as many; dw, with its decoded rows in int32,
-    128 for both plain loops and 144 for the unrolled blocked one)
-    ==================  =========  =====================  ==========  =========
+    The global gathers and the shared stores index with unsigned integers too (no wraparound code):
+    before that, the plain strided K step was 1093 / 1203 instructions (fwd / dx). The about 220
+    instructions per K step outside the FMA loop are what a deeper BK would amortise, at the cost of
+    twice the prefetch registers (over 128: one block per multiprocessor).
 
     The strided loads may also cost shared-memory bandwidth: a warp of 32 x 8 threads shares one ty,
     so its 16 A loads per row are broadcasts that each take a shared-memory cycle; at one such cycle
@@ -458,7 +461,7 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, loop="pl
     four schedulers; blocked, 8 (a count, not yet checked by Nsight Compute). The unrolled blocked
     loop's 168 registers leave one block of 256 threads per multiprocessor instead of two, so it
     relies on its own instruction-level parallelism to hide latency (capped at 128 registers by
-    launch bounds it spills 100 to 156 bytes).
+    launch bounds it spills 100 to 156 bytes; unrolled by two it takes as many registers).
     """
     TX = tx
     TY = ty
@@ -592,9 +595,9 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, loop="pl
         for s in range(S + 1):
             if s > 0:                        # the prefetched step s - 1 goes to shared memory
                 for l in range(NA):
-                    As[ak, am + A_ROWS_PER_PASS * l] = a_pre[l]
+                    As[uint64(ak), uint64(am + A_ROWS_PER_PASS * l)] = a_pre[l]
                 for l in range(NB):
-                    Bs[bk + B_ROWS_PER_PASS * l, bj] = b_pre[l]
+                    Bs[uint64(bk + B_ROWS_PER_PASS * l), uint64(bj)] = b_pre[l]
                 cuda.syncthreads()
             if s < S:                        # prefetch step s into registers
                 if c0 == 0:                  # a new kernel offset: the gathered pixel moves
@@ -607,13 +610,13 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, loop="pl
                     c = c0 + ak
                     v = float32(0.0)
                     if m < O and c < C:
-                        v = w3[m, rs, c]
+                        v = w3[uint64(m), uint64(rs), uint64(c)]
                     a_pre[l] = v
                 for l in range(NB):
                     c = c0 + bk + B_ROWS_PER_PASS * l
                     v = float32(0.0)
                     if inside and c < C:
-                        v = x1[pix + c * HW]
+                        v = x1[uint64(pix + c * HW)]
                     b_pre[l] = v
                 c0 += BK                     # advance to the next step (no division)
                 if c0 >= C:
@@ -705,9 +708,9 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, loop="pl
         for s in range(S + 1):
             if s > 0:
                 for l in range(NA):
-                    As[ak, am + A_ROWS_PER_PASS * l] = a_pre[l]
+                    As[uint64(ak), uint64(am + A_ROWS_PER_PASS * l)] = a_pre[l]
                 for l in range(NB):
-                    Bs[bk + B_ROWS_PER_PASS * l, bj] = b_pre[l]
+                    Bs[uint64(bk + B_ROWS_PER_PASS * l), uint64(bj)] = b_pre[l]
                 cuda.syncthreads()
             if s < S:
                 if o0 == 0:                  # a new kernel offset: the source pixel moves
@@ -723,13 +726,13 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, loop="pl
                     o = o0 + ak
                     v = float32(0.0)
                     if m < C and o < O:
-                        v = wt[rs, o, m]
+                        v = wt[uint64(rs), uint64(o), uint64(m)]
                     a_pre[l] = v
                 for l in range(NB):
                     o = o0 + bk + B_ROWS_PER_PASS * l
                     v = float32(0.0)
                     if inside and o < O:
-                        v = dy1[pix + o * PQ]
+                        v = dy1[uint64(pix + o * PQ)]
                     b_pre[l] = v
                 o0 += BK
                 if o0 >= O:
@@ -813,9 +816,9 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, loop="pl
         for s in range(S + 1):
             if s > 0:
                 for l in range(NA):
-                    As[ak, am + A_ROWS_PER_PASS * l] = a_pre[l]
+                    As[uint64(ak), uint64(am + A_ROWS_PER_PASS * l)] = a_pre[l]
                 for l in range(NB):
-                    Bs[bk + B_ROWS_PER_PASS * l, bj] = b_pre[l]
+                    Bs[uint64(bk + B_ROWS_PER_PASS * l), uint64(bj)] = b_pre[l]
                 cuda.syncthreads()
             if s < S:
                 k0 = k_begin + s * BK

@@ -278,7 +278,8 @@ def test_sampling_cpu_profile_and_ab():
 
 def test_kernel_resources_loop_mix_finds_the_hottest_loop():
     # benchmarks/kernel_resources.py --loops parses nvdisasm's listing (the toolchain is not in CI; this
-    # is its format): two loops, the second with more FFMAs; a forward branch is not a loop.
+    # is its format): two loops, the second with more FFMAs and inside a third (the outer loop, which
+    # has as many FFMAs: the inner one wins the tie); a forward branch is not a loop.
     from benchmarks.kernel_resources import loop_mix
     sass = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
@@ -286,6 +287,8 @@ def test_kernel_resources_loop_mix_finds_the_hottest_loop():
         /*0010*/                   FFMA R2, R3, R4, R2 ;
         /*0020*/              @P0 BRA `(.L_x_0) ;
         /*0030*/              @P1 BRA `(.L_x_2) ;
+.L_x_3:
+        /*0038*/                   LDG.E R8, [R2.64] ;
 .L_x_1:
         /*0040*/                   LDS.128 R4, [R8] ;
         /*0050*/                   LDS R9, [R8+0x210] ;
@@ -294,10 +297,11 @@ def test_kernel_resources_loop_mix_finds_the_hottest_loop():
         /*0080*/                   FFMA R12, R6, R9, R12 ;
         /*0090*/                   IADD3 R8, R8, 0x4, RZ ;
         /*00a0*/              @P2 BRA `(.L_x_1) ;
+        /*00a8*/              @P3 BRA `(.L_x_3) ;
 .L_x_2:
         /*00b0*/                   FFMA R13, R6, R9, R12 ;
         /*00c0*/                   EXIT ;
 """
     mix = loop_mix(sass)
-    assert mix == {"instructions": 7, "ffma": 3, "lds": 2, "lds128": 1, "ffma_share": 3 / 7}
+    assert mix == {"instructions": 7, "ffma": 3, "lds": 2, "lds128": 1, "ffma_share": 3 / 7, "outer": 9}
     assert loop_mix("        /*0000*/                   EXIT ;\n") is None
