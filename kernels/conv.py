@@ -60,8 +60,8 @@ What it is not: tuned to cuDNN's level (2.5x its time on the cifar preset; no te
 like the reference). The plain strided forward kernel is issue-bound (Nsight Compute on an H200):
 of about 100 instructions in its inner loop, 64 are FMAs, 20 four-byte shared-memory loads and 17
 loop and address bookkeeping. The blocked variants bring that to 83 (plain) and 73 (unrolled) per
-64 FMAs (:func:`_tiled_kernels_v3`, with the whole K step's counts); no GPU has timed them yet. Future versions go beside v1, v2
-and v3 (llm.c's dev/cuda style), each validated by the same tests.
+64 FMAs (:func:`_tiled_kernels_v3`, with the whole K step's counts); no GPU has timed them yet.
+Future versions go beside v1, v2 and v3 (llm.c's dev/cuda style), each validated by the same tests.
 """
 from __future__ import annotations
 
@@ -866,7 +866,8 @@ def _tiled_kernels_v3(version, BM, BN, BK, tx=16, ty=16, register=True, loop="pl
                     if cj < CRS:
                         part[z, o, cj] = acc[i, j]
 
-    label = loop + (f" {launch_bounds}" if launch_bounds else "") + (" blocked" if mapping == "blocked" else "")
+    label = loop + (f" {launch_bounds}" if launch_bounds else "")
+    label += " blocked" if mapping == "blocked" else ""
     return Tiles(version, BM, BN, BK, TX, TY, conv2d_fwd_kernel, conv2d_dx_kernel, conv2d_dw_kernel, v3=True,
                  label=label)
 
