@@ -139,11 +139,10 @@ def ema_decay(decay: float, k: int, warmup: bool = True) -> float:
     return min(float(decay), (1.0 + s) / (10.0 + s))
 
 
-def ema_update(ema: np.ndarray, params: np.ndarray, d: float, scratch: np.ndarray | None = None) -> None:
-    """In place: ``ema <- d * ema + (1 - d) * params`` (float32), chunk by chunk as AdamW's update.
-
-    ``scratch`` (optional, float32, at least one chunk or the whole buffer long) is used for the
-    products; without it a one-chunk buffer is allocated.
+def ema_update(ema: np.ndarray, params: np.ndarray, d: float) -> None:
+    """In place: ``ema <- d * ema + (1 - d) * params`` (float32), chunk by chunk as AdamW's update,
+    with one chunk-sized scratch buffer for the products (128 KB: allocating it per call costs
+    nothing measurable). Same signature as its GPU mirror, ``ddpm_ref.kernels.optim.ema_update``.
     """
     _check_flat("ema", ema)
     _check_flat("params", params)
@@ -151,10 +150,7 @@ def ema_update(ema: np.ndarray, params: np.ndarray, d: float, scratch: np.ndarra
         raise ValueError(f"ema shape {ema.shape} does not match params shape {params.shape}")
     if not 0.0 <= d <= 1.0:
         raise ValueError(f"EMA decay must be in [0, 1], got {d}")
-    n = min(ema.size, _UPDATE_CHUNK)
-    if scratch is None or scratch.dtype != np.float32 or scratch.size < n:
-        scratch = np.empty(n, np.float32)
-    buf = scratch.reshape(-1)[:n]
+    buf = np.empty(min(ema.size, _UPDATE_CHUNK), np.float32)
     e_all, p_all = ema.reshape(-1), params.reshape(-1)
     d32, c32 = np.float32(d), np.float32(1.0 - d)
     for lo in range(0, ema.size, _UPDATE_CHUNK):

@@ -104,14 +104,29 @@ def _row_launch(rows):
     return max(1, min(rows, 65535)), _THREADS
 
 
-def softmax(s, scale=1.0):
-    """Row softmax of ``scale * s`` over the last axis, in place on a C-contiguous device array."""
-    _b.check_array(s, "s")
+def _softmax_rows(s, scale):
+    """In place: the row softmax of ``scale * s`` over the last axis of a C-contiguous float32 device
+    array (one block per row); returns ``s``. What attention_forward runs, the scale folded in."""
     L = int(s.shape[-1])
     rows = int(s.size // max(L, 1))
-    blocks, threads = _row_launch(rows)
-    softmax_rows_kernel[blocks, threads](s.reshape(rows, L), np.float32(scale))
+    if rows:
+        blocks, threads = _row_launch(rows)
+        softmax_rows_kernel[blocks, threads](s.reshape(rows, L), np.float32(scale))
     return s
+
+
+def softmax(s, axis=-1):
+    """Numerically stable softmax of a float32 device array along ``axis``: a new array, ``s`` is not
+    modified (the reference's signature and semantics, ``ddpm_ref.ops.attention.softmax``)."""
+    _b.check_array(s, "s", contiguous=False)
+    if s.ndim == 0:
+        raise ValueError("softmax needs an array with at least one axis, got a 0-d array")
+    ax = int(axis)
+    if not -s.ndim <= ax < s.ndim:
+        raise ValueError(f"softmax: axis {axis} is out of range for an array of shape {tuple(s.shape)}")
+    xp = _b.xp()
+    p = xp.array(xp.moveaxis(s, ax, -1), order="C", copy=True)        # the copy the result is written in
+    return xp.ascontiguousarray(xp.moveaxis(_softmax_rows(p, 1.0), -1, ax))
 
 
 def attention_forward(q, k, v):
@@ -129,7 +144,7 @@ def attention_forward(q, k, v):
     xp = _b.xp()
     scale = np.float32(1.0 / np.sqrt(d))
     s = xp.ascontiguousarray(xp.matmul(q, k.transpose(0, 2, 1)))     # (B, Lq, Lk)  cuBLAS
-    p = softmax(s, scale)                                             # our kernel, scale folded in
+    p = _softmax_rows(s, scale)                                       # our kernel, scale folded in
     out = xp.matmul(p, v)                                             # (B, Lq, dv)  cuBLAS
     return out, {"q": q, "k": k, "v": v, "p": p, "scale": scale}
 

@@ -154,10 +154,7 @@ def test_ema_formula():
     ref = 0.9 * ema.astype(np.float64) + 0.1 * p.astype(np.float64)
     e1 = ema.copy()
     optim.ema_update(e1, p, 0.9)
-    e2 = ema.copy()
-    optim.ema_update(e2, p, 0.9, scratch=np.empty_like(p))
     np.testing.assert_allclose(e1, ref, rtol=0, atol=1e-6)  # two float32 roundings of O(1) values
-    np.testing.assert_array_equal(e1, e2)  # the scratch path is the same arithmetic
     # a sequence converges to a constant target geometrically
     e = np.zeros(3, np.float32)
     target = np.ones(3, np.float32)
@@ -251,10 +248,6 @@ def test_chunked_update_is_the_whole_buffer_arithmetic(monkeypatch, chunk):
     ema = theta0.copy()
     optim.ema_update(ema, a, 0.75)
     np.testing.assert_array_equal(ema, theta0 * np.float32(0.75) + a * np.float32(0.25))
-    short = np.empty(max(1, chunk // 2), np.float32)     # too short a scratch: a chunk is allocated
-    ema2 = theta0.copy()
-    optim.ema_update(ema2, a, 0.75, scratch=short)
-    np.testing.assert_array_equal(ema2, ema)
 
 
 def test_global_norm_chunks_match_one_float64_sum(monkeypatch):
