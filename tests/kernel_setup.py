@@ -7,6 +7,8 @@
 * ``SIM``: running in the simulator; ``FULL``: a real GPU asked to run the full-size shapes
   (``DDPM_KERNELS_FULL=1``).
 * ``fast_simulator_barriers``: an autouse fixture for the importing module (import it by name).
+* ``small_conv_tiles``: a fixture (import it by name, then use it) that runs every convolution on
+  small version-3 tiles in the simulator, for tests of whole models and training steps.
 * ``_make_simulator_shared_arrays_atomic``: the simulator's ``cuda.shared.array`` looks up and
   stores a block's array in a dict without a lock, so two threads of a block that reach the line
   together can each allocate their own (uninitialised) array and never see each other's writes.
@@ -79,3 +81,15 @@ def fast_simulator_barriers():
         sys.setswitchinterval(1e-4)
     yield
     sys.setswitchinterval(old)
+
+
+@pytest.fixture()
+def small_conv_tiles(monkeypatch):
+    """In the simulator, every convolution on small version-3 tiles (16 x 16 on 4 x 4 threads,
+    ``kernels.conv.FORCED_TILES``), restored afterwards: a model's dozens of launches then cost
+    seconds, where the production tiles' 256 simulated threads per block cost minutes. The
+    production tiles have tests of their own (tests/test_kernels_conv.py). On a GPU: no change."""
+    if SIM:
+        from ddpm_ref.kernels import conv
+        monkeypatch.setattr(conv, "FORCED_TILES",
+                            conv._tiled_kernels_v3("small3", 16, 16, 4, tx=4, ty=4, register=False))

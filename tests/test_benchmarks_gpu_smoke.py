@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from kernel_setup import SIM, fast_simulator_barriers  # noqa: E402,F401  (GPU or simulator)
+from kernel_setup import SIM, fast_simulator_barriers, small_conv_tiles  # noqa: E402,F401  (GPU or simulator)
 from ddpm_ref.kernels import conv as kconv  # noqa: E402
 from ddpm_ref.models import unet  # noqa: E402
 
@@ -20,11 +20,8 @@ MINI = dict(in_channels=1, image_size=4, ch=4, ch_mult=(1, 2), num_res_blocks=1,
 
 
 @pytest.fixture()
-def mini_preset(monkeypatch):
+def mini_preset(monkeypatch, small_conv_tiles):
     monkeypatch.setitem(unet.UNET_PRESETS, "mini", MINI)
-    if SIM:
-        monkeypatch.setattr(kconv, "FORCED_TILES",
-                            kconv._tiled_kernels_v3("smoke3", 16, 16, 4, tx=4, ty=4, register=False))
     return "mini"
 
 

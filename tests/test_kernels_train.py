@@ -22,7 +22,7 @@ Tolerance table:
 import numpy as np
 import pytest
 
-from kernel_setup import SIM, kb, fast_simulator_barriers  # noqa: E402,F401  (GPU or simulator; skips without numba-cuda)
+from kernel_setup import kb, fast_simulator_barriers, small_conv_tiles  # noqa: E402,F401  (GPU or simulator; skips without numba-cuda)
 from ddpm_ref import diffusion, optim as ref_optim, rng  # noqa: E402
 
 from ddpm_ref.kernels import conv as kconv, noise as knoise, norm as knorm, optim as koptim  # noqa: E402
@@ -36,16 +36,7 @@ SIZES = [int(np.prod(s)) for _, s in SHAPES]
 OFFSETS = np.concatenate([[0], np.cumsum(SIZES)])
 
 
-@pytest.fixture(autouse=True)
-def small_conv_tiles():
-    """Small version-3 tiles (16 x 16 on 4 x 4 threads) for the convolutions in the simulator, as in
-    tests/test_kernels_unet.py: the production tiles' 256 simulated threads per block cost minutes
-    here and have tests of their own (tests/test_kernels_conv.py)."""
-    old = kconv.FORCED_TILES
-    if SIM:
-        kconv.FORCED_TILES = kconv._tiled_kernels_v3("train3", 16, 16, 4, tx=4, ty=4, register=False)
-    yield
-    kconv.FORCED_TILES = old
+pytestmark = pytest.mark.usefixtures("small_conv_tiles")
 
 
 def _views(flat):

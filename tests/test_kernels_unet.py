@@ -23,7 +23,7 @@ Tolerance table (the reference runs the same graph in float32 with NumPy's BLAS)
 import numpy as np
 import pytest
 
-from kernel_setup import SIM, kb, fast_simulator_barriers  # noqa: E402,F401  (GPU or simulator)
+from kernel_setup import SIM, kb, fast_simulator_barriers, small_conv_tiles  # noqa: E402,F401  (GPU or simulator)
 from ddpm_ref import samplers  # noqa: E402
 from ddpm_ref.backend import get_backend  # noqa: E402
 from ddpm_ref.data import Dataset  # noqa: E402
@@ -36,14 +36,7 @@ MINI = dict(in_channels=1, image_size=4, ch=4, ch_mult=(1, 2), num_res_blocks=1,
             groups=2, dropout=0.1, num_timesteps=50)
 
 
-@pytest.fixture(autouse=True)
-def small_conv_tiles():
-    """Small version-3 tiles for every convolution in the simulator (restored afterwards)."""
-    old = kconv.FORCED_TILES
-    if SIM:
-        kconv.FORCED_TILES = kconv._tiled_kernels_v3("mini3", 16, 16, 4, tx=4, ty=4, register=False)
-    yield
-    kconv.FORCED_TILES = old
+pytestmark = pytest.mark.usefixtures("small_conv_tiles")
 
 
 def _params(net, seed):
