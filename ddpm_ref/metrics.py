@@ -67,6 +67,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import rng
+from .schedule import _check_float as _check_real
 
 __all__ = [
     "PrecisionRecall", "NearCopies", "pairwise_sq_distances", "knn_radii", "nearest_distances",
@@ -146,6 +147,8 @@ def knn_radii(x, k: int = 3, max_elements: int = DEFAULT_MAX_ELEMENTS) -> np.nda
     """(N,) distance from each row of x to its k-th nearest *other* row (the k-NN ball radius)."""
     x = _flat(x, "x")
     n = x.shape[0]
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
+        raise ValueError(f"k must be an integer in [1, N-1] = [1, {n - 1}], got {k!r}")
     k = int(k)
     if not 1 <= k < n:
         raise ValueError(f"k must be in [1, N-1] = [1, {n - 1}], got {k}")
@@ -334,8 +337,7 @@ def near_copy_share(samples, train, ratio: float = NEAR_COPY_RATIO,
     s, t = _flat(samples, "samples"), _flat(train, "train")
     if s.shape[1] != t.shape[1]:
         raise ValueError(f"samples and train differ in dimension: {s.shape[1]} vs {t.shape[1]}")
-    if not ratio > 0:
-        raise ValueError(f"ratio must be > 0, got {ratio!r}")
+    ratio = _check_real(ratio, "ratio", low=0.0)
     train_nn = knn_radii(t, 1, max_elements)                              # (M,)
     median = float(np.median(train_nn))
     threshold = ratio * median
@@ -405,8 +407,8 @@ def histogram_bpd(train_u8, test_u8, levels=None, alpha: float = 1.0) -> float:
     ``P_d(k) = (count_d(k) + alpha) / (N + L alpha)`` over the L levels, fitted on train, averaged
     ``-log2 P_d(k)`` over test images and pixels.
     """
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0 (a zero count would give infinite bits), got {alpha!r}")
+    alpha = _check_real(alpha, "alpha (add-alpha smoothing; 0 would give a zero count infinite bits)",
+                        low=0.0)
     k_tr, n_levels = levels_index(train_u8, levels, "train_u8")
     k_te, _ = levels_index(test_u8, levels, "test_u8")
     n, d = k_tr.shape

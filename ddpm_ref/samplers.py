@@ -51,7 +51,6 @@ may round differently with the batch's shape, as BLAS picks its kernels by matri
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import numpy as np
@@ -59,6 +58,7 @@ import numpy as np
 from . import diffusion, rng
 from .rng import Stream
 from .schedule import Schedule
+from .schedule import _check_float as _check_real
 
 __all__ = [
     "SPACINGS", "SAMPLERS", "DYNAMIC_PERCENTILE", "timesteps", "previous_timesteps", "step_coefficients",
@@ -233,9 +233,7 @@ def dynamic_threshold(x0, p: float = DYNAMIC_PERCENTILE) -> np.ndarray:
     whose values stay within [-1, 1] are unchanged; saturated ones are pulled back inside.
     """
     x0 = _as_batch(x0, "x0")
-    p = float(p)
-    if not 0.0 < p <= 1.0:
-        raise ValueError(f"the dynamic-thresholding percentile p must lie in (0, 1], got {p}")
+    p = _check_real(p, "the dynamic-thresholding percentile p", 0.0, 1.0, high_open=False)
     flat = np.abs(x0.reshape(x0.shape[0], -1))
     if flat.shape[1] == 0:
         return x0.copy()
@@ -354,12 +352,7 @@ def ddim_step(schedule: Schedule, model_output, xt, t, t_prev, eta, noise, predi
     _check_choice(prediction, "prediction", diffusion.PREDICTIONS)
     clip = _check_clip(clip)
     eps_from_clipped = _check_bool(eps_from_clipped, "eps_from_clipped")
-    try:
-        eta = float(eta)
-    except (TypeError, ValueError):
-        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}") from None
-    if not (math.isfinite(eta) and 0.0 <= eta <= 1.0):
-        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+    eta = _check_real(eta, "eta", 0.0, 1.0, low_open=False, high_open=False)
     xt = _as_batch(xt, "xt")
     n = xt.shape[0]
     t, t_prev = _check_step_times(schedule, t, t_prev, n)
@@ -384,7 +377,7 @@ def guided_output(cond, uncond, guidance: float, variance: str = "fixed_small") 
     prediction with coefficients that do not depend on it, so guiding any of them gives the same
     x0_hat and eps_hat); with ``"learned_range"`` the variance channels are the conditional pass's.
     """
-    w = float(guidance)
+    w = _check_real(guidance, "guidance")
     p_c, v_c = diffusion.split_output(cond, variance)
     p_u, _ = diffusion.split_output(uncond, variance)
     if p_c.shape != p_u.shape:
@@ -470,15 +463,8 @@ def sample(denoiser: Callable, schedule: Schedule, shape, n: int, seed: int, sam
     ts = timesteps(schedule.T, num_steps, spacing, offset)
     ts_prev = previous_timesteps(ts)
     if sampler == "ddim":
-        eta = float(eta)
-        if not (math.isfinite(eta) and 0.0 <= eta <= 1.0):
-            raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
-    try:
-        w = float(guidance)
-    except (TypeError, ValueError):
-        raise ValueError(f"guidance must be a number, got {guidance!r}") from None
-    if not math.isfinite(w):
-        raise ValueError(f"guidance must be finite, got {guidance!r}")
+        eta = _check_real(eta, "eta", 0.0, 1.0, low_open=False, high_open=False)
+    w = _check_real(guidance, "guidance")
     if y is not None:
         y = np.asarray(y)
         if y.dtype == np.bool_ or y.dtype.kind not in "iu" or y.shape != (n,):

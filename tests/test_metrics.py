@@ -41,6 +41,9 @@ def test_pairwise_distances_and_radii_match_brute_force_under_any_chunking():
     assert np.all(M.pairwise_sq_distances(a, a)[np.arange(23), np.arange(23)] == 0.0)   # exact zeros
     with pytest.raises(ValueError, match="k must be"):
         M.knn_radii(a[:3], 3)
+    for bad in (2.5, True, None):                         # not silently truncated to an integer
+        with pytest.raises(ValueError, match="k must be an integer"):
+            M.knn_radii(a, bad)
 
 
 def test_precision_recall_known_configurations():
@@ -181,6 +184,9 @@ def test_near_copy_share():
     assert M.near_copy_share(noisy, tr.x).share == 1.0
     mixed = np.concatenate([tr.x[:10], te.x[:30]])
     assert M.near_copy_share(mixed, tr.x).share == pytest.approx(10 / 40)
+    for bad in (0.0, -1.0, None, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="ratio must be"):
+            M.near_copy_share(te.x[:5], tr.x[:20], ratio=bad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +205,9 @@ def test_histogram_bpd_hand_computed():
         M.histogram_bpd(train, np.array([[0, 7]], np.uint8), levels=[0, 255])
     with pytest.raises(ValueError, match="8-bit integers"):
         M.histogram_bpd(train.astype(np.float32), test)
+    for bad in (0.0, float("inf"), float("nan"), None):   # inf used to give nan bits, silently
+        with pytest.raises(ValueError, match="alpha"):
+            M.histogram_bpd(train, test, alpha=bad)
 
 
 def test_gaussian_bpd_matches_torch_log_density():

@@ -604,6 +604,14 @@ def test_bad_step_input():
         ddpm_step("linear", eps, xt, 5, 3, z)
     with pytest.raises(ValueError, match="percentile"):
         samplers.dynamic_threshold(xt, p=0.0)
+    # Non-numbers get the same named errors as out-of-range numbers, not float()'s bare ones.
+    with pytest.raises(ValueError, match="eta must be a real number, got None"):
+        ddim_step(SCHEDULE, eps, xt, 5, 3, None, z)
+    with pytest.raises(ValueError, match="percentile p must be a real number, got None"):
+        samplers.dynamic_threshold(xt, p=None)
+    for bad in (None, "x", float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="guidance"):
+            samplers.guided_output(eps, eps, bad)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -621,6 +629,9 @@ def test_bad_step_input():
     (dict(guidance=1.0), "needs class labels"),
     (dict(guidance=float("inf"), y=np.zeros(3, np.int64)), "guidance"),
     (dict(sampler="ddim", eta=-0.1), "eta"),
+    (dict(sampler="ddim", eta=None), "eta must be a real number, got None"),
+    (dict(sampler="ddim", eta="x"), "eta must be a real number, got 'x'"),
+    (dict(guidance=None), "guidance must be a real number, got None"),
     (dict(clip="soft"), "clip"),
     (dict(progress=5), "progress"),
     (dict(offset=1, spacing="trailing"), "offset"),
