@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field
 
@@ -82,18 +83,52 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _current_umask() -> int:
+    """The process umask. POSIX has no call that only reads it: ``os.umask(x)`` sets it and returns
+    the old value, so the portable way is to set it and put it back at once. That pair briefly
+    changes the umask of the whole process (a file another thread creates in between would get mode
+    0666/0777), so on Linux it is read from /proc/self/status instead, which changes nothing.
+    Read per call, not once at import, so that a umask the program sets later is honoured."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _target_mode(path: str) -> int:
+    """The permission bits the file at ``path`` should end with: those of the file it replaces, or
+    for a new file those of a plain ``open(path, "w")`` (0o666 less the umask)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode) & 0o777
+    except OSError:
+        return 0o666 & ~_current_umask()
+
+
 def atomic_write(path, write) -> None:
     """Atomically create or replace ``path``; ``write(fileobj)`` writes the content (binary).
 
     Temp file ``.<name>.<random>.tmp`` in the same directory -> flush -> fsync -> os.replace ->
     fsync(directory). On any exception the temp file is removed and the old ``path`` is untouched.
+    The result has the permission bits of the file it replaces, or those of a plain ``open()`` for a
+    new file (``mkstemp`` alone would make every file owner-only, 0600).
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     base = os.path.basename(path)
+    mode = _target_mode(path)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{base}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), mode)
+            else:  # Windows: only the read-only bit exists
+                os.chmod(tmp, mode)
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -227,32 +262,62 @@ def load_checkpoint(path) -> Checkpoint:
             raise bad(f"entry {name!r} is {a.dtype} {a.shape}, expected flat float32")
         return a
 
+    def short(v):      # the value as JSON, cut short: a crafted value may be huge
+        r = json.dumps(v)
+        return r if len(r) <= 60 else r[:57] + "..."
+
+    def kind(v):       # the JSON name of a loaded value's type
+        return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
+                dict: "an object", type(None): "null"}.get(type(v), type(v).__name__)
+
+    def is_count(v):   # a JSON integer >= 0 (JSON true/false load as bool, a subclass of int)
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    step = meta.get("step")
+    if not is_count(step):
+        raise bad(f"step {short(step)} is not a non-negative integer")
+    opt_step = meta.get("optimizer_step")
+    if opt_step is not None and not is_count(opt_step):
+        raise bad(f"optimizer_step {short(opt_step)} is not a non-negative integer or null")
+    has_ema = meta.get("has_ema", False)
+    if not isinstance(has_ema, bool):
+        raise bad(f"has_ema {short(has_ema)} is not true or false")
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        raise bad("config is missing or not a JSON object")
+    metrics = meta.get("metrics")
+    if metrics is None:
+        metrics = {}
+    if not isinstance(metrics, dict):
+        raise bad(f"metrics is {kind(metrics)}, expected a JSON object")
+    sampler_scalars = meta.get("sampler_scalars")
+    if sampler_scalars is not None and not isinstance(sampler_scalars, dict):
+        raise bad(f"sampler_scalars is {kind(sampler_scalars)}, expected a JSON object or null")
+    sampler_arrays = meta.get("sampler_arrays")
+    if sampler_arrays is None:
+        sampler_arrays = []
+    if not isinstance(sampler_arrays, list) or not all(isinstance(k, str) for k in sampler_arrays):
+        raise bad(f"sampler_arrays {short(sampler_arrays)} is not an array of names (strings)")
+
     params = get("params")
-    ema = get("ema", required=bool(meta.get("has_ema")))
+    ema = get("ema", required=has_ema)
     optimizer = None
-    if meta.get("optimizer_step") is not None:
+    if opt_step is not None:
         m, v = get("optim.m"), get("optim.v")
-        optimizer = {"m": m, "v": v, "step": meta["optimizer_step"]}
+        optimizer = {"m": m, "v": v, "step": opt_step}
     for name, a in (("ema", ema), ("optim.m", optimizer and optimizer["m"]),
                     ("optim.v", optimizer and optimizer["v"])):
         if a is not None and a.shape != params.shape:
             raise bad(f"entry {name!r} has shape {a.shape}, params has {params.shape}")
-    step = meta.get("step")
-    if not isinstance(step, int) or step < 0:
-        raise bad(f"step {step!r} is not a non-negative integer")
-    config = meta.get("config")
-    if not isinstance(config, dict):
-        raise bad("config is missing or not a JSON object")
     sampler = None
-    if meta.get("sampler_scalars") is not None:
-        sampler = dict(meta["sampler_scalars"])
-        for k in meta.get("sampler_arrays") or []:
+    if sampler_scalars is not None:
+        sampler = dict(sampler_scalars)
+        for k in sampler_arrays:
             if "sampler." + k not in data:
                 raise bad(f"missing sampler entry {k!r}")
             sampler[k] = data["sampler." + k]
     if not np.all(np.isfinite(params)):
         raise bad("params contain NaN or inf")
-    metrics = meta.get("metrics") or {}
     return Checkpoint(params=params, config=config, step=step, ema=ema, optimizer=optimizer,
                       sampler=sampler, metrics=metrics)
 

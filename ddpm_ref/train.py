@@ -396,8 +396,9 @@ class Trainer:
     def from_checkpoint(cls, ckpt, dataset, steps: Optional[int] = None, device: str = "cpu") -> "Trainer":
         """Continue the run saved in ``ckpt`` (a path or :class:`Checkpoint`) on ``dataset``.
 
-        ``steps`` may raise the total number of steps (nothing else may change on resume). ``device``
-        may differ from the one the run was saved on: checkpoints hold host arrays.
+        ``steps`` may raise the total number of steps (nothing else may change on resume); a total below
+        the checkpoint's step is a ValueError (equal: nothing is left to train). ``device`` may differ
+        from the one the run was saved on: checkpoints hold host arrays.
         """
         path = ckpt if not isinstance(ckpt, Checkpoint) else None
         if path is not None:
@@ -410,8 +411,15 @@ class Trainer:
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{where}: its configuration is unusable ({e})") from None
         if steps is not None:
-            cfg.steps = int(steps)
+            cfg.steps = _check_steps(steps)
+            if cfg.steps < ckpt.step:
+                raise ValueError(f"steps={cfg.steps} is below the checkpoint's step {ckpt.step}: a resumed run "
+                                 "can only continue to a later step (or stop where it is, steps="
+                                 f"{ckpt.step})")
             cfg.validate()
+        elif cfg.steps < ckpt.step:
+            raise CheckpointError(f"{where}: at step {ckpt.step}, past its configured total of {cfg.steps} "
+                                  "steps (pass a total of at least that many steps)")
         tr = cls(cfg, dataset, model=model, schedule=schedule, device=device)
         if ckpt.params.shape != tr.params.shape:
             raise CheckpointError(f"{where}: params have {ckpt.params.size} entries, the model needs "
@@ -622,6 +630,13 @@ def _truncate_metrics(run_dir: str, step: int) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
+def _check_steps(steps) -> int:
+    """A total number of steps given on top of a configuration: a positive integer, not truncated."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    return int(steps)
+
+
 def train(cfg, run_dir, resume: bool = False, force: bool = False, progress: bool = True,
           stop_at: Optional[int] = None, time_limit: Optional[float] = None, dataset=None,
           steps: Optional[int] = None, callback=None, device: str = "cpu") -> Trainer:
@@ -655,26 +670,27 @@ def train(cfg, run_dir, resume: bool = False, force: bool = False, progress: boo
             n_saved = ckpt.config.get("data", {}).get("n_train")
             toy_n = int(n_saved) if saved.data in TOYS and isinstance(n_saved, int) else None
             dataset = load_dataset(saved.data, split="train", seed=saved.data_seed, n=toy_n)
-        tr = Trainer.from_checkpoint(ckpt, dataset, steps=steps if steps is not None else saved.steps,
-                                     device=device)
+        tr = Trainer.from_checkpoint(ckpt, dataset, steps=steps, device=device)
         _truncate_metrics(run_dir, tr.step)
     else:
         if cfg is None:
             raise ValueError("a training configuration is needed unless resuming")
         if steps is not None:
-            cfg.steps = int(steps)
+            cfg.steps = _check_steps(steps)
             cfg.validate()
         if nonempty and not force:
             raise RunDirError(f"{run_dir} is not empty; pass --resume to continue it or --force to start over")
+        # everything that can fail (config, data, model/data pairing, device) comes before the run
+        # directory is touched: a --force run that cannot start leaves the old run as it was
+        if dataset is None:
+            dataset = load_dataset(cfg.data, split="train", seed=cfg.data_seed)
+        tr = Trainer(cfg, dataset, device=device)
         os.makedirs(run_dir, exist_ok=True)
         if force:
             for name in (CHECKPOINT_NAME, METRICS_NAME):
                 p = os.path.join(run_dir, name)
                 if os.path.exists(p):
                     os.unlink(p)
-        if dataset is None:
-            dataset = load_dataset(cfg.data, split="train", seed=cfg.data_seed)
-        tr = Trainer(cfg, dataset, device=device)
     text = json.dumps(tr.config_dict(), indent=1)
     atomic_write(os.path.join(run_dir, CONFIG_NAME), lambda f: f.write(text.encode("utf-8")))
     tr.fit(run_dir, stop_at=stop_at, time_limit=time_limit, progress=progress, callback=callback)

@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -160,6 +161,71 @@ def test_atomic_write_failure_keeps_old(tmp_path):
         atomic_write(path, boom)
     assert path.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def _mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_written_files_get_the_modes_of_a_plain_open(tmp_path):
+    old = os.umask(0o022)
+    try:
+        for umask in (0o022, 0o077, 0o002):
+            os.umask(umask)
+            d = tmp_path / oct(umask)
+            d.mkdir()
+            open(d / "plain.bin", "wb").close()            # what a plain open() gives under this umask
+            assert _mode(d / "plain.bin") == 0o666 & ~umask
+            atomic_write(d / "new.bin", lambda f: f.write(b"x"))
+            save_checkpoint(d / "new.npz", _ckpt(p=10))
+            assert _mode(d / "new.bin") == _mode(d / "new.npz") == 0o666 & ~umask
+            # replacing a file keeps its permission bits, whatever the umask says
+            for name, write in (("old.bin", lambda p: atomic_write(p, lambda f: f.write(b"new"))),
+                                ("old.npz", lambda p: save_checkpoint(p, _ckpt(p=10)))):
+                (d / name).write_bytes(b"old")
+                os.chmod(d / name, 0o640)
+                write(d / name)
+                assert _mode(d / name) == 0o640 and (d / name).read_bytes() != b"old"
+            assert not [n for n in os.listdir(d) if n.endswith(".tmp")]
+    finally:
+        os.umask(old)
+
+
+def _crafted(path, **over):
+    """A well-formed npz whose metadata has the given fields replaced (as a hand-made file would)."""
+    meta = {"format": "ddpm-ref-checkpoint", "version": FORMAT_VERSION, "step": 0, "config": {}, "metrics": {},
+            "optimizer_step": None, "has_ema": False, "sampler_scalars": None, "sampler_arrays": []}
+    meta.update(over)
+    arrays = {"params": np.zeros(4, np.float32), "meta": np.frombuffer(json.dumps(meta).encode(), np.uint8)}
+    if over.get("optimizer_step") is not None:
+        arrays["optim.m"] = arrays["optim.v"] = np.zeros(4, np.float32)
+    np.savez(path, **arrays)
+    return path
+
+
+def test_crafted_metadata_gives_checkpoint_errors(tmp_path):
+    c = load_checkpoint(_crafted(tmp_path / "ok.npz", optimizer_step=3, sampler_scalars={"T": 8}))
+    assert c.step == 0 and c.optimizer["step"] == 3 and c.sampler == {"T": 8} and c.metrics == {}
+    cases = {
+        "step_true": (dict(step=True), "step true is not a non-negative integer"),
+        "step_negative": (dict(step=-1), "step -1 is not a non-negative integer"),
+        "optimizer_step_list": (dict(optimizer_step=[1]), r"optimizer_step \[1\] is not a non-negative integer"),
+        "optimizer_step_float": (dict(optimizer_step=2.5), "optimizer_step 2.5 is not a non-negative integer"),
+        "metrics_list": (dict(metrics=[1, 2]), "metrics is an array, expected a JSON object"),
+        "sampler_scalars_int": (dict(sampler_scalars=5), "sampler_scalars is a number, expected a JSON object"),
+        "sampler_arrays_int": (dict(sampler_scalars={}, sampler_arrays=5),
+                               "sampler_arrays 5 is not an array of names"),
+        "sampler_arrays_nonstr": (dict(sampler_scalars={}, sampler_arrays=[1]),
+                                  r"sampler_arrays \[1\] is not an array of names"),
+        "has_ema_str": (dict(has_ema="yes"), 'has_ema "yes" is not true or false'),
+    }
+    for name, (over, match) in cases.items():
+        msg = _expect(_crafted(tmp_path / f"{name}.npz", **over), match)
+        assert "not a usable ddpm-ref checkpoint" in msg
+    # a huge crafted value is cut short: the message stays one short line
+    msg = _expect(_crafted(tmp_path / "long.npz", step=list(range(10000))), "step \\[0, 1, 2")
+    assert len(msg) < len(str(tmp_path)) + 200
 
 
 def test_zip_crc_is_what_catches_bitrot(tmp_path):

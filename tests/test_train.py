@@ -234,6 +234,61 @@ def test_run_dir_rules(tmp_path):
     assert cfgj["train"]["steps"] == 3 and cfgj["model"]["kind"] == "mlp" and len(cfgj["schedule"]["betas"]) == 10
 
 
+def _run_files(run_dir):
+    return {n: (run_dir / n).read_bytes() for n in (CHECKPOINT_NAME, METRICS_NAME, "config.json")}
+
+
+def test_force_that_cannot_start_keeps_the_old_run(tmp_path):
+    cfg = TrainConfig(data="moons", model="mlp", preset="tiny", T=10, steps=2, batch=8, log_every=1)
+    train(cfg, tmp_path, progress=False, dataset=_moons(20))
+    before = _run_files(tmp_path)
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME).step == 2 and before[METRICS_NAME].count(b"\n") == 2
+    # a typo in the data set's name: load_dataset fails
+    typo = TrainConfig(data="moons_typo", model="mlp", preset="tiny", T=10, steps=4, batch=8)
+    with pytest.raises(ValueError, match="moons_typo.*not a built-in data set"):
+        train(typo, tmp_path, force=True, progress=False)
+    assert _run_files(tmp_path) == before
+    # a model that cannot take the data: building the Trainer fails
+    mismatch = TrainConfig(data="digits", model="mlp", preset="tiny", T=10, steps=4, batch=8)
+    with pytest.raises(ValueError, match="MLP needs vectors"):
+        train(mismatch, tmp_path, force=True, progress=False, dataset=_digits(20))
+    assert _run_files(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)   # no stray files either
+    # a fresh run that cannot start does not create its directory
+    with pytest.raises(ValueError, match="MLP needs vectors"):
+        train(mismatch, tmp_path / "new", progress=False, dataset=_digits(20))
+    assert not (tmp_path / "new").exists()
+    # and a --force run that can start does replace the old one
+    train(TrainConfig(data="moons", model="mlp", preset="tiny", T=10, steps=3, batch=8), tmp_path, force=True,
+          progress=False, dataset=_moons(20))
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME).step == 3
+    assert [r["step"] for r in read_metrics(tmp_path / METRICS_NAME)] == [3]   # log_every 10: the last step
+
+
+def test_resume_cannot_lower_the_total(tmp_path):
+    ds = _moons(20)
+    cfg = TrainConfig(model="mlp", preset="tiny", T=10, steps=4, batch=8, log_every=1)
+    train(cfg, tmp_path, progress=False, dataset=ds)
+    before = _run_files(tmp_path)
+    with pytest.raises(ValueError, match=r"steps=2 is below the checkpoint's step 4: a resumed run can only "
+                                         r"continue to a later step"):
+        train(None, tmp_path, resume=True, steps=2, progress=False, dataset=ds)
+    assert _run_files(tmp_path) == before                  # config.json still says steps 4
+    assert json.loads(before["config.json"])["train"]["steps"] == 4
+    with pytest.raises(ValueError, match="steps=3 is below the checkpoint's step 4"):
+        Trainer.from_checkpoint(str(tmp_path / CHECKPOINT_NAME), ds, steps=3)
+    for bad in (2.5, True, 0, "6"):                        # not truncated or coerced
+        with pytest.raises(ValueError, match=r"steps must be a positive integer, got " + repr(bad).replace(".", r"\.")):
+            train(None, tmp_path, resume=True, steps=bad, progress=False, dataset=ds)
+    assert _run_files(tmp_path) == before
+    # the same total: nothing left to train, the checkpoint stays as it was
+    tr = train(None, tmp_path, resume=True, steps=4, progress=False, dataset=ds)
+    assert tr.step == 4
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before[CHECKPOINT_NAME]
+    assert [r["step"] for r in read_metrics(tmp_path / METRICS_NAME)] == [1, 2, 3, 4]
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 4
+
+
 def test_plain_progress_line_without_tqdm(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tqdm", None)      # import tqdm -> ImportError
     cfg = TrainConfig(model="mlp", preset="tiny", T=10, steps=3, batch=8, log_every=1)
