@@ -17,6 +17,13 @@ Conventions: ``--help`` everywhere; usage errors print one line and exit with co
 files (a corrupt checkpoint, unreadable data) and refused actions (a non-empty ``--out`` without
 ``--resume`` or ``--force``) print one line and exit with code 1; a run stopped by a non-finite
 loss exits with code 1 naming the step. Set ``DDPM_DEBUG=1`` for full tracebacks.
+
+What a user made is kept: ``--resume`` refuses the training options it would ignore (the
+checkpoint's configuration rules) instead of dropping them; an output file (``--out`` of
+``forward``, ``--json``) is refused before any work when it is a folder, lies in a missing folder or
+would replace a checkpoint or a run's config/metrics; ``sample``'s default file names carry every
+option that changes the samples, so runs with different options never overwrite each other. Data
+files are recorded by absolute path, so a run resumes and evaluates from any working directory.
 """
 from __future__ import annotations
 
@@ -65,6 +72,20 @@ def _float(s):
         raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
     if not np.isfinite(v):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return v
+
+
+def _nonneg_float(s):
+    v = _float(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {s!r}")
+    return v
+
+
+def _positive_float(s):
+    v = _float(s)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
     return v
 
 
@@ -133,7 +154,7 @@ def _add_train_args(p, demo=False):
     g.add_argument("--lr-schedule", choices=("constant", "cosine", "linear"), default=d.lr_schedule,
                    help="after the warmup: constant, or a cosine or linear decay to 0 at --steps "
                         f"(default {d.lr_schedule})")
-    g.add_argument("--grad-clip", type=_float, default=d.grad_clip,
+    g.add_argument("--grad-clip", type=_nonneg_float, default=d.grad_clip,
                    help=f"global-norm clip, 0 for none (default {d.grad_clip})")
     g.add_argument("--weight-decay", type=_float, default=d.weight_decay)
     g.add_argument("--ema", type=_float, default=d.ema_decay, help=f"EMA decay, 0 for none (default {d.ema_decay})")
@@ -144,7 +165,7 @@ def _add_train_args(p, demo=False):
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     g.add_argument("--force", action="store_true", help="start over in a non-empty --out (replaces its run)")
     minutes = DEMO_DEFAULTS["minutes"] if demo else None
-    g.add_argument("--minutes", type=_float, default=minutes,
+    g.add_argument("--minutes", type=_positive_float, default=minutes,
                    help="stop (with a checkpoint) after this much training time" +
                         (f" (default {minutes:g})" if demo else ""))
     g.add_argument("--checkpoint-every", type=_positive_int, default=d.checkpoint_every)
@@ -189,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a DDPM; writes checkpoint.npz, metrics.jsonl and config.json "
                                    "into --out. A non-empty --out needs --resume or --force.")
     _add_train_args(p)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, parser=p)
 
     p = sub.add_parser("sample", help="draw samples from a checkpoint or a diffusers model",
                        description="Sample with DDPM ancestral steps or DDIM; writes a PNG (grid, or a "
@@ -218,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=_positive_int, default=40, help="animation frames (default 40)")
     p.add_argument("--out", default=None, help="output path prefix (default: next to the checkpoint; with "
                                                "--from-diffusers in the current directory)")
-    p.set_defaults(func=cmd_sample)
+    p.set_defaults(func=cmd_sample, parser=p)
 
     p = sub.add_parser("forward", help="picture the forward process q(x_t | x_0)",
                        description="One data image noised at increasing t (DDPM eq. 4), as a PNG strip.")
@@ -230,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_nonneg_int, default=0)
     p.add_argument("--scale", type=_positive_int, default=8, help="pixel magnification (default 8)")
     p.add_argument("--out", default="forward.png", help="output PNG (default forward.png)")
-    p.set_defaults(func=cmd_forward)
+    p.set_defaults(func=cmd_forward, parser=p)
 
     p = sub.add_parser("eval", help="bits/dim and sample quality of a checkpoint",
                        description="Images: the variational bound in bits/dim on the test split (all T "
@@ -251,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "distance and floor are estimated from (default 4; at least 2; more sets cost "
                         "sampling time and shrink the standard error, about like 1/sets for a good model)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval, parser=p)
 
     p = sub.add_parser("demo", help="train on the embedded digits for a few minutes, then sample",
                        description="The main job in one command: trains the digits preset on the "
@@ -260,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p, demo=True)
     p.add_argument("--samples", type=_positive_int, default=64, help="samples to draw (default 64)")
     p.add_argument("--sample-steps", type=_positive_int, default=100, help="DDIM steps (default 100)")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, parser=p)
     return parser
 
 
@@ -280,8 +301,10 @@ def _train_config(args, demo=False):
         schedule, T, prediction, loss, weighting, ts = "linear", 1000, "epsilon", "simple", "uniform", "uniform"
     else:
         data = args.data
-        is_toy = data in TOY_NAMES
-        model = args.model or ("mlp" if is_toy else "unet")
+        if data != "digits" and data not in TOY_NAMES and os.path.exists(os.path.expanduser(data)):
+            # stored absolute, so that --resume and eval find it from any working directory
+            data = os.path.abspath(os.path.expanduser(data))
+        model = args.model or ("mlp" if _holds_vectors(data) else "unet")
         preset = args.preset or ("toy" if model == "mlp" else "digits")
         over = {} if args.dropout is None else {"dropout": args.dropout}
         class_cond, p_uncond, hflip = args.class_cond, args.p_uncond, args.hflip
@@ -292,10 +315,49 @@ def _train_config(args, demo=False):
         data=data, model=model, preset=preset, model_overrides=over, schedule=schedule, T=T,
         prediction=prediction, variance="learned_range" if loss == "hybrid" else "fixed_small", loss=loss,
         weighting=weighting, timestep_sampler=ts, steps=steps, batch=args.batch, lr=args.lr,
-        warmup=args.warmup, grad_clip=args.grad_clip if args.grad_clip and args.grad_clip > 0 else None,
+        warmup=args.warmup, grad_clip=args.grad_clip or None,          # 0: no clipping
         weight_decay=args.weight_decay, lr_schedule=args.lr_schedule, ema_decay=args.ema,
         class_cond=class_cond, p_uncond=p_uncond,
         hflip=hflip, seed=args.seed, checkpoint_every=args.checkpoint_every, log_every=args.log_every)
+
+
+def _holds_vectors(data) -> bool:
+    """Whether a --data source holds vectors (N, D) rather than images: the 2-D toys, and .npy/.npz
+    arrays of rank 2 (the only user files that can hold vectors; loaded here to look)."""
+    if data in TOY_NAMES:
+        return True
+    if not str(data).lower().endswith((".npy", ".npz")):
+        return False
+    from .data import load_dataset
+
+    return load_dataset(data, split="all").x.ndim == 2
+
+
+# Options that a resumed run takes from the command line; every other training option is the
+# checkpoint's saved configuration, so giving one with --resume is refused rather than ignored.
+_RESUME_OPTIONS = {"out", "resume", "steps", "minutes", "quiet", "device", "samples", "sample_steps"}
+
+
+def _explicit_options(args) -> dict:
+    """{dest: flag} of the options typed on the command line (not defaults), from ``args.argv``
+    (kept by :func:`main`) and the subcommand's parser; abbreviations count as argparse reads them."""
+    parser, argv = getattr(args, "parser", None), getattr(args, "argv", None)
+    if parser is None or argv is None:
+        return {}
+    by_flag = {f: a for a in parser._actions for f in a.option_strings}
+    given = {}
+    for tok in argv:
+        if tok == "--":
+            break
+        if not tok.startswith("-"):
+            continue
+        flag = tok.split("=", 1)[0]
+        hits = [by_flag[flag]] if flag in by_flag else \
+            {a for f, a in by_flag.items() if flag.startswith("--") and f.startswith(flag)}
+        if len(hits) == 1:
+            (action,) = hits
+            given[action.dest] = max(action.option_strings, key=len)
+    return given
 
 
 def _run_training(args, cfg):
@@ -305,6 +367,12 @@ def _run_training(args, cfg):
     t0 = time.monotonic()
     if args.resume and args.force:
         raise ValueError("--resume and --force contradict each other: pick one")
+    if args.resume:
+        ignored = sorted(f for d, f in _explicit_options(args).items() if d not in _RESUME_OPTIONS)
+        if ignored:
+            raise ValueError(f"--resume continues {args.out} with the configuration saved in its checkpoint; "
+                             f"{', '.join(ignored)} would be ignored (on resume only --steps, to raise the "
+                             f"total, --minutes, --device and --quiet apply)")
     # On --resume the saved configuration rules; only the total --steps may be raised.
     tr = train(None if args.resume else cfg, args.out, resume=args.resume, force=args.force,
                progress=not args.quiet, time_limit=time_limit, steps=args.steps if args.resume else None,
@@ -507,9 +575,49 @@ def _checkpoint_sample_defaults(args):
     args.eta = 0.0 if args.eta is None else args.eta
 
 
+def _sample_name(args, sampler, steps, T):
+    """The default file name (no extension) of ``ddpm sample``'s output: every option that changes
+    the samples is in it, so that two different runs never overwrite each other's files."""
+    parts = [f"samples_{sampler}{steps}", f"seed{args.seed}"]
+    if args.label is not None:
+        parts.append(f"label{args.label}")
+    if args.guidance:
+        parts.append(f"w{args.guidance:g}")
+    if sampler == "ddim" and args.eta:
+        parts.append(f"eta{args.eta:g}")
+    if args.spacing not in (None, "leading") and steps < T:
+        parts.append(args.spacing)
+    if args.clip != "auto":
+        parts.append(f"clip-{args.clip}")
+    if args.no_ema:
+        parts.append("raw")
+    return "_".join(parts)
+
+
+def _check_output(path, flag):
+    """Refuse, before any work, an output file path that cannot be written or would destroy what a
+    user made: a folder, a path in a missing folder, an existing ``.npz`` (a checkpoint) or a run
+    directory's config/metrics file."""
+    from .train import CHECKPOINT_NAME, CONFIG_NAME, METRICS_NAME
+
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder; expected a file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path}: the folder {folder} does not exist")
+    if os.path.exists(path):
+        base = os.path.basename(path)
+        if base.lower().endswith(".npz") or (
+                base in (CONFIG_NAME, METRICS_NAME) and os.path.exists(os.path.join(folder, CHECKPOINT_NAME))):
+            raise ValueError(f"{flag} {path}: refusing to overwrite a checkpoint or a run's file; "
+                             f"choose another path")
+
+
 def cmd_sample(args):
     if args.animate == "gif" and not _has_pillow():      # fail before sampling, not after
         raise ImportError("--animate gif needs Pillow: pip install 'ddpm-ref[cli]' (or use --animate apng)")
+    if args.animate in ("gif", "apng") and args.frames < 2:
+        raise ValueError(f"--frames {args.frames}: an animation needs at least 2 frames (x_T and the samples)")
     settings = None
     if args.from_diffusers is not None:
         from . import interop
@@ -520,13 +628,13 @@ def cmd_sample(args):
         tcfg = {}
         name = os.path.basename(os.path.normpath(os.path.abspath(src))) or "diffusers"
         sampler, steps = settings["sampler"], settings["num_steps"] or schedule.T
-        default_prefix = os.path.join(os.getcwd(), f"{name}_samples_{sampler}{steps}_seed{args.seed}")
+        default_prefix = os.path.join(os.getcwd(), f"{name}_{_sample_name(args, sampler, steps, schedule.T)}")
     else:
         _checkpoint_sample_defaults(args)
         ckpt_path, ck, model, schedule, params, tcfg = _load(args.ckpt, args.no_ema)
         steps = args.steps or (schedule.T if args.sampler == "ddpm" else min(100, schedule.T))
         default_prefix = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)),
-                                      f"samples_{args.sampler}{steps}_seed{args.seed}")
+                                      _sample_name(args, args.sampler, steps, schedule.T))
     y = _labels(model, args.n, args.label)
     if args.guidance and y is None:
         raise ValueError("--guidance needs --label (and a class-conditional model)")
@@ -536,6 +644,8 @@ def cmd_sample(args):
                 clip=clip, settings=settings)
     x, traj = res if want_traj else (res, None)
     prefix = args.out or default_prefix
+    if args.out is not None and (args.out.endswith(("/", os.sep)) or os.path.isdir(args.out)):
+        prefix = os.path.join(args.out, os.path.basename(default_prefix))      # --out a folder
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     np.save(prefix + ".npy", x)
     if x.ndim == 4:
@@ -597,6 +707,7 @@ def cmd_forward(args):
     from .data import load_dataset, to_uint8
     from .schedule import Schedule
 
+    _check_output(args.out, "--out")
     ds = load_dataset(args.data, split="train")
     if args.index >= len(ds):
         raise ValueError(f"--index must be < {len(ds)} (the training set's size), got {args.index}")
@@ -618,9 +729,13 @@ def cmd_forward(args):
 
 
 def cmd_eval(args):
-    from . import diffusion, metrics
+    from . import diffusion, metrics, rng
     from .data import load_dataset, to_uint8
 
+    from .checkpoint import atomic_write
+
+    if args.json:
+        _check_output(args.json, "--json")
     ckpt_path, ck, model, schedule, params, tcfg = _load(args.ckpt, args.no_ema)
     data_name = tcfg.get("data", "digits")
     data_seed = int(tcfg.get("data_seed", 0))
@@ -640,8 +755,20 @@ def cmd_eval(args):
         if n < 2:
             raise ValueError(f"-n {n}: 2-D evaluation needs at least 2 samples per set")
 
-        def draw(k):
-            return load_dataset(data_name, split="test", seed=(data_seed + k) % 2**32, n=n).x
+        if data_name in TOY_NAMES:
+            def draw(k):                  # a fresh held-out draw from the toy's distribution
+                return load_dataset(data_name, split="test", seed=(data_seed + k) % 2**32, n=n).x
+        else:
+            # A data file: the held-out sets are disjoint parts of its test split (another seed would
+            # re-split the file and hand back points the model was trained on).
+            need = 2 * sets * n
+            if need > len(test):
+                raise ValueError(f"-n {n} --sets {sets}: evaluating on a data file needs 2 x sets x n = {need} "
+                                 f"held-out points, and its test split has {len(test)}; lower -n or --sets")
+            order = rng.permutation(data_seed, rng.Stream.EVAL, len(test))
+
+            def draw(k):                  # k = 1 .. 2 sets
+                return test.x[order[(k - 1) * n:k * n]]
 
         nc = getattr(model.config, "num_classes", None)
         x = _draw(model, schedule, params, tcfg, n * sets, args,
@@ -660,6 +787,8 @@ def cmd_eval(args):
         _say(f"single sets of {n}, for scale: distance {min(single):.2e}-{max(single):.2e}, "
              f"floor {min(single_floor):.2e}-{max(single_floor):.2e}")
     else:
+        if args.n < 4:                    # before bits/dim, which may take long
+            raise ValueError(f"-n {args.n}: precision/recall (k = 3 nearest neighbours) needs at least 4 samples")
         train = load_dataset(data_name, split="train", seed=data_seed)
         if not args.no_bpd:
             xb = test.x if args.bpd_n is None else test.x[:args.bpd_n]
@@ -703,9 +832,8 @@ def cmd_eval(args):
         _say(f"real-vs-real ceiling (train vs test): precision {ceil.precision:.3f}  recall {ceil.recall:.3f}")
         _say(f"near-copies of training images: {100 * copies.share:.1f}%")
     if args.json:
-        text = json.dumps(results, indent=1)
-        with open(args.json, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+        text = json.dumps(results, indent=1) + "\n"
+        atomic_write(args.json, lambda f: f.write(text.encode("utf-8")))
         _say(f"wrote {args.json}")
     return 0
 
@@ -761,7 +889,9 @@ def main(argv=None) -> int:
         GPUUnavailableError = ImportError
 
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return int(args.func(args) or 0)
     except (ValueError, OSError, NonFiniteLossError, ImportError, GPUUnavailableError) as e:

@@ -314,3 +314,112 @@ def test_device_gpu_without_cuda_is_one_clear_line(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ddpm train: error: the GPU backend is unavailable")
     assert "CuPy is not installed" in lines[0] and "pip install 'ddpm-ref[gpu]'" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing a user made is lost; no option is silently ignored
+
+def test_resume_refuses_options_it_would_ignore(tmp_path, capsys):
+    d = tmp_path / "r"
+    assert _run(capsys, "train", "--data", "moons", "--preset", "tiny", "--steps", "2", "--batch", "8",
+                "--T", "10", "--out", d, "--quiet")[0] == 0
+    before = (d / "checkpoint.npz").read_bytes()
+    for extra in (["--lr", "0.1"], ["--batch=4"], ["--data", "rings", "--preset", "toy"], ["--check", "5"]):
+        rc, out, err = _run(capsys, "train", "--out", d, "--resume", "--steps", "4", "--quiet", *extra)
+        assert rc == 1 and "would be ignored" in err and err.count("\n") == 1, extra
+    rc, out, err = _run(capsys, "train", "--out", d, "--resume", "--steps", "4", "--quiet", "--data", "rings")
+    assert "--data" in err and "--steps" not in err.split("ignored")[0]
+    rc, out, err = _run(capsys, "train", "--out", d, "--resume", "--steps", "4", "--quiet", "--lr", "0.1", "--ema", "0")
+    assert "--ema, --lr would be ignored" in err
+    assert (d / "checkpoint.npz").read_bytes() == before                # refused before any work
+    rc, out, err = _run(capsys, "train", "--out", d, "--resume", "--steps", "3", "--minutes", "5", "--quiet")
+    assert rc == 0 and "step 3/3" in out
+
+
+def test_outputs_never_overwrite_a_run(image_run, tmp_path, capsys):
+    ckpt = image_run / "checkpoint.npz"
+    files = {p.name: p.read_bytes() for p in image_run.iterdir() if p.is_file()}
+    for argv in (["forward", "--out", ckpt],
+                 ["eval", "--ckpt", image_run, "-n", "8", "--no-bpd", "--steps", "2", "--json", ckpt],
+                 ["eval", "--ckpt", image_run, "-n", "8", "--no-bpd", "--steps", "2",
+                  "--json", image_run / "config.json"]):
+        rc, out, err = _run(capsys, *argv)
+        assert rc == 1 and "refusing to overwrite" in err and err.count("\n") == 1, argv
+        assert out == ""                                                 # refused before any work
+    assert {p.name: p.read_bytes() for p in image_run.iterdir() if p.is_file()} == files
+    # an output folder that does not exist, or a folder as an output file: refused up front
+    rc, out, err = _run(capsys, "eval", "--ckpt", image_run, "-n", "8", "--json", tmp_path / "no" / "e.json")
+    assert rc == 1 and "does not exist" in err and out == ""
+    rc, out, err = _run(capsys, "forward", "--out", tmp_path)
+    assert rc == 1 and "is a folder" in err
+
+
+def test_sample_default_names_keep_every_run(image_run, tmp_path, capsys):
+    quick = ("-n", "2", "--sampler", "ddim", "--steps", "2")
+    runs = [(), ("--label", "3"), ("--label", "5", "--no-ema"), ("--eta", "0.5"), ("--spacing", "trailing"),
+            ("--clip", "off"), ("--label", "3", "--guidance", "2")]
+    before = set(os.listdir(image_run))
+    for extra in runs:
+        rc, out, err = _run(capsys, "sample", "--ckpt", image_run, *quick, *extra)
+        assert rc == 0, err
+    new = sorted(set(os.listdir(image_run)) - before)
+    names = [n for n in new if n.endswith(".npy")]
+    assert len(names) == len(runs), new                                # no run overwrote another
+    assert "samples_ddim2_seed0_label5_raw.npy" in names and "samples_ddim2_seed0_label3_w2.npy" in names
+    for n in new:
+        os.unlink(image_run / n)
+    # --out naming a folder (trailing separator, or an existing one) writes the default name inside it
+    rc, out, err = _run(capsys, "sample", "--ckpt", image_run, *quick, "--out", str(tmp_path / "s") + os.sep)
+    assert rc == 0 and sorted(os.listdir(tmp_path / "s")) == ["samples_ddim2_seed0.npy", "samples_ddim2_seed0.png"]
+    rc, out, err = _run(capsys, "sample", "--ckpt", image_run, *quick, "--animate", "apng", "--frames", "1")
+    assert rc == 1 and "--frames 1" in err
+
+
+def test_eval_images_checks_n_before_bits_per_dim(image_run, capsys):
+    rc, out, err = _run(capsys, "eval", "--ckpt", image_run, "-n", "3", "--steps", "2", "--bpd-n", "2")
+    assert rc == 1 and "-n 3" in err and "at least 4 samples" in err
+    assert "bits/dim" not in out                                        # nothing computed first
+
+
+def test_data_file_of_points(tmp_path, capsys, monkeypatch):
+    """A user .npy of 2-D points: the MLP by default, the path stored absolute, and 2-D eval's
+    held-out sets taken from the file's own test split (disjoint from the training points)."""
+    from ddpm_ref import metrics, rng
+    from ddpm_ref.data import load_dataset
+
+    pts = load_dataset("moons", split="train", n=400).x
+    np.save(tmp_path / "pts.npy", pts)
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = _run(capsys, "train", "--data", "pts.npy", "--preset", "tiny", "--steps", "2", "--batch", "8",
+                        "--T", "10", "--out", "run", "--quiet")
+    assert rc == 0, err
+    cfg = load_checkpoint(tmp_path / "run" / "checkpoint.npz").config
+    assert cfg["model"]["kind"] == "mlp" and cfg["train"]["data"] == str(tmp_path / "pts.npy")
+    monkeypatch.chdir(tmp_path / "run")                                  # resume and eval from elsewhere
+    rc, out, err = _run(capsys, "train", "--out", ".", "--resume", "--steps", "3", "--quiet")
+    assert rc == 0, err
+    rc, out, err = _run(capsys, "eval", "--ckpt", ".", "-n", "10", "--sets", "2", "--steps", "3", "--json", "e.json")
+    assert rc == 0, err
+    r = json.loads((tmp_path / "run" / "e.json").read_text())
+    test = load_dataset(str(tmp_path / "pts.npy"), split="test")       # 40 of the 400 points
+    order = rng.permutation(0, rng.Stream.EVAL, len(test))
+    refs = [test.x[order[j * 10:(j + 1) * 10]] for j in range(4)]
+    train_rows = {tuple(p) for p in load_dataset(str(tmp_path / "pts.npy"), split="train").x}
+    assert not any(tuple(p) in train_rows for ref in refs for p in ref)
+    rc, out, err = _run(capsys, "sample", "--ckpt", ".", "-n", "20", "--sampler", "ddim", "--steps", "3",
+                        "--out", "s")
+    assert rc == 0, err
+    x = np.load(tmp_path / "run" / "s.npy")
+    est = metrics.energy_ratio([x[:10], x[10:]], refs[:2], n=10)
+    assert r["energy_distance"] == est.distance and r["ratio_to_floor"] == est.ratio
+    assert r["single_set_floors"][1] == metrics.energy_distance(refs[3], refs[1])
+    rc, out, err = _run(capsys, "eval", "--ckpt", ".", "-n", "20", "--sets", "2", "--steps", "3")
+    assert rc == 1 and "80 held-out points" in err and "has 40" in err
+
+
+@pytest.mark.parametrize("argv", [["train", "--out", "x", "--grad-clip", "-3"],
+                                  ["train", "--out", "x", "--minutes", "-5"],
+                                  ["demo", "--minutes", "0"]])
+def test_negative_numbers_are_usage_errors(argv, capsys):
+    code, err = _usage_error(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1 and argv[-1] in err
