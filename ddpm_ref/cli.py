@@ -126,6 +126,9 @@ def _add_train_args(p, demo=False):
         g.add_argument("--data", default="digits",
                        help="'digits' (embedded), a 2-D toy (" + ", ".join(TOY_NAMES) + "), an IDX file, "
                             "an image folder or a .npy/.npz file (default: digits)")
+        g.add_argument("--value-range", type=_float, nargs=2, metavar=("LO", "HI"), default=None,
+                       help="the value range of a data file's float images, rescaled to [-1, 1] (e.g. 0 1 "
+                            "for [0, 1] images; default: float images are taken to be in [-1, 1])")
         g.add_argument("--model", choices=("unet", "mlp"), default=None,
                        help="network (default: mlp for 2-D data, unet for images)")
         g.add_argument("--preset", default=None,
@@ -244,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("forward", help="picture the forward process q(x_t | x_0)",
                        description="One data image noised at increasing t (DDPM eq. 4), as a PNG strip.")
     p.add_argument("--data", default="digits", help="data set (default digits)")
+    p.add_argument("--value-range", type=_float, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="the value range of a data file's float images (as for train)")
     p.add_argument("--index", type=_nonneg_int, default=0, help="which training image (default 0)")
     p.add_argument("--frames", type=_positive_int, default=11, help="images in the strip (default 11)")
     p.add_argument("--schedule", choices=("linear", "cosine", "sigmoid"), default="linear")
@@ -304,7 +309,10 @@ def _train_config(args, demo=False):
         if data != "digits" and data not in TOY_NAMES and os.path.exists(os.path.expanduser(data)):
             # stored absolute, so that --resume and eval find it from any working directory
             data = os.path.abspath(os.path.expanduser(data))
-        model = args.model or ("mlp" if _holds_vectors(data) else "unet")
+        value_range = args.value_range
+        if value_range is not None and not value_range[0] < value_range[1]:
+            raise ValueError(f"--value-range {value_range[0]:g} {value_range[1]:g}: expected LO < HI")
+        model = args.model or ("mlp" if _holds_vectors(data, value_range) else "unet")
         preset = args.preset or ("toy" if model == "mlp" else "digits")
         over = {} if args.dropout is None else {"dropout": args.dropout}
         class_cond, p_uncond, hflip = args.class_cond, args.p_uncond, args.hflip
@@ -318,10 +326,11 @@ def _train_config(args, demo=False):
         warmup=args.warmup, grad_clip=args.grad_clip or None,          # 0: no clipping
         weight_decay=args.weight_decay, lr_schedule=args.lr_schedule, ema_decay=args.ema,
         class_cond=class_cond, p_uncond=p_uncond,
-        hflip=hflip, seed=args.seed, checkpoint_every=args.checkpoint_every, log_every=args.log_every)
+        hflip=hflip, seed=args.seed, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+        value_range=None if demo else args.value_range)
 
 
-def _holds_vectors(data) -> bool:
+def _holds_vectors(data, value_range=None) -> bool:
     """Whether a --data source holds vectors (N, D) rather than images: the 2-D toys, and .npy/.npz
     arrays of rank 2 (the only user files that can hold vectors; loaded here to look)."""
     if data in TOY_NAMES:
@@ -330,7 +339,7 @@ def _holds_vectors(data) -> bool:
         return False
     from .data import load_dataset
 
-    return load_dataset(data, split="all").x.ndim == 2
+    return load_dataset(data, split="all", value_range=value_range).x.ndim == 2
 
 
 # Options that a resumed run takes from the command line; every other training option is the
@@ -708,7 +717,7 @@ def cmd_forward(args):
     from .schedule import Schedule
 
     _check_output(args.out, "--out")
-    ds = load_dataset(args.data, split="train")
+    ds = load_dataset(args.data, split="train", value_range=args.value_range)
     if args.index >= len(ds):
         raise ValueError(f"--index must be < {len(ds)} (the training set's size), got {args.index}")
     schedule = getattr(Schedule, args.schedule)(T=args.T)
@@ -739,10 +748,11 @@ def cmd_eval(args):
     ckpt_path, ck, model, schedule, params, tcfg = _load(args.ckpt, args.no_ema)
     data_name = tcfg.get("data", "digits")
     data_seed = int(tcfg.get("data_seed", 0))
+    value_range = tcfg.get("value_range")
     results = {"checkpoint": ckpt_path, "step": ck.step, "data": data_name, "sampler": args.sampler,
                "steps": args.steps or (schedule.T if args.sampler == "ddpm" else min(100, schedule.T)),
                "n": args.n, "seed": args.seed, "ema": not args.no_ema and ck.ema is not None}
-    test = load_dataset(data_name, split="test", seed=data_seed)
+    test = load_dataset(data_name, split="test", seed=data_seed, value_range=value_range)
     if test.x.ndim == 2:
         # The energy distance of n samples to n held-out points, beside the same figure for two held-out
         # draws (the floor). One such figure is mostly noise (a perfect model's spreads over 0.5x-2x),
@@ -789,7 +799,7 @@ def cmd_eval(args):
     else:
         if args.n < 4:                    # before bits/dim, which may take long
             raise ValueError(f"-n {args.n}: precision/recall (k = 3 nearest neighbours) needs at least 4 samples")
-        train = load_dataset(data_name, split="train", seed=data_seed)
+        train = load_dataset(data_name, split="train", seed=data_seed, value_range=value_range)
         if not args.no_bpd:
             xb = test.x if args.bpd_n is None else test.x[:args.bpd_n]
             t0 = time.monotonic()

@@ -88,10 +88,12 @@ class TrainConfig:
     norm limit (None: no clipping); ema_decay: 0 disables the EMA; ema_warmup: see optim.ema_decay.
     class_cond: condition on the data set's labels; p_uncond: label-drop probability (CFG).
     hflip: random horizontal flips (images only). seed: every random stream; data_seed: the toy draw
-    or user-file split. checkpoint_every / log_every: in steps.
+    or user-file split. value_range: ``[lo, hi]`` of a user file's float images (rescaled to
+    [-1, 1]; see ``data.load_dataset``), None for the default. checkpoint_every / log_every: in steps.
     """
 
     data: str = "digits"
+    value_range: Optional[list] = None      # absent from older checkpoints: None, their behaviour
     model: str = "unet"
     preset: str = "digits"
     model_overrides: dict = field(default_factory=dict)
@@ -165,6 +167,13 @@ class TrainConfig:
             raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond!r}")
         rng.check_seed(self.seed)
         rng.check_seed(self.data_seed)
+        if self.value_range is not None:
+            vr = self.value_range
+            if (not isinstance(vr, (list, tuple)) or len(vr) != 2
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                               for v in vr) or not vr[0] < vr[1]):
+                raise ValueError(f"value_range must be [lo, hi] with finite lo < hi, got {vr!r}")
+            self.value_range = [float(vr[0]), float(vr[1])]
         if not isinstance(self.model_overrides, dict):
             raise ValueError(f"model_overrides must be a dict, got {type(self.model_overrides).__name__}")
         return self
@@ -202,7 +211,7 @@ def build_model(cfg: TrainConfig, dataset):
     if cfg.model == "unet":
         if dataset.x.ndim != 4:
             raise ValueError(f"the U-Net needs images (N, C, H, W); data set {dataset.name!r} has shape "
-                             f"{dataset.x.shape[1:]} per example (use model='mlp')")
+                             f"{dataset.x.shape[1:]} per example (use model='mlp', --model mlp)")
         _, c, h, w = dataset.x.shape
         if h != w:
             raise ValueError(f"the U-Net needs square images, got {h}x{w} in {dataset.name!r}")
@@ -211,7 +220,7 @@ def build_model(cfg: TrainConfig, dataset):
         return UNet.from_preset(cfg.preset, **over)
     if dataset.x.ndim != 2:
         raise ValueError(f"the MLP needs vectors (N, D); data set {dataset.name!r} has shape "
-                         f"{dataset.x.shape[1:]} per example (use model='unet')")
+                         f"{dataset.x.shape[1:]} per example (use model='unet', --model unet)")
     over.setdefault("dim", dataset.x.shape[1])
     return MLP.from_preset(cfg.preset, **over)
 
@@ -669,7 +678,8 @@ def train(cfg, run_dir, resume: bool = False, force: bool = False, progress: boo
             # a toy run resumes on as many points as it was trained on (older runs: 10,000)
             n_saved = ckpt.config.get("data", {}).get("n_train")
             toy_n = int(n_saved) if saved.data in TOYS and isinstance(n_saved, int) else None
-            dataset = load_dataset(saved.data, split="train", seed=saved.data_seed, n=toy_n)
+            dataset = load_dataset(saved.data, split="train", seed=saved.data_seed, n=toy_n,
+                                   value_range=saved.value_range)
         tr = Trainer.from_checkpoint(ckpt, dataset, steps=steps, device=device)
         _truncate_metrics(run_dir, tr.step)
     else:
@@ -683,7 +693,7 @@ def train(cfg, run_dir, resume: bool = False, force: bool = False, progress: boo
         # everything that can fail (config, data, model/data pairing, device) comes before the run
         # directory is touched: a --force run that cannot start leaves the old run as it was
         if dataset is None:
-            dataset = load_dataset(cfg.data, split="train", seed=cfg.data_seed)
+            dataset = load_dataset(cfg.data, split="train", seed=cfg.data_seed, value_range=cfg.value_range)
         tr = Trainer(cfg, dataset, device=device)
         os.makedirs(run_dir, exist_ok=True)
         if force:

@@ -423,3 +423,29 @@ def test_data_file_of_points(tmp_path, capsys, monkeypatch):
 def test_negative_numbers_are_usage_errors(argv, capsys):
     code, err = _usage_error(capsys, *argv)
     assert code == 2 and err.count("\n") == 1 and argv[-1] in err
+
+
+def test_value_range_for_float_images(tmp_path, capsys):
+    """[0, 1] float images: refused without --value-range (ambiguous), trained with it; the range is
+    stored in the run, so resume and eval read the file the same way."""
+    from ddpm_ref.data import load_dataset
+
+    u8 = load_dataset("digits", split="all")
+    imgs = ((u8.x[:200] + 1.0) / 2.0).astype(np.float32)               # [0, 1] images
+    np.save(tmp_path / "img01.npy", imgs)
+    base = ("train", "--data", tmp_path / "img01.npy", "--preset", "tiny", "--steps", "2", "--batch", "8",
+            "--T", "10", "--quiet")
+    rc, out, err = _run(capsys, *base, "--out", tmp_path / "a")
+    assert rc == 1 and "--value-range 0 1" in err and err.count("\n") == 1
+    rc, out, err = _run(capsys, *base, "--out", tmp_path / "b", "--value-range", "0", "1")
+    assert rc == 0, err
+    c = load_checkpoint(tmp_path / "b" / "checkpoint.npz")
+    assert c.config["train"]["value_range"] == [0.0, 1.0] and c.config["model"]["kind"] == "unet"
+    assert _run(capsys, "train", "--out", tmp_path / "b", "--resume", "--steps", "3", "--quiet")[0] == 0
+    rc, out, err = _run(capsys, "eval", "--ckpt", tmp_path / "b", "-n", "8", "--steps", "2", "--bpd-n", "2",
+                        "--bpd-timesteps", "2")
+    assert rc == 0 and "bits/dim" in out, err
+    code, err = _usage_error(capsys, *base, "--out", tmp_path / "c", "--value-range", "1")
+    assert code == 2
+    rc, out, err = _run(capsys, *base, "--out", tmp_path / "c", "--value-range", "1", "0")
+    assert rc == 1 and "LO < HI" in err

@@ -44,6 +44,15 @@ def test_config_validation():
         TrainConfig.from_dict({"lr": 1e-3, "lrr": 1})
     c = TrainConfig(lr=3e-4)
     assert TrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    for bad in ([1, 0], [0, 0], [0, float("inf")], [0], "01", [True, 2]):
+        with pytest.raises(ValueError, match="value_range"):
+            TrainConfig(value_range=bad)
+    c = TrainConfig(value_range=(0, 255))                  # JSON-able, as the checkpoint stores it
+    assert c.value_range == [0.0, 255.0]
+    assert TrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    old = c.to_dict()
+    del old["value_range"]                                  # a checkpoint from before the field
+    assert TrainConfig.from_dict(old).value_range is None
 
 
 # ------------------------------------------------------------------------------------ exact resume

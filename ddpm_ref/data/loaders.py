@@ -215,11 +215,12 @@ def _to_model_array(arr: np.ndarray, path, value_range=None) -> np.ndarray:
         return np.ascontiguousarray(from_uint8(arr))
     if arr.min() < -1.0 - 1e-6 or arr.max() > 1.0 + 1e-6:
         _fail(path, f"float images are taken to be in [-1, 1], got range [{arr.min()}, {arr.max()}]; "
-                    "pass value_range=(lo, hi) to rescale")
+                    "pass value_range=(lo, hi) to rescale (ddpm train --value-range LO HI)")
     if arr.min() >= 0.0:
         # The classic pitfall: [0, 1] images read as [-1, 1] train on a washed-out data set.
         _fail(path, f"float images with every value in [0, 1] (range [{arr.min()}, {arr.max()}]) are "
-                    "ambiguous: pass value_range=(0, 1) if they are [0, 1] images, or (-1, 1)")
+                    "ambiguous: pass value_range=(0, 1) if they are [0, 1] images, or (-1, 1) "
+                    "(ddpm train --value-range 0 1)")
     return np.ascontiguousarray(np.clip(arr, -1.0, 1.0), dtype=np.float32)
 
 
