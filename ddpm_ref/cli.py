@@ -316,6 +316,9 @@ def _train_config(args, demo=False):
         preset = args.preset or ("toy" if model == "mlp" else "digits")
         over = {} if args.dropout is None else {"dropout": args.dropout}
         class_cond, p_uncond, hflip = args.class_cond, args.p_uncond, args.hflip
+        if "p_uncond" in _explicit_options(args) and not class_cond:
+            raise ValueError("--p-uncond is the label-drop probability of a class-conditional run: "
+                             "it needs --class-cond")
         schedule, T, prediction, loss = args.schedule, args.T, args.prediction, args.loss
         weighting, ts = args.weighting, args.timestep_sampler
     steps = args.steps if args.steps is not None else (DEMO_DEFAULTS["steps"] if demo else TrainConfig().steps)
@@ -630,6 +633,10 @@ def cmd_sample(args):
     settings = None
     if args.from_diffusers is not None:
         from . import interop
+
+        if args.no_ema:
+            raise ValueError("--no-ema picks a checkpoint's raw weights over their EMA; a diffusers folder "
+                             "holds one set of weights")
 
         src = args.from_diffusers
         model, params, schedule, loaded = interop.load_diffusers(src)

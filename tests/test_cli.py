@@ -417,6 +417,13 @@ def test_data_file_of_points(tmp_path, capsys, monkeypatch):
     assert rc == 1 and "80 held-out points" in err and "has 40" in err
 
 
+def test_options_that_would_be_ignored_are_refused(tmp_path, capsys):
+    rc, out, err = _run(capsys, "train", "--data", "moons", "--p-uncond", "0.2", "--out", tmp_path / "p", "--quiet")
+    assert rc == 1 and "--class-cond" in err and not (tmp_path / "p").exists()
+    rc, out, err = _run(capsys, "sample", "--from-diffusers", tmp_path, "--no-ema")
+    assert rc == 1 and "--no-ema" in err
+
+
 @pytest.mark.parametrize("argv", [["train", "--out", "x", "--grad-clip", "-3"],
                                   ["train", "--out", "x", "--minutes", "-5"],
                                   ["demo", "--minutes", "0"]])
