@@ -38,16 +38,14 @@ class ParamLayout:
         self._numel: Dict[str, int] = {}     # computed once: named() runs on every forward pass
         offset = 0
         for entry in entries:
-            if len(entry) != 2:
+            if not isinstance(entry, (tuple, list)) or len(entry) != 2:
                 raise ValueError(f"layout entries must be (name, shape) pairs, got {entry!r}")
             name, shape = entry
             if not isinstance(name, str) or not name:
                 raise ValueError(f"parameter names must be non-empty strings, got {name!r}")
             if name in self.shapes:
                 raise ValueError(f"duplicate parameter name {name!r}")
-            shape = tuple(int(s) for s in shape)
-            if any(s < 0 for s in shape):
-                raise ValueError(f"parameter {name!r} has a negative dimension: {shape}")
+            shape = _check_shape(name, shape)
             self.names.append(name)
             self.shapes[name] = shape
             self.offsets[name] = offset
@@ -120,6 +118,21 @@ class ParamLayout:
     def to_list(self) -> List[Tuple[str, Tuple[int, ...]]]:
         """The ``(name, shape)`` list (JSON-able with lists for shapes)."""
         return [(n, self.shapes[n]) for n in self.names]
+
+
+def _check_shape(name: str, shape) -> Tuple[int, ...]:
+    """``shape`` as a tuple of Python ints: it must be a tuple or list of non-negative integers (Python
+    or NumPy, not bool; no silent int() of 2.7 or of the characters of "23")."""
+    if not isinstance(shape, (tuple, list)):
+        raise ValueError(f"parameter {name!r}: shape must be a tuple or list of integers, got {shape!r} "
+                         f"({type(shape).__name__})")
+    for s in shape:
+        if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)):
+            raise ValueError(f"parameter {name!r}: shape {shape!r} holds {s!r} ({type(s).__name__}); "
+                             "expected non-negative integers")
+        if s < 0:
+            raise ValueError(f"parameter {name!r} has a negative dimension: shape {shape!r}")
+    return tuple(int(s) for s in shape)
 
 
 def fan_avg_uniform(seed: int, tensor_index: int, shape, fan_in: int, fan_out: int) -> np.ndarray:

@@ -4,6 +4,7 @@ Every loader is exercised on small files this test writes (tmp_path); bad inputs
 empty, NaN, wrong shape) must give one ValueError whose message names the file.
 """
 import gzip
+import math
 import os
 import struct
 
@@ -35,6 +36,16 @@ def test_to_uint8_clips_and_rejects_nan():
         to_uint8(np.array([0.0, np.nan]))
     with pytest.raises(ValueError, match="0..255"):
         from_uint8(np.array([300]))
+
+
+def test_to_uint8_refuses_integer_input_other_than_uint8():
+    # int64 [0, 128, 255] used to be read as floats in [-1, 1] (-> [128, 255, 255]); uint16 was refused
+    for dt in (np.int64, np.int8, np.uint16, np.bool_):
+        with pytest.raises(ValueError, match=f"floating array.*got dtype {np.dtype(dt)}"):
+            to_uint8(np.array([0, 1, 1], dtype=dt))
+    u = np.array([0, 128, 255], np.uint8)
+    np.testing.assert_array_equal(to_uint8(u), [0, 128, 255])          # uint8 is the output already
+    np.testing.assert_array_equal(to_uint8(np.array([-1.0, 0.0, 1.0], np.float16)), [0, 128, 255])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,6 +95,31 @@ def test_digits_n_truncates_and_bad_split_is_rejected():
     assert len(load_dataset("digits", n=10)) == 10
     with pytest.raises(ValueError, match="split"):
         load_dataset("digits", "validation")
+
+
+def test_digits_corrupt_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"PK\x03\x04garbage")                              # zip magic, then nonsense
+    with pytest.raises(ValueError, match=f"^{bad}: cannot read.*BadZipFile"):
+        digits_mod.digits_uint8("train", path=str(bad))
+    levels, labels, test_index = digits_mod.load_digits_raw()
+    good = tmp_path / "good.npz"
+    np.savez_compressed(good, images=levels, labels=labels, test_index=test_index)
+    raw = good.read_bytes()
+    body = bytearray(raw)
+    body[60:160] = bytes(100)                                            # zero a stretch of deflate data
+    (tmp_path / "zeroed.npz").write_bytes(bytes(body))
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'zeroed.npz'}: "):
+        digits_mod.digits_uint8("train", path=str(tmp_path / "zeroed.npz"))
+    cases = {"ti.npz": dict(test_index=np.full(300, 5000)),              # out of range: was an IndexError
+             "neg.npz": dict(test_index=np.arange(300) - 1),
+             "rep.npz": dict(test_index=np.zeros(300, np.int64)),
+             "lab.npz": dict(labels=labels + 1)}                         # a label 10
+    for name, change in cases.items():
+        np.savez(tmp_path / name, **{"images": levels, "labels": labels, "test_index": test_index, **change})
+        with pytest.raises(ValueError, match=f"^{tmp_path / name}: "):
+            digits_mod.digits_uint8("train", path=str(tmp_path / name))
+    assert digits_mod.digits_uint8("test", path=str(good))[0].shape == (300, 1, 8, 8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,6 +176,21 @@ def test_toy_load_dataset_splits_and_errors():
         toy_data("spiral", 5)
     with pytest.raises(ValueError, match="built-in"):
         load_dataset("no_such_data_set")
+
+
+def test_n_must_be_a_positive_integer():
+    # fractional n used to be truncated (n=2.5 -> 2 points)
+    for bad in (2.5, 1.9, 3.0, True, "4", 0, -1):
+        with pytest.raises(ValueError, match=f"n must be an integer >= 1.*got {bad!r}"):
+            load_dataset("moons", n=bad)
+        with pytest.raises(ValueError, match=f"n must be an integer >= 1.*got {bad!r}"):
+            toy_data("moons", bad)
+    with pytest.raises(ValueError, match="n must be an integer >= 1"):
+        load_dataset("digits", n=1.9)
+    with pytest.raises(ValueError, match="index_offset must be an integer"):
+        toy_data("moons", 3, index_offset=1.5)
+    assert load_dataset("moons", n=np.int64(3)).x.shape == (3, 2)
+    assert len(load_dataset("digits", "test", n=np.int32(7))) == 7
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +274,65 @@ def test_idx_bad_files_name_the_file(tmp_path):
         load_dataset(str(tmp_path / "train-images-idx3-ubyte"))
     with pytest.raises(ValueError, match="labels\\?"):
         load_dataset(str(tmp_path / "train-labels-idx1-ubyte"))
+
+
+def test_idx_huge_header_is_truncated_not_an_overflow(tmp_path):
+    # the element count used to be an int64 product: it wrapped (a raw reshape error, or "needs -17...")
+    for name, dims in (("huge-idx3", (2**31,) * 3), ("huge4-idx3", (2**32 - 1,) * 4)):
+        p = tmp_path / name
+        header = bytes([0, 0, 8, len(dims)]) + struct.pack(f">{len(dims)}I", *dims)
+        p.write_bytes(header)
+        need = len(header) + math.prod(dims)                                # exact, in Python ints
+        with pytest.raises(ValueError, match=f"^{p}: IDX file truncated: {len(header)} bytes, "
+                                             f".* needs {need} bytes$"):
+            read_idx(str(p))
+
+
+def test_mnist_dotted_names_find_their_labels(tmp_path):
+    # train-images.idx3-ubyte was found, but train-labels.idx1-ubyte beside it was never read
+    x = np.arange(4 * 9, dtype=np.uint8).reshape(4, 3, 3)
+    (tmp_path / "train-images.idx3-ubyte").write_bytes(_idx_bytes(x))
+    (tmp_path / "train-labels.idx1-ubyte").write_bytes(_idx_bytes(np.array([0, 1, 2, 1], np.uint8)))
+    d = load_dataset(str(tmp_path))
+    np.testing.assert_array_equal(d.y, [0, 1, 2, 1])
+    assert d.num_classes == 3
+    d = load_dataset(str(tmp_path / "train-images.idx3-ubyte"), "all")         # the file on its own
+    np.testing.assert_array_equal(d.y, [0, 1, 2, 1])
+
+
+def test_split_all_with_mismatched_parts_names_the_source(tmp_path):
+    mn = tmp_path / "mnist"
+    mn.mkdir()
+    (mn / "train-images-idx3-ubyte").write_bytes(_idx_bytes(np.zeros((4, 3, 3), np.uint8)))
+    (mn / "t10k-images-idx3-ubyte").write_bytes(_idx_bytes(np.zeros((2, 3, 3, 3), np.uint8)))
+    with pytest.raises(ValueError, match=f"^{mn}: cannot join.*t10k-images-idx3-ubyte has shape \\(2, 3, 3, 3\\)"):
+        load_dataset(str(mn), "all")
+    assert len(load_dataset(str(mn), "train")) == 4                           # each part alone is fine
+    p = tmp_path / "tt.npz"
+    np.savez(p, x_train=np.zeros((4, 4, 4), np.uint8), x_test=np.zeros((2, 5, 5), np.uint8))
+    with pytest.raises(ValueError, match=f"^{p}: cannot join.*x_test has shape \\(2, 5, 5\\)"):
+        load_dataset(str(p), "all")
+    np.savez(p, x_train=np.zeros((4, 4, 4), np.uint8), x_test=np.zeros((2, 4, 4), np.float32) - 0.5)
+    with pytest.raises(ValueError, match=f"^{p}: cannot join.*dtype float32"):
+        load_dataset(str(p), "all")
+
+
+def test_num_classes_is_the_same_for_every_split(tmp_path):
+    # it used to be max + 1 of the split read: train said 9, test 10
+    p = tmp_path / "nc.npz"
+    np.savez(p, x_train=np.zeros((10, 4, 4), np.uint8), y_train=np.arange(10) % 9,
+             x_test=np.zeros((3, 4, 4), np.uint8), y_test=[9, 0, 1])
+    assert [load_dataset(str(p), s).num_classes for s in ("train", "test", "all")] == [10, 10, 10]
+    mn = tmp_path / "mnist"
+    mn.mkdir()
+    (mn / "train-images-idx3-ubyte").write_bytes(_idx_bytes(np.zeros((10, 3, 3), np.uint8)))
+    (mn / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(np.arange(10)))
+    (mn / "t10k-images-idx3-ubyte").write_bytes(_idx_bytes(np.zeros((3, 3, 3), np.uint8)))
+    (mn / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(np.array([0, 1, 2])))
+    assert [load_dataset(str(mn), s).num_classes for s in ("train", "test", "all")] == [10, 10, 10]
+    np.savez(p, x_train=np.zeros((4, 4, 4), np.uint8), y_train=[0, 1, 0, 1], x_test=np.zeros((2, 4, 4), np.uint8))
+    assert load_dataset(str(p), "test").num_classes == 0                      # an unlabelled split
+    assert load_dataset(str(p), "train").num_classes == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,6 +419,36 @@ def test_array_files_bad_inputs_name_the_file(tmp_path):
         load_dataset(str(tmp_path / "data.csv"))
 
 
+def test_labels_range_is_checked_before_the_int64_cast(tmp_path):
+    from ddpm_ref.data.loaders import MAX_CLASSES
+    x = np.zeros((3, 4, 4), np.uint8)
+    p = tmp_path / "lab.npz"
+    np.savez(p, x=x, y=np.array([0, 1, 2**63], np.uint64))                  # used to wrap to -2**63
+    with pytest.raises(ValueError, match=f"^{p}: labels must be < MAX_CLASSES = 100000.*{2**63}"):
+        load_dataset(str(p), "all")
+    np.savez(p, x=x, y=np.array([0, 1, 2**40]))                             # num_classes 2**40
+    with pytest.raises(ValueError, match=f"^{p}: labels must be < MAX_CLASSES"):
+        load_dataset(str(p), "all")
+    np.savez(p, x=x, y=np.array([0, 1, MAX_CLASSES - 1], np.uint64))        # the largest allowed
+    d = load_dataset(str(p), "all")
+    assert d.num_classes == MAX_CLASSES and d.y.dtype == np.int64 and d.y[2] == MAX_CLASSES - 1
+
+
+def test_value_range_must_be_finite(tmp_path):
+    p = tmp_path / "vr.npy"
+    np.save(p, np.linspace(0, 1, 48).reshape(3, 4, 4))
+    # (0, inf) used to map everything to -1; (-inf, 1) gave NaNs
+    for vr in ((0, float("inf")), (-float("inf"), 1), (0, float("nan")), (-1e308, 1e308)):
+        with pytest.raises(ValueError, match="value_range must hold finite numbers"):
+            load_dataset(str(p), "all", value_range=vr)
+    for vr in ((1, 0), (0,), "ab", None):
+        if vr is not None:
+            with pytest.raises(ValueError, match="value_range must"):
+                load_dataset(str(p), "all", value_range=vr)
+    np.testing.assert_allclose(load_dataset(str(p), "all", value_range=[0, 1]).x.ravel(),
+                               np.linspace(-1, 1, 48), atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Folders of images
 
@@ -359,3 +499,36 @@ def test_image_folder_reads_jpeg_and_rejects_bad_images(tmp_path):
         load_dataset(str(tmp_path / "none"), "all")
     with pytest.raises(ValueError, match="single image"):
         load_dataset(str(tmp_path / "sizes" / "a.png"))
+
+
+def test_image_folder_rescales_16_bit_png(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    # values * 257 used to be clipped to 255: every non-zero pixel saturated
+    u8 = np.array([[0, 64, 128], [192, 255, 10]], np.uint8)
+    v16 = u8.astype(np.uint16) * 257
+    v16[1, 2] = 10 * 257 + 128                                               # rounds to 10 (not 11)
+    (tmp_path / "p").mkdir()
+    Image.fromarray(v16).save(tmp_path / "p" / "a.png")
+    assert Image.open(tmp_path / "p" / "a.png").mode.startswith("I")
+    Image.fromarray(np.full((2, 3), 40000, np.uint16)).save(tmp_path / "p" / "b.png")
+    d = load_dataset(str(tmp_path / "p"), "all")
+    assert d.x.shape == (2, 1, 2, 3)
+    np.testing.assert_array_equal(d.uint8()[0, 0], u8)
+    np.testing.assert_array_equal(d.uint8()[1, 0], np.full((2, 3), 156))    # round(40000 / 257) = 156
+
+
+def test_image_folder_skips_hidden_files_and_folders(tmp_path):
+    r = np.random.default_rng(3)
+    imgs = r.integers(0, 256, (3, 4, 4), dtype=np.uint8)
+    for i, c in enumerate(["a", "a", "b"]):
+        write_png(tmp_path / "cls" / c / f"{i}.png", imgs[i])
+    (tmp_path / "cls" / "a" / "._0.png").write_bytes(b"\0\5\26\7 AppleDouble")   # a macOS resource fork
+    write_png(tmp_path / "cls" / ".thumbs" / "t.png", np.zeros((2, 2), np.uint8))  # would be a 3rd class
+    d = load_dataset(str(tmp_path / "cls"), "all")
+    assert d.num_classes == 2 and len(d) == 3
+    np.testing.assert_array_equal(d.y, [0, 0, 1])
+    np.testing.assert_array_equal(d.uint8()[:, 0], imgs)
+    write_png(tmp_path / "flat" / "x.png", imgs[0])
+    (tmp_path / "flat" / "._x.png").write_bytes(b"junk")
+    write_png(tmp_path / "flat" / ".hidden" / "y.png", imgs[1])              # not a class beside direct images
+    assert len(load_dataset(str(tmp_path / "flat"), "all")) == 1

@@ -52,3 +52,21 @@ def test_errors_name_the_bad_value():
         layout.flatten({"w": np.zeros(4)})
     with pytest.raises(ValueError, match="missing"):
         layout.flatten({})
+
+
+def test_shapes_must_be_tuples_of_non_negative_integers():
+    # shapes used to go through int(): (2.7,) -> (2,), "23" -> (2, 3), (True, 3) -> (1, 3)
+    for shape, needle in (((2.7,), r"holds 2\.7 \(float\)"), ("23", r"got '23' \(str\)"),
+                          ((True, 3), r"holds True \(bool\)"), ((np.True_, 3), r"\(bool\)"),
+                          (5, r"got 5 \(int\)"), (None, "got None"), (((2,), 3), r"holds \(2,\)"),
+                          ((np.float64(2.0),), r"\(float64\)")):
+        with pytest.raises(ValueError, match=f"parameter 'w'.*{needle}"):
+            ParamLayout([("w", shape)])
+    with pytest.raises(ValueError, match=r"parameter 'w' has a negative dimension: shape \(2, -3\)"):
+        ParamLayout([("w", (2, -3))])
+    with pytest.raises(ValueError, match="pairs"):
+        ParamLayout([5])
+    # what the models pass: tuples of Python ints; also lists (JSON) and NumPy integers
+    layout = ParamLayout([("a", [2, 3]), ("b", (np.int64(4), np.int32(1))), ("c", ()), ("d", (0,))])
+    assert layout.shapes == {"a": (2, 3), "b": (4, 1), "c": (), "d": (0,)} and layout.size == 11
+    assert all(type(d) is int for s in layout.shapes.values() for d in s)

@@ -28,6 +28,9 @@ never drift; a test recomputes them from :mod:`ddpm_ref.rng`. Both splits keep f
 from __future__ import annotations
 
 import os
+import struct
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -72,19 +75,38 @@ def digits_split_index(labels: np.ndarray) -> np.ndarray:
 
 
 def load_digits_raw(path: str = DIGITS_PATH):
-    """(levels uint8 (1797, 8, 8) in 0..16, labels int64 (1797,), test_index int64 (300,)) from the npz."""
+    """(levels uint8 (1797, 8, 8) in 0..16, labels int64 (1797,), test_index int64 (300,)) from the npz.
+
+    Any fault of the file (unreadable, corrupt zip or deflate data, missing keys, wrong shapes, dtypes or
+    values) is one ValueError whose message starts with ``path``.
+    """
+    def bad(msg):
+        raise ValueError(f"{path}: {msg}; reinstall ddpm-ref") from None
+
     try:
         with np.load(path, allow_pickle=False) as f:
             levels = np.asarray(f["images"])
-            labels = np.asarray(f["labels"]).astype(np.int64)
-            test_index = np.asarray(f["test_index"]).astype(np.int64)
-    except (OSError, KeyError, ValueError, EOFError) as e:
-        raise ValueError(f"{path}: cannot read the embedded digits file ({type(e).__name__}: {e}); "
-                         "reinstall ddpm-ref") from None
+            labels = np.asarray(f["labels"])
+            test_index = np.asarray(f["test_index"])
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, struct.error,
+            NotImplementedError) as e:
+        bad(f"cannot read the embedded digits file ({type(e).__name__}: {e})")
     if levels.shape != (1797, 8, 8) or labels.shape != (1797,) or test_index.shape != (N_TEST,):
-        raise ValueError(f"{path}: unexpected shapes images {levels.shape}, labels {labels.shape}, "
-                         f"test_index {test_index.shape}; expected (1797, 8, 8), (1797,), ({N_TEST},)")
-    return levels, labels, test_index
+        bad(f"unexpected shapes images {levels.shape}, labels {labels.shape}, test_index "
+            f"{test_index.shape}; expected (1797, 8, 8), (1797,), ({N_TEST},)")
+    for what, a in (("images", levels), ("labels", labels), ("test_index", test_index)):
+        if a.dtype.kind not in "iu":
+            bad(f"{what} must be integers, got dtype {a.dtype}")
+    if int(levels.min()) < 0 or int(levels.max()) > 16:
+        bad(f"images must hold levels 0..16, got range [{levels.min()}, {levels.max()}]")
+    if int(labels.min()) < 0 or int(labels.max()) > 9:
+        bad(f"labels must lie in 0..9, got range [{labels.min()}, {labels.max()}]")
+    if int(test_index.min()) < 0 or int(test_index.max()) >= labels.shape[0]:
+        bad(f"test_index must lie in 0..{labels.shape[0] - 1}, got range "
+            f"[{test_index.min()}, {test_index.max()}]")
+    if np.unique(test_index).size != N_TEST:
+        bad(f"test_index holds {N_TEST - np.unique(test_index).size} repeated entries")
+    return levels.astype(np.uint8), labels.astype(np.int64), test_index.astype(np.int64)
 
 
 def digits_uint8(split: str = "train", path: str = DIGITS_PATH):

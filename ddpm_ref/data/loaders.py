@@ -19,22 +19,31 @@ Sources understood by :func:`load_dataset`
 * an MNIST-format IDX file (raw or ``.gz``; the header is parsed here): an images file of shape
   (N, H, W) or (N, H, W, C), with labels read from the sibling ``*-labels-idx1-ubyte[.gz]`` file when
   present; or a directory holding ``train-images-idx3-ubyte[.gz]`` / ``t10k-images-idx3-ubyte[.gz]``
-  (and label files), whose names give the split.
+  (and label files), whose names give the split. The dotted spelling ``train-images.idx3-ubyte`` /
+  ``train-labels.idx1-ubyte`` is understood too. With ``split="all"`` both parts must hold images of
+  one shape.
 * a folder of PNG/JPEG images (needs Pillow, the ``cli`` extra). Images directly in the folder are
   unlabelled; images in sub-folders take the sorted sub-folder names as classes 0, 1, ...; sub-folders
   named ``train`` and ``test`` give the split. All images must have one size; they are read as grey
-  (all grey) or RGB.
+  (all grey) or RGB; 16-bit grey PNGs are rescaled to 8 bits as ``round(v / 257)`` (exact for the
+  65,536 / 256 values ``257 u`` a 16-bit copy of an 8-bit image holds). Hidden files and folders
+  (names starting with ``.``, such as macOS ``._x.png`` or ``.thumbs/``) are skipped.
 * ``.npy`` (one array) or ``.npz`` (keys ``x``/``images`` [+ ``y``/``labels``], or
   ``x_train``/``x_test`` [+ ``y_train``/``y_test``]), loaded with ``allow_pickle=False``. Integer
   images must hold 0..255; float images are taken to be in [-1, 1] already unless ``value_range=(lo,
   hi)`` says otherwise (then ``x = 2 (v - lo) / (hi - lo) - 1``). Images may be (N, H, W), (N, C, H,
   W) or (N, H, W, C) with C in {1, 3}; (N, D) arrays are vectors. Float images whose values all lie
   in [0, 1] are refused without ``value_range`` (they are usually [0, 1] images, and reading them as
-  [-1, 1] would silently train on washed-out data).
+  [-1, 1] would silently train on washed-out data). ``value_range`` must be two finite numbers.
+
+Labels are integers in 0..``MAX_CLASSES`` - 1 (100,000); ``num_classes`` is ``max(label) + 1`` over the
+whole source (both parts of a source with its own train/test split), so it is the same for every split,
+or 0 when the split read is unlabelled.
 
 Split of a source without one: ``split="all"`` is everything; "train" / "test" hold out a fraction
 ``test_fraction`` (default 0.1, rounded down) chosen as the first entries of
-``rng.permutation(seed, Stream.DATA, N, step=USER_SPLIT_STEP)``; both keep file order.
+``rng.permutation(seed, Stream.DATA, N, step=USER_SPLIT_STEP)``; both keep file order. ``n`` (at most
+n examples, or the number of toy points) must be an integer >= 1.
 
 Errors: any bad source (missing, unreadable, truncated, wrong shape, NaN or infinity, empty) raises
 one ``ValueError`` whose message starts with the file's path.
@@ -42,6 +51,7 @@ one ``ValueError`` whose message starts with the file's path.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import zipfile
@@ -57,7 +67,7 @@ from . import toys as _toys
 
 __all__ = [
     "Dataset", "load_dataset", "to_uint8", "from_uint8", "read_idx", "load_image_folder",
-    "load_array_file", "IMAGE_EXTENSIONS", "USER_SPLIT_STEP", "TOY_DEFAULT_N",
+    "load_array_file", "IMAGE_EXTENSIONS", "USER_SPLIT_STEP", "TOY_DEFAULT_N", "MAX_CLASSES",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -68,6 +78,10 @@ USER_SPLIT_STEP = 2000                   # rng step for the held-out split of us
 # At N = 10^6 that term is 0.0025. Drawing them costs about 0.3 s.
 TOY_DEFAULT_N = {"train": 1_000_000, "test": 5_000}
 _SPLITS = ("train", "test", "all")
+# The largest number of classes a labelled source may have (labels 0..MAX_CLASSES-1). A bound is needed
+# because num_classes = max(label) + 1 sizes the class embedding: a stray label of 2**40 would ask for
+# a table of 2**40 rows. 100,000 is far above any image-classification set (ImageNet-21k: 21,841).
+MAX_CLASSES = 100_000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,12 +101,15 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
     """float in [-1, 1] -> uint8 ``clip(round((x + 1) * 127.5), 0, 255)``; exact inverse of from_uint8.
 
     Values outside [-1, 1] (a sampler without clipping) are clipped; NaN or infinity is an error.
+    uint8 input is already the output and is returned as it is; any other non-floating dtype (int64,
+    uint16, bool, ...) is an error: whether its values are 8-bit levels or [-1, 1] numbers cannot be told.
     """
     x = np.asarray(x)
-    if x.dtype.kind == "u" and x.dtype.itemsize == 1:
+    if x.dtype == np.uint8:
         return x
-    if x.dtype.kind not in "fi":
-        raise ValueError(f"to_uint8 expects a float array in [-1, 1], got dtype {x.dtype}")
+    if x.dtype.kind != "f":
+        raise ValueError(f"to_uint8 expects a floating array in [-1, 1] (or uint8, returned as it is), "
+                         f"got dtype {x.dtype}; for 8-bit values use np.asarray(x, np.uint8)")
     x = x.astype(np.float64)
     bad = ~np.isfinite(x)
     if bad.any():
@@ -173,6 +190,20 @@ def _finite(arr: np.ndarray, path) -> None:
             _fail(path, f"{int(bad.sum())} values are NaN or infinite (first at index {tuple(int(i) for i in first)})")
 
 
+def _check_value_range(value_range):
+    """(lo, hi) as floats: two finite numbers with hi > lo; errors name the value."""
+    try:
+        lo, hi = value_range
+        lo, hi = float(lo), float(hi)
+    except (TypeError, ValueError):
+        raise ValueError(f"value_range must be a pair of numbers (lo, hi), got {value_range!r}") from None
+    if not (np.isfinite(lo) and np.isfinite(hi) and np.isfinite(hi - lo)):
+        raise ValueError(f"value_range must hold finite numbers (lo, hi), got {value_range!r}")
+    if not hi > lo:
+        raise ValueError(f"value_range must be (lo, hi) with hi > lo, got {value_range!r}")
+    return lo, hi
+
+
 def _to_model_array(arr: np.ndarray, path, value_range=None) -> np.ndarray:
     """Check and scale raw data: images -> float32 (N, C, H, W) in [-1, 1]; (N, D) -> float32 as is."""
     arr = np.asarray(arr)
@@ -201,9 +232,7 @@ def _to_model_array(arr: np.ndarray, path, value_range=None) -> np.ndarray:
         _fail(path, f"expected (N, D) vectors or images (N, H, W), (N, C, H, W), (N, H, W, C); "
                     f"got shape {arr.shape}")
     if value_range is not None:
-        lo, hi = (float(v) for v in value_range)
-        if not hi > lo:
-            raise ValueError(f"value_range must be (lo, hi) with hi > lo, got {value_range!r}")
+        lo, hi = _check_value_range(value_range)
         v = arr.astype(np.float64)
         if v.min() < lo - 1e-6 * (hi - lo) or v.max() > hi + 1e-6 * (hi - lo):
             _fail(path, f"values span [{v.min()}, {v.max()}], outside value_range {value_range!r}")
@@ -231,9 +260,18 @@ def _check_labels(y, n: int, path) -> np.ndarray:
     y = y.reshape(-1) if y.ndim == 2 and 1 in y.shape else y
     if y.shape != (n,):
         _fail(path, f"labels have shape {y.shape}, expected ({n},) to match the images")
-    if n and y.min() < 0:
+    if n and int(y.min()) < 0:
         _fail(path, f"labels must be >= 0, got minimum {y.min()}")
+    if n and int(y.max()) >= MAX_CLASSES:              # Python ints: no uint64 -> int64 wrap-around
+        _fail(path, f"labels must be < MAX_CLASSES = {MAX_CLASSES} (num_classes is the largest label "
+                    f"+ 1), got maximum {y.max()}")
     return y.astype(np.int64)
+
+
+def _num_classes(*label_arrays) -> int:
+    """max + 1 over every (checked) label array given, ignoring None and empty ones; 0 if none."""
+    tops = [int(y.max()) for y in label_arrays if y is not None and y.size]
+    return max(tops) + 1 if tops else 0
 
 
 def _holdout(n: int, split: str, seed: int, test_fraction: float) -> np.ndarray:
@@ -276,26 +314,31 @@ def read_idx(path: str) -> np.ndarray:
         _fail(path, f"truncated IDX header: {len(raw)} bytes, need {header}")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     dtype = np.dtype(_IDX_DTYPES[code])
-    count = int(np.prod(dims, dtype=np.int64))
+    count = math.prod(dims)                              # Python int: no overflow for huge headers
     expected = header + count * dtype.itemsize
     if len(raw) != expected:
         what = "truncated" if len(raw) < expected else "has trailing bytes"
-        _fail(path, f"IDX file {what}: {len(raw)} bytes, the header {tuple(dims)} of {dtype} needs {expected}")
+        _fail(path, f"IDX file {what}: {len(raw)} bytes, the header {tuple(dims)} of {dtype} "
+                    f"needs {expected} bytes")
     arr = np.frombuffer(raw, dtype=dtype, count=count, offset=header).reshape(dims)
     return arr.astype(dtype.newbyteorder("="))
 
 
 def _idx_label_path(images_path: str) -> Optional[str]:
+    """The labels file beside an images file: ``*images-idx3*`` -> ``*labels-idx1*[.gz]`` (also with
+    the dotted spelling ``images.idx3`` -> ``labels.idx1``, the one the MNIST mirrors often use)."""
     base = os.path.basename(images_path)
-    if "images-idx3" not in base:
-        return None
-    stem = base.replace("images-idx3", "labels-idx1")
-    stem = stem[:-3] if stem.endswith(".gz") else stem
     folder = os.path.dirname(images_path)
-    for cand in (stem, stem + ".gz"):
-        p = os.path.join(folder, cand)
-        if os.path.isfile(p):
-            return p
+    for sep in ("-", "."):
+        if f"images{sep}idx3" not in base:
+            continue
+        for lsep in (sep, "." if sep == "-" else "-"):          # the same spelling first
+            stem = base.replace(f"images{sep}idx3", f"labels{lsep}idx1")
+            stem = stem[:-3] if stem.endswith(".gz") else stem
+            for cand in (stem, stem + ".gz"):
+                p = os.path.join(folder, cand)
+                if os.path.isfile(p):
+                    return p
     return None
 
 
@@ -335,13 +378,17 @@ def _find_mnist_files(folder: str, prefix: str):
 # Folders of images (Pillow)
 
 def _list_images(folder: str):
+    """Image files directly in ``folder``, sorted; hidden names (starting with ".") are skipped."""
     return sorted(f for f in os.listdir(folder)
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f)))
+                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+                  and os.path.isfile(os.path.join(folder, f)))
 
 
 def _list_class_dirs(folder: str):
+    """Sub-folders of ``folder`` that hold images, sorted; hidden ones (".thumbs") are skipped."""
     return sorted(d for d in os.listdir(folder)
-                  if os.path.isdir(os.path.join(folder, d)) and _list_images(os.path.join(folder, d)))
+                  if not d.startswith(".") and os.path.isdir(os.path.join(folder, d))
+                  and _list_images(os.path.join(folder, d)))
 
 
 def _read_images(paths, folder):
@@ -350,7 +397,7 @@ def _read_images(paths, folder):
     except ImportError:
         raise ImportError("reading a folder of PNG/JPEG images needs Pillow: pip install 'ddpm-ref[cli]' "
                           "(or save the images as .npy / IDX)") from None
-    grey_modes = {"1", "L", "LA", "I", "I;16", "F"}
+    grey_modes = {"1", "L", "LA", "I", "F"}
     pics, modes = [], []
     for p in paths:
         try:
@@ -362,16 +409,22 @@ def _read_images(paths, folder):
             _fail(p, f"cannot read the image ({type(e).__name__}: {e})")
     if not pics:
         _fail(folder, f"no {'/'.join(IMAGE_EXTENSIONS)} images found")
-    mode = "L" if all(m in grey_modes for m in modes) else "RGB"
+    mode = "L" if all(m in grey_modes or m.startswith("I;16") for m in modes) else "RGB"
     size = pics[0].size
     arrs = []
     for p, im in zip(paths, pics):
         if im.size != size:
             _fail(p, f"image size {im.size[0]}x{im.size[1]} differs from {size[0]}x{size[1]} "
                      f"(the first image, {os.path.basename(paths[0])})")
-        if im.mode in ("I", "I;16", "F"):
-            a = np.asarray(im, dtype=np.float64)
-            im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+        if im.mode == "I" or im.mode.startswith("I;16"):
+            # 16-bit grey (Pillow reads a 16-bit PNG as "I;16" or "I"): 0..65535 -> round(v / 257),
+            # exact for v = 257 u, the 16-bit copy of the 8-bit value u.
+            a = np.asarray(im).astype(np.int64)
+            if a.size and (a.min() < 0 or a.max() > 65535):
+                _fail(p, f"16-bit image values must lie in 0..65535, got range [{a.min()}, {a.max()}]")
+            im = Image.fromarray(((2 * a + 257) // 514).astype(np.uint8))     # floor(v / 257 + 1/2)
+        elif im.mode == "F":
+            _fail(p, "floating-point images (mode 'F') are not supported; save 8- or 16-bit images")
         arrs.append(np.asarray(im.convert(mode), dtype=np.uint8))
     x = np.stack(arrs)                                              # (N, H, W) or (N, H, W, 3)
     return x if x.ndim == 4 else x[..., None]
@@ -412,7 +465,8 @@ def load_array_file(path: str) -> dict:
             return {k: np.asarray(f[k]) for k in f.files}
     except FileNotFoundError:
         _fail(path, "no such file")
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, struct.error,
+            NotImplementedError) as e:
         _fail(path, f"cannot read the array file ({type(e).__name__}: {e})")
 
 
@@ -428,20 +482,42 @@ def _pick(arrays: dict, names, path, what: str, required=True):
 # ---------------------------------------------------------------------------------------------
 # load_dataset
 
+def _check_same_shape(parts, path) -> None:
+    """The (name, array) parts that split="all" concatenates must agree in example shape and kind."""
+    (n0, a0), rest = parts[0], parts[1:]
+    for name, a in rest:
+        if a0.ndim == 0 or a.ndim == 0 or a.shape[1:] != a0.shape[1:]:
+            _fail(path, f"cannot join the parts for split='all': {name} has shape {a.shape}, {n0} has "
+                        f"{a0.shape} (they must differ in the first axis only)")
+        if (a.dtype.kind == "f") != (a0.dtype.kind == "f"):
+            _fail(path, f"cannot join the parts for split='all': {name} has dtype {a.dtype}, {n0} has "
+                        f"{a0.dtype} (both integer 0..255 or both float)")
+
+
+def _read_idx_labels(labels_path: str) -> np.ndarray:
+    """A checked 1-D IDX labels file on its own (for num_classes over the whole source)."""
+    y = read_idx(labels_path)
+    if y.ndim != 1:
+        _fail(labels_path, f"an IDX labels file must be 1-D, got shape {y.shape}")
+    return _check_labels(y, y.shape[0], labels_path)
+
+
 def _finish(x, y, name, split, source, path, value_range, n, keep=None, levels=None,
             num_classes=None) -> Dataset:
     """Validate and scale the whole source, then take the split ``keep`` and the first ``n``."""
     xm = _to_model_array(x, path, value_range)                    # checks shape, NaN, range, empty
     if y is not None:
         y = _check_labels(y, xm.shape[0], path)
-    if num_classes is None:
-        num_classes = 0 if y is None else int(y.max()) + 1
+    if y is None:
+        num_classes = 0                                           # unlabelled split
+    elif num_classes is None:
+        num_classes = _num_classes(y)
     if keep is not None:
         xm = xm[keep]
         y = None if y is None else y[keep]
     if n is not None:
-        xm = xm[: int(n)]
-        y = None if y is None else y[: int(n)]
+        xm = xm[:n]
+        y = None if y is None else y[:n]
     if xm.shape[0] == 0:
         _fail(path, f"the {split!r} split is empty (the source holds {len(x)} examples); "
                     "use split='all' or a larger test_fraction")
@@ -462,8 +538,12 @@ def load_dataset(name_or_path: str, split: str = "train", seed: int = 0, n: Opti
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
     seed = rng.check_seed(seed)
-    if n is not None and int(n) < 1:
-        raise ValueError(f"n must be a positive number of examples, got {n!r}")
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n must be an integer >= 1 (a number of examples), got {n!r}")
+        n = int(n)
+    if value_range is not None:
+        _check_value_range(value_range)
     name = str(name_or_path)
 
     if name == "digits":
@@ -490,17 +570,23 @@ def load_dataset(name_or_path: str, split: str = "train", seed: int = 0, n: Opti
         te_img, te_lab = _find_mnist_files(path, "t10k")
         if tr_img or te_img:
             if split == "all":
-                parts = [_load_idx_pair(p, l) for p, l in ((tr_img, tr_lab), (te_img, te_lab)) if p]
+                pairs = [(p, l) for p, l in ((tr_img, tr_lab), (te_img, te_lab)) if p]
+                parts = [_load_idx_pair(p, l) for p, l in pairs]
+                _check_same_shape([(os.path.basename(p), part[0]) for (p, _), part in zip(pairs, parts)], path)
                 x = np.concatenate([p[0] for p in parts])
                 ys = [p[1] for p in parts]
                 y = None if any(v is None for v in ys) else np.concatenate(ys)
+                num_classes = _num_classes(*ys)
             else:
                 img, lab = (tr_img, tr_lab) if split == "train" else (te_img, te_lab)
                 if img is None:
                     _fail(path, f"no {'train' if split == 'train' else 't10k'}-images-idx3-ubyte[.gz] "
                                 f"for split {split!r}")
                 x, y = _load_idx_pair(img, lab)
-            return _finish(x, y, label, split, path, path, value_range, n)
+                # num_classes over the whole source: read the other part's labels too (not its images)
+                other = te_lab if split == "train" else tr_lab
+                num_classes = _num_classes(y, None if other is None or y is None else _read_idx_labels(other))
+            return _finish(x, y, label, split, path, path, value_range, n, num_classes=num_classes)
         # Folder of images, with train/ and test/ sub-folders or not.
         sub = {d: os.path.join(path, d) for d in ("train", "test") if os.path.isdir(os.path.join(path, d))}
         if len(sub) == 2:
@@ -530,15 +616,24 @@ def load_dataset(name_or_path: str, split: str = "train", seed: int = 0, n: Opti
     if lower.endswith((".npy", ".npz")):
         arrays = load_array_file(path)
         if "x_train" in arrays or "x_test" in arrays:
+            xs, ys = {}, {}
+            for part in ("train", "test"):
+                if f"x_{part}" in arrays:
+                    xs[part] = np.asarray(arrays[f"x_{part}"])
+                    if f"y_{part}" in arrays:
+                        n_part = xs[part].shape[0] if xs[part].ndim else 0
+                        ys[part] = _check_labels(arrays[f"y_{part}"], n_part, f"{path} (y_{part})")
+            num_classes = _num_classes(*ys.values())             # the same for every split
             if split == "all":
-                x = np.concatenate([_pick(arrays, ["x_train"], path, "x_train"),
-                                    _pick(arrays, ["x_test"], path, "x_test")])
-                ys = [arrays.get("y_train"), arrays.get("y_test")]
-                y = None if any(v is None for v in ys) else np.concatenate([np.asarray(v).reshape(-1) for v in ys])
+                xtr = _pick(arrays, ["x_train"], path, "x_train")
+                xte = _pick(arrays, ["x_test"], path, "x_test")
+                _check_same_shape([("x_train", np.asarray(xtr)), ("x_test", np.asarray(xte))], path)
+                x = np.concatenate([xtr, xte])
+                y = None if len(ys) < 2 else np.concatenate([ys["train"], ys["test"]])
             else:
                 x = _pick(arrays, [f"x_{split}"], path, f"x_{split}")
-                y = arrays.get(f"y_{split}")
-            return _finish(x, y, label, split, path, path, value_range, n)
+                y = ys.get(split)
+            return _finish(x, y, label, split, path, path, value_range, n, num_classes=num_classes)
         x = _pick(arrays, ["x", "images", "arr_0"] if len(arrays) > 1 or "arr_0" not in arrays
                   else ["arr_0"], path, "data")
         y = _pick(arrays, ["y", "labels"], path, "labels", required=False)

@@ -26,10 +26,11 @@ __all__ = ["TOYS", "toy_data", "swiss_roll", "moons", "eight_gaussians", "checke
 
 def _draws(n: int, seed: int, index_offset: int, step: int, toy_id: int):
     """(u float64 (n, 4) uniforms in (0, 1), z float64 (n, 2) standard normals) for n points."""
-    n = int(n)
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    index_offset = int(index_offset)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be an integer >= 1 (a number of points), got {n!r}")
+    if isinstance(index_offset, bool) or not isinstance(index_offset, (int, np.integer)):
+        raise ValueError(f"index_offset must be an integer, got {index_offset!r}")
+    n, index_offset = int(n), int(index_offset)
     if index_offset < 0 or index_offset + n > 2**32:
         raise ValueError(f"index_offset + n must lie in [0, 2**32], got {index_offset} + {n}")
     index = np.arange(index_offset, index_offset + n, dtype=np.int64)
