@@ -137,3 +137,7 @@ def test_bad_inputs():
     _, cache = model.forward(p, np.zeros((2, 2), np.float32), np.zeros(2, np.int64))
     with pytest.raises(ValueError, match=r"dout must have shape \(2, 2\)"):
         model.backward(np.zeros((2, 4), np.float32), cache)
+    assert model.backward(np.ones((2, 2), np.float32), cache).shape == p.shape   # the cache survived the bad call
+    for bad in (2.5, "3", 0, True):
+        with pytest.raises(ValueError, match="num_classes must be None or a positive integer"):
+            MLP.from_preset("tiny", num_classes=bad)

@@ -61,3 +61,13 @@ def test_attention_errors():
         attention_forward(np.zeros((2, 3, 4)), np.zeros((2, 3, 4)), np.zeros((2, 4, 4)))
     with pytest.raises(ValueError, match="int64"):
         attention_forward(np.zeros((2, 3, 4), dtype=np.int64), np.zeros((2, 3, 4)), np.zeros((2, 3, 4)))
+
+
+def test_softmax_and_sigmoid_refuse_non_float_input():
+    from ddpm_ref.ops.activation import sigmoid
+
+    for f in (softmax, sigmoid):
+        with pytest.raises(ValueError, match="floating-point array, got dtype int64"):
+            f(np.arange(3))
+        with pytest.raises(ValueError, match="must be a numpy array, got list"):
+            f([0.0, 1.0])

@@ -357,6 +357,12 @@ def test_conv_float64_stays_float64():
     ((2, 3, 4, 4), (4, 3, 3, 3), {"padding": (1, 1, 1)}, r"padding"),   # 3-tuple padding
     ((2, 3, 4, 4), (4, 3, 3, 3), {"padding": -1}, r"padding"),
     ((2, 3, 4, 4), (4, 3, 3, 3), {"stride": 0}, r"stride"),
+    # non-integers are refused, not truncated by int() (stride 1.5 used to run as 1, "11" as (1, 1))
+    ((2, 3, 4, 4), (4, 3, 3, 3), {"stride": 1.5}, r"stride must be an integer, got 1\.5"),
+    ((2, 3, 4, 4), (4, 3, 3, 3), {"stride": "2"}, r"stride must be an integer"),
+    ((2, 3, 4, 4), (4, 3, 3, 3), {"padding": (0.7, 0.7, 0.7, 0.7)}, r"padding entry must be an integer"),
+    ((2, 3, 4, 4), (4, 3, 3, 3), {"padding": "11"}, r"padding must be an int or"),
+    ((2, 3, 4, 4), (4, 3, 3, 3), {"padding": True}, r"padding must be an int or"),
 ])
 def test_conv_errors(x_shape, w_shape, kwargs, match):
     with pytest.raises(ValueError, match=match):

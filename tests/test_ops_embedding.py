@@ -78,6 +78,8 @@ def test_embedding_errors():
         embedding_forward(np.array([0, 3]), table)
     with pytest.raises(ValueError, match=r"\(2, 2, 1\)"):
         timestep_embedding(np.zeros((2, 2, 1)), 8)
+    with pytest.raises(ValueError, match="dim must be an integer, got 5.5"):   # was a width-5 embedding
+        timestep_embedding(np.zeros(2), 5.5)
     with pytest.raises(ValueError, match="dim=2"):
         timestep_embedding(np.zeros(2), 2)                 # half - freq_shift = 0: division by zero
     with pytest.raises(ValueError, match="int64"):

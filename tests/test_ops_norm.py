@@ -151,6 +151,32 @@ def test_group_norm_errors():
         group_norm_forward(np.zeros((2, 6, 4)), np.ones(5), g, 3)
     with pytest.raises(ValueError, match="int64"):
         group_norm_silu_forward(np.zeros((2, 6, 4), dtype=np.int64), g, g, 3)
+    for bad in (2.5, "3", True):                         # 2.5 used to run as 2 groups
+        with pytest.raises(ValueError, match="groups must be an integer"):
+            group_norm_forward(np.zeros((2, 6, 4)), g, g, bad)
     _, cache = group_norm_silu_forward(np.zeros((2, 6, 4)), g, g, 3)
     with pytest.raises(ValueError, match=r"\(2, 6, 5\)"):
         group_norm_silu_backward(np.zeros((2, 6, 5)), cache)
+
+
+@pytest.mark.parametrize("silu", [False, True])
+def test_group_norm_backward_whatever_the_layout_of_dy(silu):
+    """dy may be any view of the right shape: channels-last, Fortran order, transposed, strided.
+    (A dy with channels-last memory used to lose two terms of dx: the result followed dy's layout,
+    so the (N, G, K) reshape that received the in-place corrections was a copy.)"""
+    r = np.random.default_rng(4)
+    fwd, bwd = (group_norm_silu_forward, group_norm_silu_backward) if silu else \
+        (group_norm_forward, group_norm_backward)
+    for shape in ((2, 6, 3, 5), (3, 4, 7)):
+        x = r.normal(size=shape)
+        g, b = r.normal(size=shape[1]), r.normal(size=shape[1])
+        dy = r.normal(size=shape)
+        want = bwd(dy, fwd(x, g, b, 2)[1])
+        views = [np.asfortranarray(dy), dy[::-1][::-1].copy()[::-1][::-1],
+                 np.ascontiguousarray(np.moveaxis(dy, 1, -1)).transpose((0, dy.ndim - 1) + tuple(range(1, dy.ndim - 1)))]
+        for view in views:
+            got = bwd(view, fwd(x, g, b, 2)[1])
+            for a, e in zip(got, want):
+                # the same sums, reduced in another order for a strided dy: float64 rounding only
+                # (the bug gave errors of order 1)
+                np.testing.assert_allclose(a, e, rtol=1e-12, atol=1e-12)

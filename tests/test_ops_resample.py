@@ -71,6 +71,9 @@ def test_resample_errors():
         avg_pool2d_forward(np.zeros((1, 1, 5, 4)), 2)
     with pytest.raises(ValueError, match="int64"):
         avg_pool2d_forward(np.zeros((1, 1, 4, 4), dtype=np.int64))
+    for bad in (1.5, 2.9, "2"):                          # 2.9 used to pool by 2
+        with pytest.raises(ValueError, match="k must be an integer"):
+            avg_pool2d_forward(np.zeros((1, 1, 4, 4)), bad)
     with pytest.raises(ValueError, match=r"\(1, 2, 5\)"):
         concat_forward([np.zeros((1, 2, 4)), np.zeros((1, 2, 5))], axis=1)
     with pytest.raises(ValueError, match="empty"):

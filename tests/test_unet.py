@@ -73,6 +73,17 @@ def test_config_errors():
     for bad in (2, -1, True, 1.0, "1"):
         with pytest.raises(ValueError, match=f"downsample_padding must be 0 .* or 1 .*got {bad!r}"):
             UNet.from_preset("tiny", downsample_padding=bad)
+    # refused rather than failing later (head_dim 0: ZeroDivisionError) or truncated (num_classes 2.5
+    # made a 3-row table whose "no label" row 2 was also accepted as a label)
+    for bad in (0, -4, 2.0, "4", True):
+        with pytest.raises(ValueError, match="head_dim must be None or a positive integer"):
+            UNet.from_preset("tiny", head_dim=bad)
+    for bad in (2.5, "3", 0, True):
+        with pytest.raises(ValueError, match="num_classes must be None or a positive integer"):
+            UNet.from_preset("tiny", num_classes=bad)
+    for name, bad in (("ch_mult", (1.5, 2)), ("attn_resolutions", (4.7,)), ("ch_mult", "12")):
+        with pytest.raises(ValueError, match=f"{name} must be a tuple of integers"):
+            UNet.from_preset("tiny", **{name: bad})
 
 
 def test_downsample_padding_config_and_old_configs():

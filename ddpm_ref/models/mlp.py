@@ -71,7 +71,9 @@ class MLPConfig:
             raise ValueError(f"x_scale must be > 0, got {self.x_scale}")
         if not isinstance(self.x_raw, (bool, np.bool_)):
             raise ValueError(f"x_raw must be True or False, got {self.x_raw!r}")
-        if self.num_classes is not None and (isinstance(self.num_classes, bool) or int(self.num_classes) < 1):
+        if self.num_classes is not None and (isinstance(self.num_classes, (bool, np.bool_))
+                                             or not isinstance(self.num_classes, (int, np.integer))
+                                             or self.num_classes < 1):
             raise ValueError(f"num_classes must be None or a positive integer, got {self.num_classes!r}")
 
     @property
@@ -233,12 +235,12 @@ class MLP:
         if cache is None or "caches" not in cache or cache["caches"] is None:
             raise ValueError("backward needs the cache of a forward(..., keep_cache=True) call (used once)")
         cfg = self.config
-        c_fx, c_y, c_cat, c_in, blocks, c_a, c_out = cache["caches"]
-        cache["caches"] = None
         n, dtype = cache["n"], cache["dtype"]
         dout = np.asarray(dout)
-        if dout.shape != (n, cfg.out_dim):
+        if dout.shape != (n, cfg.out_dim):           # checked before the cache is used up: a retry works
             raise ValueError(f"dout must have shape ({n}, {cfg.out_dim}), got {dout.shape}")
+        c_fx, c_y, c_cat, c_in, blocks, c_a, c_out = cache["caches"]
+        cache["caches"] = None
         dout = dout.astype(dtype, copy=False)
         if out is None:
             grad = self.layout.zeros(dtype)

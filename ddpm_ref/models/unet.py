@@ -92,8 +92,12 @@ class UNetConfig:
     downsample_padding: int = 0
 
     def __post_init__(self):
-        self.ch_mult = tuple(int(m) for m in self.ch_mult)
-        self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
+        for name in ("ch_mult", "attn_resolutions"):      # integers, not truncated floats or strings
+            v = getattr(self, name)
+            if (not isinstance(v, (tuple, list)) or
+                    any(isinstance(m, (bool, np.bool_)) or not isinstance(m, (int, np.integer)) for m in v)):
+                raise ValueError(f"{name} must be a tuple of integers, got {v!r}")
+            setattr(self, name, tuple(int(m) for m in v))
         for name in ("in_channels", "image_size", "ch", "num_res_blocks", "groups", "num_timesteps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
@@ -107,7 +111,9 @@ class UNetConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not float(self.norm_eps) > 0:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
-        if self.num_classes is not None and (isinstance(self.num_classes, bool) or int(self.num_classes) < 1):
+        if self.num_classes is not None and (isinstance(self.num_classes, (bool, np.bool_))
+                                             or not isinstance(self.num_classes, (int, np.integer))
+                                             or self.num_classes < 1):
             raise ValueError(f"num_classes must be None or a positive integer, got {self.num_classes!r}")
         down = 2 ** (len(self.ch_mult) - 1)
         if self.image_size % down:
@@ -118,6 +124,9 @@ class UNetConfig:
                 raise ValueError(f"{c} channels cannot be split into groups={self.groups} GroupNorm groups "
                                  f"(ch {self.ch}, ch_mult {self.ch_mult})")
         if self.head_dim is not None:
+            if (isinstance(self.head_dim, (bool, np.bool_)) or not isinstance(self.head_dim, (int, np.integer))
+                    or self.head_dim < 1):
+                raise ValueError(f"head_dim must be None or a positive integer, got {self.head_dim!r}")
             for c in self._attention_channels():
                 if c % self.head_dim:
                     raise ValueError(f"an attention layer with {c} channels cannot be split into heads of "

@@ -15,19 +15,14 @@ import math
 import numpy as np
 
 from .. import rng as _rng
+from ._checks import check_float as _check_float
 
 __all__ = ["sigmoid", "silu_forward", "silu_backward", "dropout_mask", "dropout_forward", "dropout_backward"]
 
 
-def _check_float(name, a):
-    if not isinstance(a, np.ndarray):
-        raise ValueError(f"{name} must be a numpy array, got {type(a).__name__}")
-    if a.dtype.kind != "f":                  # np.issubdtype(a.dtype, np.floating), ~6x cheaper
-        raise ValueError(f"{name} must be a floating-point array, got dtype {a.dtype} with shape {a.shape}")
-
-
 def sigmoid(x, out=None):
     """Logistic function ``1 / (1 + exp(-x))``; exp overflows to inf for x << 0, giving exactly 0."""
+    _check_float("x", x)
     out = np.negative(x, out=out)
     with np.errstate(over="ignore", under="ignore"):
         np.exp(out, out=out)

@@ -23,18 +23,14 @@ Backward (dout given):
 """
 import numpy as np
 
+from ._checks import check_float as _check_float
+
 __all__ = ["softmax", "attention_forward", "attention_backward"]
-
-
-def _check_float(name, a):
-    if not isinstance(a, np.ndarray):
-        raise ValueError(f"{name} must be a numpy array, got {type(a).__name__}")
-    if a.dtype.kind != "f":                  # np.issubdtype(a.dtype, np.floating), ~6x cheaper
-        raise ValueError(f"{name} must be a floating-point array, got dtype {a.dtype} with shape {a.shape}")
 
 
 def softmax(s, axis=-1):
     """Numerically stable softmax along ``axis`` (a new array; ``s`` is not modified)."""
+    _check_float("s", s)
     p = s - s.max(axis=axis, keepdims=True)      # largest entry 0: exp never overflows
     np.exp(p, out=p)
     p /= p.sum(axis=axis, keepdims=True)         # the max's term is 1, so the sum is >= 1

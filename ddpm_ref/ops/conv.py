@@ -93,6 +93,9 @@ import os
 
 import numpy as np
 
+from ._checks import check_float as _check_float
+from ._checks import check_int as _check_int
+
 __all__ = ["conv2d_forward", "conv2d_backward", "conv_output_size"]
 
 # Path choice for stride 1 (see _choose_path): im2col when the output is at most this many pixels
@@ -168,14 +171,13 @@ _STACK_MAX_ELEMENTS = 0 if _blas_threads() == 1 else 1 << 24
 
 def _normalize_padding(padding):
     """int or (top, bottom, left, right) -> 4-tuple of non-negative ints."""
-    if isinstance(padding, (int, np.integer)):
+    if isinstance(padding, (int, np.integer)) and not isinstance(padding, (bool, np.bool_)):
         p = int(padding)
         pads = (p, p, p, p)
     else:
-        try:
-            pads = tuple(int(p) for p in padding)
-        except TypeError:
-            raise ValueError(f"padding must be an int or (top, bottom, left, right), got {padding!r}") from None
+        if not isinstance(padding, (tuple, list)):
+            raise ValueError(f"padding must be an int or (top, bottom, left, right), got {padding!r}")
+        pads = tuple(_check_int("padding entry", p) for p in padding)
         if len(pads) == 2:   # (vertical, horizontal), torch's convention for a pair
             pads = (pads[0], pads[0], pads[1], pads[1])
         if len(pads) != 4:
@@ -188,13 +190,6 @@ def _normalize_padding(padding):
 def conv_output_size(size, k, stride, pad_before, pad_after):
     """Output length along one axis: floor((size + pads - k) / stride) + 1."""
     return (size + pad_before + pad_after - k) // stride + 1
-
-
-def _check_float(name, a):
-    if not isinstance(a, np.ndarray):
-        raise ValueError(f"{name} must be a numpy array, got {type(a).__name__}")
-    if a.dtype.kind != "f":                  # np.issubdtype(a.dtype, np.floating), ~6x cheaper
-        raise ValueError(f"{name} must be a floating-point array, got dtype {a.dtype} with shape {a.shape}")
 
 
 def _dense_wins(N, C, O, H, W, Ho, Wo, kh, kw):
@@ -300,9 +295,7 @@ def _conv2d(x, w, b, stride, padding, temb=None):
         _check_float("b", b)
         if b.shape != (O,):
             raise ValueError(f"conv2d bias must have shape ({O},), got {b.shape}")
-    stride = int(stride)
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
+    stride = _check_int("stride", stride, 1)
     pt, pb, pl, pr = _normalize_padding(padding)
     Hp, Wp = H + pt + pb, W + pl + pr
     Ho = conv_output_size(H, kh, stride, pt, pb)

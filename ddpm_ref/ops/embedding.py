@@ -27,15 +27,15 @@ import math
 
 import numpy as np
 
+from ._checks import check_int as _check_int
+
 __all__ = ["timestep_frequencies", "timestep_embedding", "sinusoidal_forward", "sinusoidal_backward",
            "embedding_forward", "embedding_backward"]
 
 
 def timestep_frequencies(dim, freq_shift=1, max_period=10000, dtype=np.float32):
     """The ``dim // 2`` frequencies ``f_k``, rounded step by step in ``dtype`` as diffusers does."""
-    dim = int(dim)
-    if dim < 2:
-        raise ValueError(f"sinusoidal embedding dim must be >= 2, got {dim}")
+    dim = _check_int("sinusoidal embedding dim", dim, 2)
     half = dim // 2
     denom = half - freq_shift
     if denom <= 0:

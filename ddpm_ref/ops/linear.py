@@ -11,14 +11,9 @@ where "rows" are all leading axes of ``x`` flattened together.
 """
 import numpy as np
 
+from ._checks import check_float as _check_float
+
 __all__ = ["linear_forward", "linear_backward"]
-
-
-def _check_float(name, a):
-    if not isinstance(a, np.ndarray):
-        raise ValueError(f"{name} must be a numpy array, got {type(a).__name__}")
-    if a.dtype.kind != "f":                  # np.issubdtype(a.dtype, np.floating), ~6x cheaper
-        raise ValueError(f"{name} must be a floating-point array, got dtype {a.dtype} with shape {a.shape}")
 
 
 def linear_forward(x, w, b=None):

@@ -49,14 +49,10 @@ import math
 
 import numpy as np
 
+from ._checks import check_float as _check_float
+from ._checks import check_int as _check_int
+
 __all__ = ["group_norm_forward", "group_norm_backward", "group_norm_silu_forward", "group_norm_silu_backward"]
-
-
-def _check_float(name, a):
-    if not isinstance(a, np.ndarray):
-        raise ValueError(f"{name} must be a numpy array, got {type(a).__name__}")
-    if a.dtype.kind != "f":                  # np.issubdtype(a.dtype, np.floating), ~6x cheaper
-        raise ValueError(f"{name} must be a floating-point array, got dtype {a.dtype} with shape {a.shape}")
 
 
 def _normalize(x, gamma, beta, groups, eps, negate=False):
@@ -70,8 +66,8 @@ def _normalize(x, gamma, beta, groups, eps, negate=False):
     if x.ndim < 2:
         raise ValueError(f"group_norm expects x of shape (N, C, ...), got shape {x.shape}")
     N, C = x.shape[:2]
-    groups = int(groups)
-    if groups < 1 or C % groups:
+    groups = _check_int("group_norm: groups", groups, 1)
+    if C % groups:
         raise ValueError(f"group_norm: {C} channels of x with shape {x.shape} cannot be divided into "
                          f"{groups} groups")
     if gamma.shape != (C,) or beta.shape != (C,):
@@ -151,7 +147,9 @@ def _backward(dz, cache):
     mean_dxhat_xhat = (sum_dzx * gamma).reshape(N, G, -1).sum(-1, keepdims=True) / K  # (N, G, 1)
     # dx = r (gamma dz - mean_dxhat - xhat mean_dxhat_xhat), xhat = xc r, written as three passes.
     coef = (r_c * gamma).reshape(N, C, 1)                # (N, C, 1) r gamma
-    dx = np.multiply(dz3, coef)                          # (N, C, S)  r gamma dz
+    # dx is allocated C-contiguous (a ufunc's output would follow dy's layout, e.g. channels-last),
+    # so that dx3 below is a view of it and the in-place corrections land in dx
+    dx = np.multiply(dz3, coef, out=np.empty((N, C, S), dtype=dt))   # (N, C, S)  r gamma dz
     dx3 = dx.reshape(N, G, K)
     tmp = np.multiply(xc, rstd * rstd * mean_dxhat_xhat)  # (N, G, K)  r xhat mean(dxhat xhat)
     dx3 -= tmp

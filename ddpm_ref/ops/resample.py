@@ -13,15 +13,11 @@ strided convolution, ops.conv, or optionally average pooling) and of its skip co
 """
 import numpy as np
 
+from ._checks import check_float as _check_float
+from ._checks import check_int as _check_int
+
 __all__ = ["upsample_nearest2x_forward", "upsample_nearest2x_backward", "avg_pool2d_forward",
            "avg_pool2d_backward", "concat_forward", "concat_backward"]
-
-
-def _check_float(name, a):
-    if not isinstance(a, np.ndarray):
-        raise ValueError(f"{name} must be a numpy array, got {type(a).__name__}")
-    if a.dtype.kind != "f":                  # np.issubdtype(a.dtype, np.floating), ~6x cheaper
-        raise ValueError(f"{name} must be a floating-point array, got dtype {a.dtype} with shape {a.shape}")
 
 
 def _check_nchw(name, x):
@@ -57,9 +53,7 @@ def avg_pool2d_forward(x, k=2):
     ValueError when H or W is not divisible by k (the pooling could not tile the image).
     """
     _check_nchw("x", x)
-    k = int(k)
-    if k < 1:
-        raise ValueError(f"avg_pool2d: k must be >= 1, got {k}")
+    k = _check_int("avg_pool2d: k", k, 1)
     N, C, H, W = x.shape
     if H % k or W % k:
         raise ValueError(f"avg_pool2d: spatial size {(H, W)} of x with shape {x.shape} is not divisible by k={k}")
