@@ -72,6 +72,7 @@ from ._jit import cuda, device, kernel
 from numba import float32, float64, int32, uint64
 
 # Padding and output-size rules are the reference's, not a copy of them.
+from ddpm_ref.ops._checks import check_int  # noqa: E402
 from ddpm_ref.ops.conv import _normalize_padding, conv_output_size  # noqa: E402
 
 
@@ -954,9 +955,7 @@ def _forward(tiles, x, w, b, stride, padding, temb, residual):
     O, Cw, KH, KW = (int(s) for s in w.shape)
     if Cw != C:
         raise ValueError(f"w has {Cw} input channels but x has {C}: w {tuple(w.shape)}, x {tuple(x.shape)}")
-    stride = int(stride)
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
+    stride = check_int("stride", stride, 1)            # as the reference: refused, not truncated
     pt, pb, pl, pr = _normalize_padding(padding)
     P = conv_output_size(H, KH, stride, pt, pb)
     Q = conv_output_size(W, KW, stride, pl, pr)

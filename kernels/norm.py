@@ -34,6 +34,8 @@ from . import runtime as _b
 from ._jit import cuda, device, kernel
 from numba import float32, float64
 
+from ddpm_ref.ops._checks import check_int
+
 __all__ = ["group_norm_forward", "group_norm_backward", "group_norm_silu_forward",
            "group_norm_silu_backward"]
 
@@ -437,8 +439,8 @@ def _forward(x, gamma, beta, groups, eps, silu, version=2):
     if x.ndim < 2:
         raise ValueError(f"group norm expects x of shape (N, C, ...), got shape {tuple(x.shape)}")
     N, C = int(x.shape[0]), int(x.shape[1])
-    groups = int(groups)
-    if groups < 1 or C % groups:
+    groups = check_int("group norm: groups", groups, 1)   # as the reference: refused, not truncated
+    if C % groups:
         raise ValueError(f"groups must divide the {C} channels, got groups={groups}")
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")

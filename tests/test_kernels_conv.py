@@ -221,6 +221,8 @@ def test_conv_errors():
         conv.conv2d_forward(x, kb.to_device(np.zeros((3, 2, 3, 3), np.float32)), padding=(1, 2, 3))
     with pytest.raises(ValueError, match="does not fit"):
         conv.conv2d_forward(x, kb.to_device(np.zeros((3, 2, 7, 7), np.float32)), padding=0)
+    with pytest.raises(ValueError, match="stride must be an integer, got 1.5"):    # as the reference
+        conv.conv2d_forward(x, kb.to_device(np.zeros((3, 2, 3, 3), np.float32)), stride=1.5)
     with pytest.raises(ValueError, match="temb"):
         conv.conv2d_forward(x, kb.to_device(np.zeros((3, 2, 3, 3), np.float32)),
                             temb=kb.to_device(np.zeros((1, 4), np.float32)))

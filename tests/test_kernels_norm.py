@@ -84,6 +84,8 @@ def test_group_norm_errors():
     g = kb.to_device(np.ones(4, np.float32))
     with pytest.raises(ValueError, match="groups must divide the 4 channels"):
         norm.group_norm_forward(x, g, g, 3)
+    with pytest.raises(ValueError, match="groups must be an integer, got 2.0"):    # as the reference
+        norm.group_norm_forward(x, g, g, 2.0)
     with pytest.raises(ValueError, match="gamma"):
         norm.group_norm_forward(x, kb.to_device(np.ones(3, np.float32)), g, 2)
     _, cache = norm.group_norm_forward(x, g, g, 2)
