@@ -82,15 +82,21 @@ def encode_png(img, level: int = 6) -> bytes:
             + _chunk(b"IEND", b""))
 
 
-def _write_bytes(path, data: bytes) -> str:
+def _write_atomic(path, write) -> str:
+    """Create or replace ``path`` through ``write(fileobj)``: a uniquely named temporary file in the
+    same folder, then os.replace (:func:`ddpm_ref.checkpoint.atomic_write`). A reader never sees a
+    half-written file, a failed write leaves the previous file intact and no temporary file behind,
+    and concurrent writers do not collide on the temporary name."""
+    from .checkpoint import atomic_write
+
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)                     # a reader never sees a half-written file
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, write)
     return path
+
+
+def _write_bytes(path, data: bytes) -> str:
+    return _write_atomic(path, lambda f: f.write(data))
 
 
 def write_png(path, img, level: int = 6) -> str:
@@ -180,6 +186,9 @@ def read_png(path) -> np.ndarray:
     if chunks[0][0] != b"IHDR" or len(chunks[0][1]) != 13:
         raise ValueError(f"{path}: the first chunk must be a 13-byte IHDR")
     w, h, depth, ctype, comp, filt, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
+    if not (1 <= w < 2**31 and 1 <= h < 2**31):
+        raise ValueError(f"{path}: IHDR says {w}x{h} pixels; the PNG spec requires width and height "
+                         "in [1, 2**31)")
     if depth != 8 or ctype not in _CHANNELS or comp != 0 or filt != 0 or interlace != 0:
         raise ValueError(f"{path}: unsupported PNG (bit depth {depth}, colour type {ctype}, interlace "
                          f"{interlace}); read_png handles 8-bit non-interlaced grey/RGB(A)")
@@ -274,16 +283,29 @@ def _frames(frames) -> np.ndarray:
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[0] < 1 or arr.shape[3] not in _COLOUR_TYPES:
         raise ValueError(f"frames must be uint8 (F, H, W) or (F, H, W, C) with F >= 1, C in 1..4; got "
                          f"{arr.dtype} {arr.shape}")
+    if not (1 <= arr.shape[1] < 2**31 and 1 <= arr.shape[2] < 2**31) or arr.shape[0] >= 2**31:
+        raise ValueError(f"frame height and width must be in [1, 2**31) (and fewer than 2**31 frames), "
+                         f"got {arr.shape[0]} frames of {arr.shape[1]}x{arr.shape[2]}")
     return arr
 
 
 def _delays(delay_ms, f: int) -> list:
-    d = np.broadcast_to(np.asarray(delay_ms), (f,)) if np.ndim(delay_ms) == 0 else np.asarray(delay_ms)
+    try:
+        d = np.asarray(delay_ms, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise ValueError(f"delay_ms must be a number or one number per frame, got {delay_ms!r}") from None
+    d = np.broadcast_to(d, (f,)) if d.ndim == 0 else d
     if d.shape != (f,):
         raise ValueError(f"delay_ms must be a number or have one entry per frame ({f}), got shape {d.shape}")
-    if np.any(d < 0) or np.any(d > 65535):
+    if not np.all(np.isfinite(d)) or np.any(d < 0) or np.any(d > 65535):
         raise ValueError(f"frame delays must lie in [0, 65535] ms, got range [{d.min()}, {d.max()}]")
     return [int(round(float(v))) for v in d]
+
+
+def _loop(loop, most: int, what: str) -> int:
+    if isinstance(loop, (bool, np.bool_)) or not isinstance(loop, (int, np.integer)) or not 0 <= loop <= most:
+        raise ValueError(f"loop must be an integer in [0, {most}] (0 = forever) for {what}, got {loop!r}")
+    return int(loop)
 
 
 def encode_apng(frames, delay_ms=100, loop: int = 0, level: int = 6) -> bytes:
@@ -291,13 +313,13 @@ def encode_apng(frames, delay_ms=100, loop: int = 0, level: int = 6) -> bytes:
     ``fcTL`` + ``fdAT`` for the others, all full-size, sequence numbers 0, 1, 2, ... across fcTL/fdAT.
 
     frames: uint8 (F, H, W[, C]) or a list of equal-shaped images. delay_ms: a number or one per
-    frame. loop: number of plays, 0 = forever. Viewers without APNG support show frame 0.
+    frame. loop: number of plays, 0 = forever, at most 2**31 - 1 (the APNG spec's unsigned int).
+    Viewers without APNG support show frame 0.
     """
     arr = _frames(frames)
     f, h, w, c = arr.shape
     delays = _delays(delay_ms, f)
-    if int(loop) < 0:
-        raise ValueError(f"loop must be >= 0 (0 = forever), got {loop}")
+    loop = _loop(loop, 2**31 - 1, "an APNG (acTL num_plays is a PNG four-byte unsigned integer)")
     parts = [PNG_SIGNATURE, _ihdr(h, w, c), _chunk(b"acTL", struct.pack(">II", f, int(loop)))]
     seq = 0
     for i in range(f):
@@ -321,7 +343,10 @@ def write_apng(path, frames, delay_ms=100, loop: int = 0, level: int = 6) -> str
 
 
 def write_gif(path, frames, delay_ms=100, loop: int = 0) -> str:
-    """Write an animated GIF through Pillow (``pip install 'ddpm-ref[cli]'``); returns the path."""
+    """Write an animated GIF through Pillow (``pip install 'ddpm-ref[cli]'``); returns the path.
+
+    Written atomically (a temporary file in the same folder, then a rename). loop: 0 = forever,
+    at most 65535."""
     try:
         from PIL import Image
     except ImportError:
@@ -331,12 +356,15 @@ def write_gif(path, frames, delay_ms=100, loop: int = 0) -> str:
     if arr.shape[3] not in (1, 3):
         raise ValueError(f"GIF frames must be grey or RGB, got {arr.shape[3]} channels")
     delays = _delays(delay_ms, arr.shape[0])
+    loop = _loop(loop, 65535, "a GIF (the NETSCAPE2.0 loop count is 16 bits)")
+    if arr.shape[1] > 65535 or arr.shape[2] > 65535:
+        raise ValueError(f"GIF frames are at most 65535x65535 pixels, got {arr.shape[1]}x{arr.shape[2]}")
     pics = [Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a) for a in arr]
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    pics[0].save(path, save_all=True, append_images=pics[1:], duration=delays, loop=int(loop),
-                 optimize=False, disposal=1)
-    return path
+    # Pillow writes into a temporary file beside the destination, renamed over it only when complete:
+    # a failed rewrite leaves the previous GIF intact.
+    return _write_atomic(path, lambda f: pics[0].save(
+        f, format="GIF", save_all=True, append_images=pics[1:], duration=delays, loop=loop,
+        optimize=False, disposal=1))
 
 
 def write_animation(path, frames, delay_ms=100, loop: int = 0) -> str:
@@ -432,14 +460,25 @@ def plot_curves(series, x=None, width: int = 640, height: int = 400, log_y: bool
     """
     if width < 80 or height < 60:
         raise ValueError(f"plot needs width >= 80 and height >= 60, got {width}x{height}")
-    ys = [np.asarray(series, dtype=np.float64)] if np.ndim(series[0]) == 0 else \
-        [np.asarray(s, dtype=np.float64) for s in series]
-    n = ys[0].shape[0]
+    try:
+        if len(series) == 0:
+            raise ValueError("empty")
+        ys = [np.asarray(series, dtype=np.float64)] if np.ndim(series[0]) == 0 else \
+            [np.asarray(s, dtype=np.float64) for s in series]
+    except (ValueError, TypeError, IndexError, KeyError):
+        raise ValueError("series must be a non-empty 1-D array of numbers or a non-empty list of them, "
+                         f"got {str(series)[:80]}") from None
+    n = ys[0].shape[0] if ys[0].ndim else 0
     if n == 0 or any(s.ndim != 1 or s.shape[0] != n for s in ys):
         raise ValueError(f"series must be non-empty 1-D arrays of one length, got {[s.shape for s in ys]}")
-    xv = np.arange(n, dtype=np.float64) if x is None else np.asarray(x, dtype=np.float64)
+    try:
+        xv = np.arange(n, dtype=np.float64) if x is None else np.asarray(x, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise ValueError(f"x must be {n} numbers, got {str(x)[:80]}") from None
     if xv.shape != (n,):
         raise ValueError(f"x must have shape ({n},), got {xv.shape}")
+    if not np.any(np.isfinite(xv)):
+        raise ValueError("x holds no finite values to plot against")
     if log_y:
         finite = [s[np.isfinite(s)] for s in ys]
         if any(np.any(f <= 0) for f in finite):
@@ -453,7 +492,7 @@ def plot_curves(series, x=None, width: int = 640, height: int = 400, log_y: bool
         ylo, yhi = ylo - 0.5, yhi + 0.5
     pad = 0.05 * (yhi - ylo)
     ylo, yhi = ylo - pad, yhi + pad
-    xlo, xhi = float(np.nanmin(xv)), float(np.nanmax(xv))
+    xlo, xhi = float(xv[np.isfinite(xv)].min()), float(xv[np.isfinite(xv)].max())
     if xhi - xlo < 1e-12:
         xlo, xhi = xlo - 0.5, xhi + 0.5
 
@@ -525,7 +564,10 @@ def write_loss_curve(path, losses, steps=None, log_y: bool = True, smooth: int =
         k = np.cumsum(np.isfinite(losses).astype(np.float64))
         lo = np.concatenate([np.zeros(smooth), c[:-smooth]])[: losses.size]
         lk = np.concatenate([np.zeros(smooth), k[:-smooth]])[: losses.size]
-        avg = (c - lo) / np.maximum(k - lk, 1)
+        count = k - lk                                # finite losses in each window
+        # A window without a finite loss has no average: NaN, so the line breaks there (0.0 would
+        # draw a fake drop and break log_y).
+        avg = np.where(count > 0, (c - lo) / np.maximum(count, 1), np.nan)
         series, colours = [losses, avg], [(166, 206, 227), (8, 48, 107)]
     img = plot_curves(series, x=steps, width=width, height=height, log_y=log_y, colours=colours,
                       font_scale=font_scale)

@@ -76,6 +76,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import secrets
+import shutil
+import stat
 import warnings
 
 import numpy as np
@@ -131,7 +135,9 @@ def _json(path):
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
-    except json.JSONDecodeError as e:
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a UTF-8 text file ({e})") from None
+    except (json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
@@ -157,6 +163,29 @@ def _refuse(where, key, value, supported):
     raise ValueError(f"{where}: {key}={value!r} is not supported by ddpm-ref; supported: {supported}")
 
 
+def _real(where, key, value):
+    """A finite JSON number (not a bool, string or null) as a float, else ValueError naming it."""
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating))
+            or not math.isfinite(value)):
+        raise ValueError(f"{where}: {key} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _integer(where, key, value):
+    """An integer (or an integral float such as 1.0) as an int, else ValueError naming it."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) and value == int(value):
+        return int(value)
+    raise ValueError(f"{where}: {key} must be an integer, got {value!r}")
+
+
+def _flag(where, key, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{where}: {key} must be true or false, got {value!r}")
+    return bool(value)
+
+
 # ------------------------------------------------------------------------------------ weights
 
 def _torch_load(path):
@@ -168,7 +197,12 @@ def _torch_load(path):
             f"{path} is a pickle-based PyTorch file; ddpm-ref never unpickles files itself and reads "
             "them only through torch.load(weights_only=True). Install PyTorch (pip install "
             "'ddpm-ref[torch]') or convert the file to safetensors.") from None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:            # torch/pickle/zip/EOF/Index errors of a corrupt or foreign file
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path}: cannot read this PyTorch weight file (corrupt, truncated, empty or "
+                         f"not a weights-only state_dict): {type(e).__name__}: {detail}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -197,11 +231,19 @@ def read_state_dict(path):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"weight file {path} does not exist")
-    if path.endswith(".index.json"):
+    if _is_index(path):
         index = _json(path)
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{path}: a sharded index needs a 'weight_map' object")
+        for name, shard in weight_map.items():
+            if (not isinstance(shard, str) or not shard or shard in (".", "..")
+                    or os.path.basename(shard) != shard or "/" in shard or "\\" in shard):
+                raise ValueError(f"{path}: weight_map[{name!r}] = {shard!r}; expected the file name of a "
+                                 "shard in the same folder (a non-empty string, no path separators)")
+            if _is_index(shard):
+                raise ValueError(f"{path}: weight_map[{name!r}] = {shard!r} is an index, expected a "
+                                 "weight file (.safetensors or .bin)")
         out = {}
         folder = os.path.dirname(path)
         for shard in sorted(set(weight_map.values())):
@@ -220,24 +262,55 @@ def read_state_dict(path):
                 for k, v in raw.items()}
     if path.endswith((".bin", ".pt", ".pth", ".ckpt")):
         return _torch_load(path)
-    raise ValueError(f"{path}: unknown weight file type; expected .safetensors, .safetensors."
-                     "index.json, .bin, .pt, .pth or .ckpt")
+    raise ValueError(f"{path}: unknown weight file type; expected .safetensors, .bin, .pt, .pth, "
+                     ".ckpt or a sharded index (.index.json, or diffusers' variant .index.{variant}.json)")
+
+
+_INDEX_RE = re.compile(r"\.index(\.[^./\\]+)?\.json$")
+
+
+def _is_index(path):
+    """A sharded-weights index: ``*.index.json`` or diffusers' variant spelling ``*.index.{v}.json``."""
+    return _INDEX_RE.search(os.path.basename(os.fspath(path))) is not None
+
+
+def _weight_names(variant):
+    """Candidate weight file names, in order of preference (safetensors before pickle).
+
+    diffusers (``_add_variant``) inserts the variant before the last suffix, so a sharded variant
+    index is ``diffusion_pytorch_model.safetensors.index.{variant}.json`` (what ``save_pretrained``
+    writes and ``from_pretrained`` reads); its legacy reader also looks for
+    ``...safetensors.{variant}.index.json``. ``diffusion_pytorch_model.{variant}.safetensors.index.json``
+    (the variant in the stem) is accepted too.
+    """
+    if variant is None:
+        return [f"{_WEIGHT_STEM}.{ext}" for ext in ("safetensors", "safetensors.index.json", "bin",
+                                                      "bin.index.json")]
+    names = []
+    for ext in ("safetensors", "bin"):
+        names += [f"{_WEIGHT_STEM}.{variant}.{ext}", f"{_WEIGHT_STEM}.{ext}.index.{variant}.json",
+                  f"{_WEIGHT_STEM}.{ext}.{variant}.index.json",
+                  f"{_WEIGHT_STEM}.{variant}.{ext}.index.json"]
+    return names
 
 
 def find_weights(model_dir, variant=None):
     """The weight file of a diffusers model directory, safetensors preferred over pickle.
 
-    Looks for ``diffusion_pytorch_model[.{variant}].safetensors``, its sharded index, then the
+    Looks for ``diffusion_pytorch_model[.{variant}].safetensors``, its sharded index
+    (``diffusion_pytorch_model.safetensors.index[.{variant}].json``, diffusers' naming), then the
     ``.bin`` equivalents.
     """
-    stem = _WEIGHT_STEM if variant is None else f"{_WEIGHT_STEM}.{variant}"
-    for name in (f"{stem}.safetensors", f"{stem}.safetensors.index.json", f"{stem}.bin",
-                 f"{stem}.bin.index.json"):
+    if variant is not None and (not isinstance(variant, str) or not variant.strip()
+                                or any(sep in variant for sep in ("/", "\\", os.sep))):
+        raise ValueError(f"variant must be a non-empty name such as 'fp16' (no path separators), "
+                         f"got {variant!r}")
+    names = _weight_names(variant)
+    for name in names:
         path = os.path.join(model_dir, name)
         if os.path.isfile(path):
             return path
-    raise ValueError(f"{model_dir}: no weights found; expected {stem}.safetensors (or .bin, or a "
-                     "sharded .index.json)")
+    raise ValueError(f"{model_dir}: no weights found; expected one of {names}")
 
 
 # --------------------------------------------------------------------------------- UNet config
@@ -303,6 +376,9 @@ def unet_config_from_diffusers(config, image_size=None, learned_variance=False, 
     ch_mult = tuple(b // ch for b in blocks)
     levels = len(blocks)
 
+    for key in ("down_block_types", "up_block_types"):
+        if not isinstance(c[key], (list, tuple)):
+            raise ValueError(f"{where}: {key} must be a list of block names, got {c[key]!r}")
     down, up = list(c["down_block_types"]), list(c["up_block_types"])
     if len(down) != levels or len(up) != levels:
         raise ValueError(f"{where}: down_block_types ({len(down)}) and up_block_types ({len(up)}) "
@@ -361,24 +437,32 @@ def unet_config_from_diffusers(config, image_size=None, learned_variance=False, 
                     ">= 2 (our last class row doubles as 'no label')")
         num_classes -= 1
     if num_timesteps is None:
-        num_timesteps = c["num_train_timesteps"] or 1000
+        num_timesteps = c["num_train_timesteps"]
+        num_timesteps = 1000 if num_timesteps is None else _positive_int(where, "num_train_timesteps",
+                                                                         num_timesteps)
 
     head_dim = c["attention_head_dim"]
     if isinstance(head_dim, (list, tuple)):
-        if len(set(head_dim)) != 1:
+        if not head_dim or any(h != head_dim[0] for h in head_dim):
             _refuse(where, "attention_head_dim", head_dim, "one value for every block")
         head_dim = head_dim[0]
+    if head_dim is not None:
+        head_dim = _positive_int(where, "attention_head_dim", head_dim)
+    groups = _positive_int(where, "norm_num_groups", groups)
+    kwargs = dict(
+        in_channels=in_ch, out_channels=out_field, image_size=size, ch=ch, ch_mult=ch_mult,
+        num_res_blocks=_positive_int(where, "layers_per_block", c["layers_per_block"]),
+        attn_resolutions=tuple(size // 2 ** i for i in attn_levels), head_dim=head_dim,
+        dropout=_real(where, "dropout", c["dropout"]), groups=groups,
+        norm_eps=_real(where, "norm_eps", c["norm_eps"]),
+        num_classes=num_classes, learned_variance=bool(learned_variance),
+        flip_sin_to_cos=_flag(where, "flip_sin_to_cos", c["flip_sin_to_cos"]),
+        freq_shift=_integer(where, "freq_shift", c["freq_shift"]),
+        mid_attention=_flag(where, "add_attention", c["add_attention"]),
+        num_timesteps=int(num_timesteps), downsample_padding=pad)
     try:
-        return UNetConfig(
-            in_channels=in_ch, out_channels=out_field, image_size=size, ch=ch, ch_mult=ch_mult,
-            num_res_blocks=_positive_int(where, "layers_per_block", c["layers_per_block"]),
-            attn_resolutions=tuple(size // 2 ** i for i in attn_levels), head_dim=head_dim,
-            dropout=float(c["dropout"]), groups=groups, norm_eps=float(c["norm_eps"]),
-            num_classes=num_classes, learned_variance=bool(learned_variance),
-            flip_sin_to_cos=bool(c["flip_sin_to_cos"]), freq_shift=int(c["freq_shift"]),
-            mid_attention=bool(c["add_attention"]), num_timesteps=int(num_timesteps),
-            downsample_padding=pad)
-    except ValueError as e:
+        return UNetConfig(**kwargs)
+    except (ValueError, TypeError) as e:
         raise ValueError(f"{where}: {e}") from None
 
 
@@ -489,6 +573,8 @@ def schedule_from_diffusers(config, where="scheduler_config.json", sampler=None)
         defaults, own = DDIM_SCHEDULER_DEFAULTS, "ddim"
     else:
         _refuse(where, "_class_name", cls, "'DDPMScheduler', 'DDIMScheduler'")
+    if sampler is not None and not (isinstance(sampler, str) and sampler in ("ddpm", "ddim")):
+        raise ValueError(f"sampler must be None (the scheduler's own), 'ddpm' or 'ddim', got {sampler!r}")
     sampler = sampler or own
     known = set(DDPM_SCHEDULER_DEFAULTS) | set(DDIM_SCHEDULER_DEFAULTS)
     _unknown_keys(config, known, where)
@@ -496,35 +582,49 @@ def schedule_from_diffusers(config, where="scheduler_config.json", sampler=None)
 
     T = _positive_int(where, "num_train_timesteps", c["num_train_timesteps"])
     kind = c["beta_schedule"]
-    if c["trained_betas"] is not None:
-        betas = np.asarray(c["trained_betas"], dtype=np.float64)
-        if betas.shape != (T,):
-            raise ValueError(f"{where}: trained_betas has shape {betas.shape}, expected ({T},) "
-                             f"(num_train_timesteps={T})")
-        schedule = Schedule(betas, "custom", {})
-    elif kind == "linear":
-        schedule = Schedule.linear(T, c["beta_start"], c["beta_end"])
-    elif kind == "scaled_linear":
-        schedule = Schedule(_scaled_linear(T, c["beta_start"], c["beta_end"]), "scaled_linear",
-                            {"T": T, "beta_start": c["beta_start"], "beta_end": c["beta_end"]})
-    elif kind == "squaredcos_cap_v2":
-        schedule = Schedule.cosine(T, s=0.008, max_beta=0.999)
-    elif kind == "sigmoid" and cls == "DDPMScheduler":
-        schedule = Schedule(_diffusers_sigmoid(T, c["beta_start"], c["beta_end"]),
-                            "diffusers_sigmoid",
-                            {"T": T, "beta_start": c["beta_start"], "beta_end": c["beta_end"]})
-    elif kind == "laplace" and cls == "DDPMScheduler":
-        schedule = Schedule(_laplace(T), "laplace", {"T": T})
-    else:
+    if c["trained_betas"] is None and kind in ("linear", "scaled_linear", "sigmoid"):
+        beta_start = _real(where, "beta_start", c["beta_start"])
+        beta_end = _real(where, "beta_end", c["beta_end"])
+    try:
+        if c["trained_betas"] is not None:
+            try:
+                betas = np.asarray(c["trained_betas"], dtype=np.float64)
+            except (ValueError, TypeError):
+                raise ValueError(f"trained_betas must be a list of {T} numbers, got "
+                                 f"{str(c['trained_betas'])[:80]}") from None
+            if betas.shape != (T,):
+                raise ValueError(f"trained_betas has shape {betas.shape}, expected ({T},) "
+                                 f"(num_train_timesteps={T})")
+            schedule = Schedule(betas, "custom", {})
+        elif kind == "linear":
+            schedule = Schedule.linear(T, beta_start, beta_end)
+        elif kind == "scaled_linear":
+            schedule = Schedule(_scaled_linear(T, beta_start, beta_end), "scaled_linear",
+                                {"T": T, "beta_start": beta_start, "beta_end": beta_end})
+        elif kind == "squaredcos_cap_v2":
+            schedule = Schedule.cosine(T, s=0.008, max_beta=0.999)
+        elif kind == "sigmoid" and cls == "DDPMScheduler":
+            schedule = Schedule(_diffusers_sigmoid(T, beta_start, beta_end), "diffusers_sigmoid",
+                                {"T": T, "beta_start": beta_start, "beta_end": beta_end})
+        elif kind == "laplace" and cls == "DDPMScheduler":
+            schedule = Schedule(_laplace(T), "laplace", {"T": T})
+        else:
+            schedule = None
+        if schedule is not None and c["rescale_betas_zero_snr"]:
+            schedule = schedule.rescale_zero_terminal_snr()
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if schedule is None:
         _refuse(where, "beta_schedule", kind, "'linear', 'scaled_linear', 'squaredcos_cap_v2' "
                 "(and for DDPMScheduler 'sigmoid', 'laplace'), or trained_betas")
-    if c["rescale_betas_zero_snr"]:
-        schedule = schedule.rescale_zero_terminal_snr()
 
     prediction = c["prediction_type"]
-    if prediction not in _PREDICTION_FROM:
+    if not isinstance(prediction, str) or prediction not in _PREDICTION_FROM:
         _refuse(where, "prediction_type", prediction, "'epsilon', 'sample', 'v_prediction'")
     variance = c.get("variance_type", "fixed_small")
+    if not isinstance(variance, str):
+        _refuse(where, "variance_type", variance,
+                "'fixed_small', 'fixed_small_log', 'fixed_large', 'learned_range'")
     if variance == "fixed_small_log":
         variance = "fixed_small"          # exp(0.5 log beta~) z: the same draw as sqrt(beta~) z
     if variance not in ("fixed_small", "fixed_large", "learned_range"):
@@ -533,7 +633,11 @@ def schedule_from_diffusers(config, where="scheduler_config.json", sampler=None)
     clip = bool(c["clip_sample"])
     if c["thresholding"]:
         # diffusers: s = clamp(quantile(|x0|, ratio), 1, sample_max_value); x0 = clamp(x0, -s, s) / s
-        ratio, cap = float(c["dynamic_thresholding_ratio"]), float(c["sample_max_value"])
+        ratio = _real(where, "dynamic_thresholding_ratio", c["dynamic_thresholding_ratio"])
+        cap = c["sample_max_value"]
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or math.isnan(cap):
+            raise ValueError(f"{where}: sample_max_value must be a number, got {cap!r}")
+        cap = float(cap)
         if cap == 1.0:
             clip = True                   # s is always exactly 1: plain clipping to [-1, 1]
         elif cap >= _NO_CAP and ratio == _DYNAMIC_PERCENTILE:
@@ -544,10 +648,11 @@ def schedule_from_diffusers(config, where="scheduler_config.json", sampler=None)
         else:
             _refuse(where, "sample_max_value", c["sample_max_value"],
                     f"1.0 (= clipping) or >= {_NO_CAP:.8g} (no cap) with thresholding")
-    elif clip and float(c["clip_sample_range"]) != 1.0:
+    elif clip and (isinstance(c["clip_sample_range"], bool)
+                  or not isinstance(c["clip_sample_range"], (int, float)) or c["clip_sample_range"] != 1.0):
         _refuse(where, "clip_sample_range", c["clip_sample_range"], "1.0 (x0 clipped to [-1, 1])")
     spacing = c["timestep_spacing"]
-    if spacing not in ("leading", "trailing", "linspace"):
+    if not isinstance(spacing, str) or spacing not in ("leading", "trailing", "linspace"):
         _refuse(where, "timestep_spacing", spacing, "'leading', 'trailing', 'linspace'")
     offset = 0 if c["steps_offset"] is None else c["steps_offset"]
     if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < T:
@@ -698,7 +803,11 @@ def load_unet(model_dir, image_size=None, learned_variance=None, num_timesteps=N
     if weights.endswith(".safetensors"):
         meta = st.read_metadata(weights)
         if _META_KEY in meta:
-            ours = UNetConfig.from_dict(json.loads(meta[_META_KEY]))
+            try:
+                ours = UNetConfig.from_dict(json.loads(meta[_META_KEY]))
+            except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+                raise ValueError(f"{weights}: metadata {_META_KEY!r} is not a valid ddpm-ref UNetConfig "
+                                 f"({type(e).__name__}: {e})") from None
     if learned_variance is None:
         learned_variance = bool(ours.learned_variance) if ours is not None else False
     if num_timesteps is None and ours is not None:
@@ -746,7 +855,21 @@ def load_diffusers(path, image_size=None, sampler=None, variant=None):
     return model, params, schedule, settings
 
 
-def save_diffusers(path, model, params, schedule=None, settings=None):
+def _looks_like_diffusers(folder):
+    return any(os.path.exists(os.path.join(folder, name)) for name in
+               ("model_index.json", "config.json", "scheduler_config.json", "unet", "scheduler"))
+
+
+def _unique_sibling(folder, suffix):
+    """A name beside ``folder`` (same parent, so renames stay on one filesystem) that is free now."""
+    parent, base = os.path.split(folder)
+    while True:
+        candidate = os.path.join(parent, f".{base}.{secrets.token_hex(4)}.{suffix}")
+        if not os.path.lexists(candidate):
+            return candidate
+
+
+def save_diffusers(path, model, params, schedule=None, settings=None, overwrite=False):
     """Write a model as diffusers reads it; export then :func:`load_diffusers` import is exact.
 
     Without a schedule: a UNet2DModel folder (``config.json`` + ``diffusion_pytorch_model.
@@ -756,24 +879,75 @@ def save_diffusers(path, model, params, schedule=None, settings=None):
     fields diffusers has no key for (``learned_variance``) survive the round trip. ``num_steps``,
     ``eta`` and ``ddim_eps_from_clipped`` are call-time arguments of diffusers' pipelines, not stored:
     they come back as the pipeline's defaults (all T steps for DDPM, 50 for DDIM; eta 0; the raw eps).
+
+    ``path`` must not exist, or be an empty folder. An existing non-empty folder is refused
+    (ValueError) unless ``overwrite=True``, and even then only when it looks like a diffusers model
+    or pipeline folder (``model_index.json``, ``config.json``, ``unet/`` ...): the whole folder is then
+    *replaced*, never merged, so no stale ``model_index.json``, ``unet/`` or weights of an earlier
+    export survive to be loaded instead of the new model.
+
+    The save is all or nothing: everything is written into a fresh hidden folder beside ``path``
+    (``.{name}.{random}.tmp``), which is then renamed into place; an existing folder is first
+    renamed aside and removed only after the new one is in place. If anything fails (a full disk,
+    an invalid argument), the temporary folder is removed and ``path`` is left exactly as it was.
+    Returns ``path``.
     """
     path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
+    # Validate and convert everything before touching the disk.
     state = state_dict_from_params(model, params)
     metadata = {"format": "pt", _META_KEY: json.dumps(model.config.to_dict(), sort_keys=True)}
-    if schedule is None:
-        unet_dir = path
-    else:
-        sched = scheduler_config_to_diffusers(schedule, settings)
-        ddim = (settings or {}).get("sampler", "ddpm") == "ddim"
-        pipeline = "DDIMPipeline" if ddim else "DDPMPipeline"
-        unet_dir = os.path.join(path, "unet")
-        os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
-        os.makedirs(unet_dir, exist_ok=True)
-        _write_json(os.path.join(path, "scheduler", "scheduler_config.json"), sched)
-        _write_json(os.path.join(path, "model_index.json"), {
-            "_class_name": pipeline, "_diffusers_version": _DIFFUSERS_VERSION,
-            "scheduler": ["diffusers", sched["_class_name"]], "unet": ["diffusers", "UNet2DModel"]})
-    st.save_file(state, os.path.join(unet_dir, f"{_WEIGHT_STEM}.safetensors"), metadata=metadata)
-    _write_json(os.path.join(unet_dir, "config.json"), unet_config_to_diffusers(model.config))
+    unet_config = unet_config_to_diffusers(model.config)
+    sched = None if schedule is None else scheduler_config_to_diffusers(schedule, settings)
+
+    target = os.path.realpath(path)          # a symlinked folder: replace what it points to
+    existing = os.path.lexists(target)
+    if existing:
+        if not os.path.isdir(target):
+            raise ValueError(f"{path} exists and is not a folder; save_diffusers writes a folder")
+        if os.listdir(target):
+            if not overwrite:
+                raise ValueError(f"{path} already exists and is not empty; pass overwrite=True to "
+                                 "replace it (the old folder is removed only once the new one is "
+                                 "complete), or choose a new path")
+            if not _looks_like_diffusers(target):
+                raise ValueError(f"{path} is not a diffusers model or pipeline folder (no "
+                                 "model_index.json, config.json, unet/ or scheduler/); refusing to "
+                                 "replace it even with overwrite=True")
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = _unique_sibling(target, "tmp")
+    os.mkdir(tmp)
+    try:
+        if existing:                          # keep the permission bits of the folder we replace
+            os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
+        if sched is None:
+            unet_dir = tmp
+        else:
+            pipeline = "DDIMPipeline" if (settings or {}).get("sampler", "ddpm") == "ddim" else "DDPMPipeline"
+            unet_dir = os.path.join(tmp, "unet")
+            os.mkdir(os.path.join(tmp, "scheduler"))
+            os.mkdir(unet_dir)
+            _write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), sched)
+            _write_json(os.path.join(tmp, "model_index.json"), {
+                "_class_name": pipeline, "_diffusers_version": _DIFFUSERS_VERSION,
+                "scheduler": ["diffusers", sched["_class_name"]], "unet": ["diffusers", "UNet2DModel"]})
+        st.save_file(state, os.path.join(unet_dir, f"{_WEIGHT_STEM}.safetensors"), metadata=metadata)
+        _write_json(os.path.join(unet_dir, "config.json"), unet_config)
+        if not existing:
+            os.rename(tmp, target)
+        elif not os.listdir(target):
+            os.rmdir(target)
+            os.rename(tmp, target)
+        else:
+            old = _unique_sibling(target, "old")
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)        # put the previous export back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return path

@@ -14,7 +14,8 @@ JSON and the data are reinterpreted as numbers, nothing else (the pitfall "check
 code when loaded" of REFERENCE.md). Pickle-based ``.bin``/``.pt`` files are read only through torch,
 in ``ddpm_ref.interop``.
 
-Validation (every failure raises ``SafetensorsError``, a ValueError, naming the file and the entry):
+Validation (every failure raises ``SafetensorsError``, a ValueError, naming the file and the entry;
+so does a missing or unreadable file, or a folder, given to a reader):
 the header length fits in the file; the header is a JSON object; each entry has a known dtype, a
 shape of non-negative integers and offsets with ``0 <= b <= e <= len(buffer)`` and
 ``e - b == prod(shape) * itemsize``; no two entries overlap and, as the reference Rust reader
@@ -60,12 +61,13 @@ class SafetensorsError(ValueError):
 
 def bf16_to_float32(bits):
     """BF16 bit patterns (uint16) -> float32, exactly: a bfloat16 is the top half of a float32."""
-    bits = np.asarray(bits, dtype=np.uint16)
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    wide = np.asarray(bits, dtype=np.uint16).astype(np.uint32)     # a new array, even for shape ()
+    wide <<= 16                                                      # in place: a 0-d result stays an array
+    return wide.view(np.float32)
 
 
 def float32_to_bf16(x):
-    """float32 -> BF16 bit patterns (uint16), rounding to nearest, ties to even (as torch does).
+    """float32 -> BF16 bit patterns (little-endian uint16), rounding to nearest, ties to even (as torch does).
 
     NaN stays NaN (quiet bit forced so the rounding carry cannot turn it into infinity).
     """
@@ -73,12 +75,14 @@ def float32_to_bf16(x):
     rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16                    # nearest even
     nan = np.isnan(np.asarray(x, dtype=np.float32))
     out = np.where(nan, (u >> 16) | 0x40, rounded)
-    return out.astype(np.uint16)
+    return out.astype("<u2")                  # little-endian, as the file stores it, on any host
 
 
 def _f8_e5m2_to_float32(bits):
     """F8_E5M2 is the top byte of an IEEE float16: widen through float16, exactly."""
-    return (np.asarray(bits, np.uint8).astype(np.uint16) << 8).view(np.float16).astype(np.float32)
+    wide = np.asarray(bits, np.uint8).astype(np.uint16)
+    wide <<= 8                                                       # in place: 0-d stays an array
+    return wide.view(np.float16).astype(np.float32)
 
 
 def _f8_e4m3_table():
@@ -99,6 +103,14 @@ _F8_E4M3 = _f8_e4m3_table()
 
 def _fail(source, message):
     raise SafetensorsError(f"{source}: {message}")
+
+
+def _open(path):
+    """open(path, "rb"), a missing/unreadable file or a folder raising SafetensorsError naming it."""
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        _fail(path, f"cannot read the file ({e.strerror or e})")
 
 
 def _parse_header(buffer, source):
@@ -193,7 +205,7 @@ def _decode(buffer, entries, data_start, raw_float, copy):
         elif not raw_float and dtype == "F8_E5M2":
             a = _f8_e5m2_to_float32(a)
         elif not raw_float and dtype == "F8_E4M3":
-            a = _F8_E4M3[a]
+            a = _F8_E4M3[a.reshape(-1)].reshape(shape)        # (indexing by a 0-d array gives a scalar)
         elif not a.dtype.isnative:                         # big-endian host: swap once
             a = a.astype(a.dtype.newbyteorder("="))
         elif copy:
@@ -214,33 +226,42 @@ def load_file(path, mmap_mode=False, raw_float=False):
     mmap_mode False (default): the file is read once into memory and the arrays are writable
     copies. mmap_mode True: the file is memory-mapped read-only and the arrays are read-only views
     of it (no copy; the mapping lives as long as the arrays do). BF16 / F8 become float32 unless
-    ``raw_float``.
+    ``raw_float`` (fresh writable arrays, 0-d ones included). A missing or unreadable path, or a
+    folder, raises SafetensorsError naming it, as a malformed file does.
     """
     path = os.fspath(path)
     if mmap_mode:
-        with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size == 0:
-                _fail(path, "file is 0 bytes, too short for the 8-byte header length")
-            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        buffer = _map(path)
         try:
             entries, _, start = _parse_header(buffer, path)
         except SafetensorsError:
             buffer.close()
             raise
         return _decode(buffer, entries, start, raw_float, copy=False)
-    with open(path, "rb") as f:
-        buffer = bytearray(f.read())
+    with _open(path) as f:
+        try:
+            buffer = bytearray(f.read())
+        except OSError as e:
+            _fail(path, f"cannot read the file ({e.strerror or e})")
     entries, _, start = _parse_header(buffer, path)
     return _decode(buffer, entries, start, raw_float, copy=False)
+
+
+def _map(path):
+    """A read-only memory map of the whole file (SafetensorsError naming it when that fails)."""
+    with _open(path) as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            _fail(path, "file is 0 bytes, too short for the 8-byte header length")
+        try:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:
+            _fail(path, f"cannot memory-map the file ({e})")
 
 
 def _parse_file(path):
     """(entries, metadata) of a file's header, read through a memory map (the data is not read)."""
     path = os.fspath(path)
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            _fail(path, "file is 0 bytes, too short for the 8-byte header length")
-        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    buffer = _map(path)
     try:
         entries, metadata, _ = _parse_header(buffer, path)
     finally:

@@ -212,3 +212,83 @@ def test_draw_text_digit_glyph():
     canvas = np.zeros((5, 3, 3), np.uint8)
     I.draw_text(canvas, "1", 0, 0, (255, 255, 255))
     np.testing.assert_array_equal(canvas[..., 0] > 0, [[0, 1, 0], [1, 1, 0], [0, 1, 0], [0, 1, 0], [1, 1, 1]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes, degenerate input
+
+def test_failed_rewrite_keeps_the_previous_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    import os
+    path = I.write_png(tmp_path / "a.png", np.zeros((2, 2), np.uint8))
+    (tmp_path / "a.png.tmp").mkdir()           # a fixed temp name would collide with this
+    I.write_png(path, np.full((3, 3), 7, np.uint8))
+    np.testing.assert_array_equal(I.read_png(path), np.full((3, 3), 7, np.uint8))
+    before = (tmp_path / "a.png").read_bytes()
+
+    def fail(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", fail)      # the write fails before the rename
+    with pytest.raises(OSError, match="No space"):
+        I.write_apng(path, _frames(3))
+    monkeypatch.undo()
+    assert (tmp_path / "a.png").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "a.png.tmp"]
+
+
+def test_failed_gif_rewrite_keeps_the_previous_gif(tmp_path, monkeypatch):
+    Image = pytest.importorskip("PIL.Image")
+    path = I.write_gif(tmp_path / "a.gif", _frames(2, c=1)[..., 0])
+    before = (tmp_path / "a.gif").read_bytes()
+
+    def broken_save(self, fp, *args, **kwargs):
+        fp.write(b"GIF89a half a file")
+        raise OSError(27, "File too large")
+    monkeypatch.setattr(Image.Image, "save", broken_save)
+    with pytest.raises(OSError, match="File too large"):
+        I.write_gif(path, _frames(4, c=1)[..., 0])
+    monkeypatch.undo()
+    assert (tmp_path / "a.gif").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["a.gif"]
+    with pytest.raises(ValueError, match=r"loop must be an integer in \[0, 65535\].*got 70000"):
+        I.write_gif(tmp_path / "b.gif", _frames(2, c=1)[..., 0], loop=70000)
+
+
+def test_degenerate_images_frames_and_loops_are_refused():
+    for frames in (np.zeros((2, 3, 0), np.uint8), np.zeros((2, 0, 3, 3), np.uint8)):
+        with pytest.raises(ValueError, match="height and width must be in"):
+            I.encode_apng(frames)
+    for loop in (2**31, -1, 2.0):
+        with pytest.raises(ValueError, match=r"loop must be an integer in \[0, 2147483647\]"):
+            I.encode_apng(_frames(2), loop=loop)
+    assert struct.unpack(">II", I.png_chunks(I.encode_apng(_frames(2), loop=2**31 - 1))[1][1]) == (2, 2**31 - 1)
+    with pytest.raises(ValueError, match="delays"):
+        I.encode_apng(_frames(2), delay_ms=float("nan"))
+    for empty in ([], np.zeros(0)):
+        with pytest.raises(ValueError, match="series must be"):
+            I.plot_curves(empty)
+    with pytest.raises(ValueError, match="x holds no finite values"):
+        I.plot_curves([1.0, 2.0], x=[np.nan, np.nan])
+
+
+@pytest.mark.parametrize("w, h", [(0, 3), (3, 0)])
+def test_read_png_refuses_zero_width_or_height(tmp_path, w, h):
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    data = (I.PNG_SIGNATURE + I._chunk(b"IHDR", ihdr) + I._chunk(b"IDAT", zlib.compress(b"\0" * h))
+            + I._chunk(b"IEND", b""))
+    (tmp_path / "z.png").write_bytes(data)
+    with pytest.raises(ValueError, match=f"z.png: IHDR says {w}x{h} pixels"):
+        I.read_png(tmp_path / "z.png")
+
+
+def test_loss_curve_smoothing_breaks_where_no_loss_is_finite(tmp_path):
+    """A moving-average window with no finite loss is NaN (a gap), not 0: log_y still works."""
+    losses = np.r_[np.linspace(1.0, 0.1, 50), np.full(20, np.nan), np.linspace(0.1, 0.05, 20)]
+    p = I.write_loss_curve(tmp_path / "loss.png", losses, smooth=10, width=320, height=200)
+    img = I.read_png(p)
+    dark = np.unique(np.nonzero((img == (8, 48, 107)).all(-1))[1])    # the smoothed line's columns
+    assert np.diff(dark).max() > 15                                    # steps 60..69: a gap
+    img = I.read_png(I.write_loss_curve(tmp_path / "lin.png", losses, smooth=10, log_y=False,
+                                        width=320, height=200))
+    rows = np.nonzero((img == (8, 48, 107)).all(-1))[0]
+    raw_rows = np.nonzero((img == (166, 206, 227)).all(-1))[0]
+    assert rows.max() <= raw_rows.max() + 1                            # no fake drop to 0

@@ -728,3 +728,150 @@ def test_no_torch_needed_and_pickle_refused_without_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)               # `import torch` now fails
     with pytest.raises(ImportError, match="never unpickles"):
         interop.load_unet(tmp_path / "bin")
+
+
+# ------------------------------------------------------------------- bad input, named errors
+
+def _tiny(seed=0):
+    from ddpm_ref.models.unet import UNet
+    model = UNet.from_preset("tiny", num_timesteps=100)
+    return model, model.init_params(seed=seed)
+
+
+@pytest.mark.parametrize("sampler", ["DDIM", "ddim ", "euler", ["ddpm"]])
+def test_unknown_sampler_is_refused_by_name(tmp_path, sampler):
+    with pytest.raises(ValueError, match=r"'ddpm' or 'ddim', got " + repr(sampler).replace("[", r"\[")):
+        interop.schedule_from_diffusers({"_class_name": "DDPMScheduler"}, sampler=sampler)
+    model, params = _tiny()
+    interop.save_diffusers(tmp_path / "p", model, params, Schedule.linear(100), {"sampler": "ddpm"})
+    with pytest.raises(ValueError, match="'ddpm' or 'ddim'"):
+        interop.load_diffusers(tmp_path / "p", sampler=sampler)
+
+
+def test_corrupt_pickle_weights_are_refused_naming_the_file(tmp_path):
+    torch.save({"w": torch.zeros(3)}, tmp_path / "good.bin")
+    data = (tmp_path / "good.bin").read_bytes()
+    for name, content in [("truncated.bin", data[: len(data) // 2]), ("garbage.pt", b"not a checkpoint"),
+                          ("empty.bin", b"")]:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match="cannot read this PyTorch weight file") as info:
+            interop.read_state_dict(tmp_path / name)
+        assert str(tmp_path / name) in str(info.value)
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+def test_sharded_variant_weights_use_diffusers_index_name(tmp_path, safe):
+    """diffusers' _add_variant puts the variant before the last suffix, also for the index:
+    diffusion_pytorch_model.safetensors.index.fp16.json. Its legacy spelling loads too."""
+    ref = _diffusers_unet("heads")
+    ref.save_pretrained(tmp_path / "one")
+    ref.save_pretrained(tmp_path / "sh", max_shard_size="400KB", variant="fp16", safe_serialization=safe)
+    ext = "safetensors" if safe else "bin"
+    index = tmp_path / "sh" / f"diffusion_pytorch_model.{ext}.index.fp16.json"
+    assert index.exists()                                             # what diffusers writes
+    _, a = interop.load_unet(tmp_path / "one")
+    _, b = interop.load_unet(tmp_path / "sh", variant="fp16")
+    np.testing.assert_array_equal(a, b)
+    assert interop.find_weights(tmp_path / "sh", "fp16") == str(index)
+    index.rename(tmp_path / "sh" / f"diffusion_pytorch_model.{ext}.fp16.index.json")   # legacy reader's name
+    np.testing.assert_array_equal(interop.load_unet(tmp_path / "sh", variant="fp16")[1], a)
+    with pytest.raises(ValueError, match="no weights found"):
+        interop.load_unet(tmp_path / "sh")                            # only the fp16 variant is there
+
+
+def test_save_diffusers_refuses_a_non_empty_folder_and_overwrite_replaces_it_whole(tmp_path):
+    model, pa = _tiny(0)
+    _, pb = _tiny(1)
+    pipe = tmp_path / "p"
+    interop.save_diffusers(pipe, model, pa, Schedule.linear(100), {"sampler": "ddpm"})
+    before = {p.relative_to(pipe): p.read_bytes() for p in pipe.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="not empty; pass overwrite=True"):
+        interop.save_diffusers(pipe, model, pb)
+    assert {p.relative_to(pipe): p.read_bytes() for p in pipe.rglob("*") if p.is_file()} == before
+    # overwrite: a model-only export replaces the pipeline folder, no stale model_index.json / unet/
+    interop.save_diffusers(pipe, model, pb, overwrite=True)
+    assert sorted(os.listdir(pipe)) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    np.testing.assert_array_equal(interop.load_diffusers(pipe)[1], pb)
+    assert sorted(os.listdir(tmp_path)) == ["p"]                       # no temporary folders left
+    # a folder that is not a diffusers export is never replaced; an empty one is used
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not a diffusers model or pipeline folder"):
+        interop.save_diffusers(tmp_path / "mine", model, pa, overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    (tmp_path / "empty").mkdir()
+    interop.save_diffusers(tmp_path / "empty", model, pa)
+    np.testing.assert_array_equal(interop.load_unet(tmp_path / "empty")[1], pa)
+
+
+def test_failed_save_diffusers_leaves_the_previous_folder_intact(tmp_path, monkeypatch):
+    model, pa = _tiny(0)
+    _, pb = _tiny(1)
+    pipe = tmp_path / "p"
+    interop.save_diffusers(pipe, model, pa, Schedule.linear(100), {"sampler": "ddpm"})
+    before = {p.relative_to(pipe): p.read_bytes() for p in pipe.rglob("*") if p.is_file()}
+
+    def disk_full(tensors, path, metadata=None, bf16=False):
+        open(path, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(interop.st, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        interop.save_diffusers(pipe, model, pb, Schedule.cosine(100), {"sampler": "ddim"}, overwrite=True)
+    with pytest.raises(OSError, match="No space"):
+        interop.save_diffusers(tmp_path / "new", model, pb)
+    assert {p.relative_to(pipe): p.read_bytes() for p in pipe.rglob("*") if p.is_file()} == before
+    assert sorted(os.listdir(tmp_path)) == ["p"]                       # nothing half-written beside it
+    monkeypatch.undo()
+    _, params, _, settings = interop.load_diffusers(pipe)
+    assert np.array_equal(params, pa) and settings["sampler"] == "ddpm"
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"dropout": None}, "dropout must be a finite number, got None"),
+    ({"freq_shift": None}, "freq_shift must be an integer, got None"),
+    ({"norm_eps": "1e-5"}, "norm_eps must be a finite number"),
+    ({"flip_sin_to_cos": None}, "flip_sin_to_cos must be true or false"),
+    ({"down_block_types": "DownBlock2D"}, "down_block_types must be a list"),
+])
+def test_malformed_unet_config_values_are_named(change, named):
+    config = {"sample_size": 8, "block_out_channels": [32, 64], "norm_num_groups": 8,
+              "down_block_types": ["DownBlock2D"] * 2, "up_block_types": ["UpBlock2D"] * 2, **change}
+    with pytest.raises(ValueError, match=f"config.json: {named}"):
+        interop.unet_config_from_diffusers(config)
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"prediction_type": ["epsilon"]}, r"prediction_type=\['epsilon'\] is not supported"),
+    ({"thresholding": True, "sample_max_value": None}, "sample_max_value must be a number, got None"),
+    ({"trained_betas": [0.1, "x"], "num_train_timesteps": 2}, "trained_betas must be a list of 2 numbers"),
+    ({"num_train_timesteps": 3, "beta_end": 2.0}, "beta_end must be <= 1.0"),
+    ({"beta_start": None}, "beta_start must be a finite number, got None"),
+])
+def test_malformed_scheduler_config_values_are_named(change, named):
+    with pytest.raises(ValueError, match=f"scheduler_config.json: {named}"):
+        interop.schedule_from_diffusers(change)
+
+
+def test_malformed_files_in_a_model_folder_are_named(tmp_path):
+    model, params = _tiny()
+    interop.save_diffusers(tmp_path / "m", model, params)
+    config = tmp_path / "m" / "config.json"
+    good = config.read_bytes()
+    config.write_bytes(b'{"a": "\xff"}')
+    with pytest.raises(ValueError, match="config.json: not a UTF-8 text file"):
+        interop.load_unet(tmp_path / "m")
+    config.write_bytes(good)
+    weights = tmp_path / "m" / "diffusion_pytorch_model.safetensors"
+    weights.rename(tmp_path / "m" / "part1.safetensors")
+    names = list(interop.read_state_dict(tmp_path / "m" / "part1.safetensors"))
+    index = tmp_path / "m" / "diffusion_pytorch_model.safetensors.index.json"
+    for shard, named in [(1, "= 1; expected the file name of a shard"), (None, "= None; expected"),
+                         ("../part1.safetensors", "no path separators"),
+                         ("diffusion_pytorch_model.safetensors.index.json", "is an index")]:
+        index.write_text(json.dumps({"weight_map": {**{n: "part1.safetensors" for n in names},
+                                                    names[0]: shard}}))
+        with pytest.raises(ValueError, match=named) as info:
+            interop.load_unet(tmp_path / "m")
+        assert str(index) in str(info.value)
+    index.write_text(json.dumps({"weight_map": {n: "part1.safetensors" for n in names}}))
+    np.testing.assert_array_equal(interop.load_unet(tmp_path / "m")[1], params)

@@ -180,3 +180,36 @@ def test_empty_file_and_writer_errors(tmp_path):
     with pytest.raises(ValueError):
         st.save_file({"c": np.zeros(2, np.complex64)}, tmp_path / "x.safetensors")
     assert not list(tmp_path.glob("x.safetensors*"))
+
+
+def test_zero_d_low_precision_floats_load_as_writable_arrays(tmp_path):
+    """A shape [] BF16 / F8 tensor is a 0-d float32 ndarray like every other dtype, not a scalar."""
+    data = _with_header({"bf": {"dtype": "BF16", "shape": [], "data_offsets": [0, 2]},
+                         "e4": {"dtype": "F8_E4M3", "shape": [], "data_offsets": [2, 3]},
+                         "e5": {"dtype": "F8_E5M2", "shape": [], "data_offsets": [3, 4]}},
+                        b"\xc0\x3f" + b"\x40" + b"\x40")             # 1.5, 2.0, 2.0
+    path = tmp_path / "s.safetensors"
+    path.write_bytes(data)
+    for out in (st.load(data), st.load_file(path), st.load_file(path, mmap_mode=True)):
+        for name, value in (("bf", 1.5), ("e4", 2.0), ("e5", 2.0)):
+            a = out[name]
+            assert isinstance(a, np.ndarray) and a.shape == () and a.dtype == np.float32, name
+            assert a == value
+            a[...] = 3.0                                              # writable
+    assert isinstance(st.bf16_to_float32(np.uint16(0x3FC0)), np.ndarray)
+
+
+def test_bf16_bits_are_written_little_endian():
+    bits = st.float32_to_bf16(np.array([1.0, -2.0], np.float32))
+    assert bits.dtype.str == "<u2"
+    raw = st.save({"x": np.array([1.0, -2.0], ">f4")}, bf16=True)
+    assert raw.endswith(b"\x80\x3f\x00\xc0")                          # 0x3F80, 0xC000 little-endian
+
+
+def test_missing_file_or_folder_raises_safetensors_error_naming_it(tmp_path):
+    for path in (tmp_path / "missing.safetensors", tmp_path):
+        for read in (st.load_file, lambda p: st.load_file(p, mmap_mode=True), st.read_header,
+                     st.read_metadata):
+            with pytest.raises(st.SafetensorsError, match="cannot read the file") as info:
+                read(path)
+            assert str(path) in str(info.value)
