@@ -559,7 +559,8 @@ def _frames_from_trajectory(traj, frames):
 # ------------------------------------------------------------------------------------ commands
 
 def cmd_train(args):
-    cfg = _train_config(args)
+    # on --resume the checkpoint's configuration rules (_run_training refuses other options)
+    cfg = None if args.resume else _train_config(args)
     _run_training(args, cfg)
     return 0
 

@@ -329,6 +329,8 @@ def test_resume_refuses_options_it_would_ignore(tmp_path, capsys):
         assert rc == 1 and "would be ignored" in err and err.count("\n") == 1, extra
     rc, out, err = _run(capsys, "train", "--out", d, "--resume", "--steps", "4", "--quiet", "--data", "rings")
     assert "--data" in err and "--steps" not in err.split("ignored")[0]
+    rc, out, err = _run(capsys, "train", "--out", d, "--resume", "--quiet", "--data", tmp_path / "none.npy")
+    assert rc == 1 and "--data would be ignored" in err                 # refused before reading the file
     rc, out, err = _run(capsys, "train", "--out", d, "--resume", "--steps", "4", "--quiet", "--lr", "0.1", "--ema", "0")
     assert "--ema, --lr would be ignored" in err
     assert (d / "checkpoint.npz").read_bytes() == before                # refused before any work
