@@ -135,6 +135,22 @@ class TrainConfig:
             if v not in options:
                 raise ValueError(f"{name} must be one of {options}, got {v!r}")
 
+        for f in fields(self):                   # NumPy scalars -> Python numbers: config.json is JSON
+            v = getattr(self, f.name)
+            if isinstance(v, np.generic):
+                setattr(self, f.name, v.item())
+        for name in ("data", "model", "preset"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("class_cond", "hflip", "ema_warmup"):     # "false" is not False
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("lr", "beta1", "beta2", "adam_eps", "weight_decay", "ema_decay", "p_uncond",
+                     "min_snr_gamma") + (("grad_clip",) if self.grad_clip is not None else ()):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+
         choice("model", ("unet", "mlp"))
         choice("schedule", ("linear", "cosine", "sigmoid"))
         choice("prediction", diffusion.PREDICTIONS)
@@ -165,6 +181,13 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
         if not 0.0 <= self.p_uncond < 1.0:
             raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond!r}")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1!r} and {self.beta2!r}")
+        if not self.adam_eps > 0 or self.weight_decay < 0:
+            raise ValueError(f"adam_eps must be > 0 and weight_decay >= 0, got {self.adam_eps!r} and "
+                             f"{self.weight_decay!r}")
+        if not self.min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be > 0, got {self.min_snr_gamma!r}")
         rng.check_seed(self.seed)
         rng.check_seed(self.data_seed)
         if self.value_range is not None:
@@ -445,8 +468,15 @@ class Trainer:
         if ckpt.optimizer is None:
             raise CheckpointError(f"{where}: holds no optimizer state, cannot resume training")
         tr.opt.load_state_dict(ckpt.optimizer)
-        if ckpt.sampler is not None and hasattr(tr.sampler, "load_state_dict"):
+        if hasattr(tr.sampler, "load_state_dict"):
+            if ckpt.sampler is None:           # an empty history would not reproduce the run
+                raise CheckpointError(f"{where}: no timestep-sampler state for its "
+                                      f"{cfg.timestep_sampler!r} sampler, cannot resume the run exactly")
             tr.sampler.load_state_dict(ckpt.sampler)
+        for key in ("loss_ema", "elapsed"):
+            v = (ckpt.metrics or {}).get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise CheckpointError(f"{where}: metric {key!r} is {v!r}, expected a finite number")
         tr.step = int(ckpt.step)
         tr.metrics.update(ckpt.metrics or {})
         return tr
@@ -578,14 +608,26 @@ class Trainer:
         checkpoints and metrics into ``run_dir`` if given. Returns the logged metric records.
 
         On a non-finite loss the error propagates after the metrics are flushed; the checkpoint on
-        disk is the last one written (at a multiple of ``checkpoint_every``), never a bad state.
+        disk is the last one written (at a multiple of ``checkpoint_every``), never a bad state. The
+        metrics file continues at the trainer's step: records past it (from a run that crashed or
+        stopped after its checkpoint) and a torn last line are dropped first. A stop before
+        ``cfg.steps`` (``stop_at``, ``time_limit``) writes a checkpoint but no extra record, so a
+        stopped and resumed run logs exactly the uninterrupted run's records. ``callback(record)``
+        runs after the step's checkpoint, so one that raises loses no training.
         """
         cfg = self.cfg
-        end = cfg.steps if stop_at is None else min(int(stop_at), cfg.steps)
+        stop_at, time_limit = _check_fit_args(stop_at, time_limit, callback)
+        end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         ckpt_path = metrics_f = None
+        saved_step = None                      # the step of the checkpoint on disk, if any
         if run_dir is not None:
             os.makedirs(run_dir, exist_ok=True)
             ckpt_path = os.path.join(run_dir, CHECKPOINT_NAME)
+            if os.path.exists(ckpt_path):
+                saved_step = self.step         # the run continues from its checkpoint
+            # records past this step (a crashed or stopped run's) and a torn last line would
+            # otherwise be duplicated or hide what follows: the file continues at this step
+            _truncate_metrics(run_dir, self.step)
             metrics_f = open(os.path.join(run_dir, METRICS_NAME), "a", encoding="utf-8")
         records = []
         bar = _Progress(cfg.steps, self.step, progress)
@@ -598,12 +640,17 @@ class Trainer:
                 try:
                     rec = self.train_step()
                 except NonFiniteLossError as e:
-                    where = (f"; the last good checkpoint is {ckpt_path}" if ckpt_path and os.path.exists(ckpt_path)
-                             else "; no checkpoint was written yet")
+                    # metrics.jsonl keeps the records up to the failure (the loss curve shows how it
+                    # diverged); a resume from the checkpoint trims those past it
+                    where = (f"; the last good checkpoint is {ckpt_path} (step {saved_step})"
+                             if saved_step is not None else "; no checkpoint was written yet")
                     raise NonFiniteLossError(f"{e}{where}") from None
                 now = time.monotonic()
                 self.metrics["elapsed"] = elapsed0 + (now - t0)
-                if self.step % cfg.log_every == 0 or self.step == end:
+                # the last step of the run is logged; a stop before it (stop_at, time_limit) is not,
+                # so that a stopped and resumed run logs the uninterrupted run's records
+                logged = self.step % cfg.log_every == 0 or self.step == cfg.steps
+                if logged:
                     sps = (self.step - last_step) / max(now - last_t, 1e-9)
                     last_t, last_step = now, self.step
                     rec.update(steps_per_s=sps, elapsed=self.metrics["elapsed"])
@@ -611,13 +658,14 @@ class Trainer:
                     if metrics_f is not None:
                         metrics_f.write(json.dumps(rec) + "\n")
                         metrics_f.flush()
-                    if callback is not None:
-                        callback(rec)
                 bar.update(self.step, rec["loss"], sps)
                 timed_out = time_limit is not None and now - t0 >= time_limit
                 if ckpt_path is not None and (self.step % cfg.checkpoint_every == 0 or self.step == end
                                               or timed_out):
                     self.save(ckpt_path)
+                    saved_step = self.step
+                if logged and callback is not None:
+                    callback(rec)              # after the checkpoint: a callback that raises loses nothing
                 if timed_out:
                     break
         finally:
@@ -637,6 +685,23 @@ def _truncate_metrics(run_dir: str, step: int) -> None:
     keep = [r for r in read_metrics(path) if r.get("step", 0) <= step]
     text = "".join(json.dumps(r) + "\n" for r in keep)
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _check_fit_args(stop_at, time_limit, callback):
+    """``fit``'s stop_at (None or an integer >= 1) and time_limit (None or finite seconds >= 0) as
+    (int | None, float | None); callback None or callable. Errors name the value."""
+    if stop_at is not None:
+        if isinstance(stop_at, (bool, np.bool_)) or not isinstance(stop_at, (int, np.integer)) or stop_at < 1:
+            raise ValueError(f"stop_at must be None or an integer >= 1 (a step to stop at), got {stop_at!r}")
+        stop_at = int(stop_at)
+    if time_limit is not None:
+        if (isinstance(time_limit, (bool, np.bool_)) or not isinstance(time_limit, (int, float, np.number))
+                or not math.isfinite(time_limit) or time_limit < 0):
+            raise ValueError(f"time_limit must be None or a finite number of seconds >= 0, got {time_limit!r}")
+        time_limit = float(time_limit)
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback must be None or callable, got {callback!r}")
+    return stop_at, time_limit
 
 
 def _check_steps(steps) -> int:
@@ -661,6 +726,7 @@ def train(cfg, run_dir, resume: bool = False, force: bool = False, progress: boo
 
     if isinstance(cfg, dict):
         cfg = TrainConfig.from_dict(cfg)
+    _check_fit_args(stop_at, time_limit, callback)
     run_dir = os.fspath(run_dir)
     ckpt_path = os.path.join(run_dir, CHECKPOINT_NAME)
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
@@ -674,6 +740,15 @@ def train(cfg, run_dir, resume: bool = False, force: bool = False, progress: boo
             saved = TrainConfig.from_dict(ckpt.config["train"])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{ckpt_path}: its training configuration is unusable ({e})") from None
+        if cfg is not None:                    # the saved configuration rules: refuse, don't ignore
+            mine, theirs = cfg.to_dict(), saved.to_dict()
+            differ = sorted(k for k in mine if k != "steps" and mine[k] != theirs.get(k))
+            if differ:
+                raise ValueError(f"resume continues {run_dir} with its saved configuration, which differs "
+                                 f"from the one given in {', '.join(differ)}; pass cfg=None (or the saved "
+                                 "configuration), and steps= to raise the total")
+            if steps is None and cfg.steps != saved.steps:
+                steps = cfg.steps
         if dataset is None:
             # a toy run resumes on as many points as it was trained on (older runs: 10,000)
             n_saved = ckpt.config.get("data", {}).get("n_train")
@@ -695,6 +770,7 @@ def train(cfg, run_dir, resume: bool = False, force: bool = False, progress: boo
         if dataset is None:
             dataset = load_dataset(cfg.data, split="train", seed=cfg.data_seed, value_range=cfg.value_range)
         tr = Trainer(cfg, dataset, device=device)
+        json.dumps(tr.config_dict())           # config.json must be writable before anything is removed
         os.makedirs(run_dir, exist_ok=True)
         if force:
             for name in (CHECKPOINT_NAME, METRICS_NAME):

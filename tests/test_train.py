@@ -272,6 +272,64 @@ def test_force_that_cannot_start_keeps_the_old_run(tmp_path):
           progress=False, dataset=_moons(20))
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME).step == 3
     assert [r["step"] for r in read_metrics(tmp_path / METRICS_NAME)] == [3]   # log_every 10: the last step
+    # arguments that used to fail only after the old run was deleted: refused with it intact
+    before = _run_files(tmp_path)
+    ok = dict(data="moons", model="mlp", preset="tiny", T=10, steps=3, batch=8)
+    for kwargs, match in ((dict(stop_at="x"), "stop_at"), (dict(stop_at=2.9), "stop_at"), (dict(stop_at=0), "stop_at"),
+                          (dict(time_limit="5"), "time_limit"), (dict(time_limit=float("nan")), "time_limit"),
+                          (dict(callback=42), "callback")):
+        with pytest.raises(ValueError, match=match):
+            train(TrainConfig(**ok), tmp_path, force=True, progress=False, dataset=_moons(20), **kwargs)
+        assert _run_files(tmp_path) == before
+    # NumPy numbers in a configuration are stored as JSON numbers (json.dumps used to fail on them)
+    tr = train(TrainConfig(**{**ok, "batch": np.int64(8), "ema_decay": np.float32(0.5)}), tmp_path, force=True,
+               progress=False, dataset=_moons(20))
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["batch"] == 8 and tr.cfg.batch == 8
+
+
+def test_config_fields_have_their_types():
+    for kw, match in ((dict(class_cond="false"), "class_cond must be True or False"),
+                      (dict(hflip="no"), "hflip"), (dict(ema_warmup=1), "ema_warmup"),
+                      (dict(lr=True), "lr must be a finite number"), (dict(data=123), "data must be a string"),
+                      (dict(grad_clip="1"), "grad_clip"), (dict(ema_decay="0.9"), "ema_decay"),
+                      (dict(p_uncond=None), "p_uncond"), (dict(beta1="0.9"), "beta1"),
+                      (dict(beta2=1.0), "beta2"), (dict(min_snr_gamma=-1.0), "min_snr_gamma"),
+                      (dict(weight_decay=-0.1), "weight_decay")):
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**kw)
+
+
+def test_stopped_runs_log_and_save_as_the_uninterrupted_run(tmp_path):
+    ds = _moons(40)
+    cfg = dict(model="mlp", preset="tiny", T=10, steps=7, batch=8, checkpoint_every=4, log_every=2)
+    train(TrainConfig(**cfg), tmp_path / "a", progress=False, dataset=ds)
+    train(TrainConfig(**cfg), tmp_path / "b", progress=False, dataset=ds, stop_at=3)
+    train(None, tmp_path / "b", resume=True, progress=False, dataset=ds, stop_at=5)
+    train(None, tmp_path / "b", resume=True, progress=False, dataset=ds)
+    ra, rb = (read_metrics(tmp_path / d / METRICS_NAME) for d in "ab")
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == [2, 4, 6, 7]   # stops add no records
+    assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
+    # the Python API: from_checkpoint + fit continues the file at the checkpoint's step, dropping
+    # records past it and a torn last line (fit used to append after them)
+    train(TrainConfig(**cfg), tmp_path / "c", progress=False, dataset=ds, stop_at=6)   # checkpoint at 6
+    with open(tmp_path / "c" / METRICS_NAME, "a") as f:
+        f.write(json.dumps({"step": 7, "loss": 9.0}) + "\n" + '{"step": 8, "lo')
+    tr = Trainer.from_checkpoint(str(tmp_path / "c" / CHECKPOINT_NAME), ds)
+    tr.fit(tmp_path / "c", progress=False)
+    rc = read_metrics(tmp_path / "c" / METRICS_NAME)
+    assert [(r["step"], r["loss"]) for r in rc] == [(r["step"], r["loss"]) for r in ra]
+    # a callback that raises at a checkpoint step loses nothing: the checkpoint is written first
+    def boom(rec):
+        if rec["step"] == 4:
+            raise RuntimeError("callback failed")
+    with pytest.raises(RuntimeError, match="callback failed"):
+        train(TrainConfig(**cfg), tmp_path / "d", progress=False, dataset=ds, callback=boom)
+    assert load_checkpoint(tmp_path / "d" / CHECKPOINT_NAME).step == 4
+    # a configuration given with resume must be the saved one (only the total may change)
+    with pytest.raises(ValueError, match="differs from the one given in lr"):
+        train(TrainConfig(**{**cfg, "lr": 0.5}), tmp_path / "d", resume=True, progress=False, dataset=ds)
+    tr = train(TrainConfig(**{**cfg, "steps": 8}), tmp_path / "d", resume=True, progress=False, dataset=ds)
+    assert tr.step == 8
 
 
 def test_resume_cannot_lower_the_total(tmp_path):
@@ -330,3 +388,23 @@ def test_fixed_seed_run_reproduces_recorded_losses(case):
     tr = Trainer(TrainConfig(seed=7, lr=1e-2, warmup=0, **kw), make_data())
     losses = [tr.train_step()["loss"] for _ in range(5)]
     np.testing.assert_allclose(losses, expected, rtol=1e-4)
+
+
+def test_resume_refuses_checkpoints_that_cannot_reproduce_the_run(tmp_path):
+    import dataclasses
+
+    from ddpm_ref.checkpoint import CheckpointError, save_checkpoint
+
+    ds = _moons(40)
+    cfg = TrainConfig(model="mlp", preset="tiny", T=10, steps=4, batch=8, checkpoint_every=2,
+                      timestep_sampler="loss_aware", loss_aware_history=1)
+    train(cfg, tmp_path, progress=False, dataset=ds, stop_at=2)
+    good = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert good.sampler is not None
+    for change, match in ((dict(sampler=None), "no timestep-sampler state"),
+                          (dict(metrics={**good.metrics, "loss_ema": "x"}), "loss_ema"),
+                          (dict(metrics={**good.metrics, "elapsed": [1]}), "elapsed")):
+        bad = tmp_path / "bad.npz"
+        save_checkpoint(bad, dataclasses.replace(good, **change))
+        with pytest.raises(CheckpointError, match=match):
+            Trainer.from_checkpoint(str(bad), ds)
