@@ -51,8 +51,9 @@ class Backend:
 
     def asarray(self, a, dtype=None):
         """``a`` as an array of this backend (a host array is copied to the GPU; device arrays pass)."""
-        if self.xp is np:
-            return np.asarray(a, dtype=dtype)
+        if self.xp is np:                   # the CPU, or the GPU simulator (kernels need C order, as on a GPU)
+            a = np.asarray(a, dtype=dtype)
+            return np.ascontiguousarray(a) if self.on_device else a
         return self.xp.ascontiguousarray(self.xp.asarray(a, dtype=dtype))
 
     def to_host(self, a) -> np.ndarray:

@@ -111,10 +111,12 @@ def backend() -> str:
         return _FOUND[0]
     name, missing = _probe()
     if name is None:
+        # the simulator needs numba-cuda too: suggest it only where it would help
+        sim = ("" if is_simulator() or any(m.startswith("numba-cuda") for m in missing) else
+               " (or set NUMBA_ENABLE_CUDASIM=1 to run the kernels in Numba's CPU simulator)")
         raise GPUUnavailableError(
             "the GPU backend is unavailable: " + "; ".join(missing) + f". To use it, {_INSTALL_HINT}, "
-            "on a machine with an NVIDIA driver (or set NUMBA_ENABLE_CUDASIM=1 to run the kernels in "
-            "Numba's CPU simulator).")
+            f"on a machine with an NVIDIA driver{sim}.")
     _FOUND.append(name)
     return name
 
@@ -171,8 +173,12 @@ def to_host(a) -> np.ndarray:
 def check_array(a, name: str, dtype=np.float32, ndim: int | None = None, shape=None, contiguous=True):
     """Fail fast unless ``a`` is a (C-contiguous, unless ``contiguous=False``) device array of the
     expected dtype and shape."""
-    if not hasattr(a, "__cuda_array_interface__") and not isinstance(a, np.ndarray):
-        raise ValueError(f"{name} must be a CuPy (or, in the simulator, NumPy) array, got {type(a).__name__}")
+    if not hasattr(a, "__cuda_array_interface__"):
+        if not isinstance(a, np.ndarray):
+            raise ValueError(f"{name} must be a CuPy (or, in the simulator, NumPy) array, got {type(a).__name__}")
+        if not is_simulator():                 # on a GPU a host array would need a hidden copy
+            raise ValueError(f"{name} is a host NumPy array; the GPU kernels need a device array "
+                             "(copy it with ddpm_ref.kernels.runtime.to_device, or Backend.asarray)")
     if dtype is not None and a.dtype != np.dtype(dtype):
         raise ValueError(f"{name} must have dtype {np.dtype(dtype)}, got {a.dtype}")
     if ndim is not None and a.ndim != ndim:

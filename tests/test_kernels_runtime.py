@@ -56,6 +56,7 @@ def test_no_cupy_and_no_driver():
     assert ("no usable CUDA driver or GPU" in msg) == (not out["driver"])
     assert "numba-cuda (the Numba CUDA target) is not installed" not in msg
     assert "pip install 'ddpm-ref[gpu]'" in msg and msg.count("\n") == 0     # one line, one message
+    assert "NUMBA_ENABLE_CUDASIM=1" in msg     # numba-cuda is there, so the simulator is an option
     assert out["conv_import"] == "ok"          # the kernels import; only running them needs a GPU
 
 
@@ -64,6 +65,7 @@ def test_no_numba_cuda():
                "sys.modules['cupy'] = None\n" + _PROBE)
     msg = out["message"]
     assert "numba-cuda (the Numba CUDA target) is not installed" in msg and "CuPy is not installed" in msg
+    assert "NUMBA_ENABLE_CUDASIM" not in msg   # the simulator needs numba-cuda too: no such advice
     assert "numba-cuda" in out["conv_import"] and "pip install 'ddpm-ref[gpu]'" in out["conv_import"]
 
 
@@ -87,6 +89,29 @@ sys.modules["cupy"] = cupy
 def test_simulator_backend():
     out = _run("import sys; sys.modules['cupy'] = None\n" + _PROBE, sim="1")
     assert out == {"backend": "simulator", "message": None, "conv_import": "ok", "driver": False}
+
+
+def test_device_arrays_are_c_contiguous_and_host_arrays_are_refused_on_a_gpu():
+    out = _run("""
+import json, numpy as np
+from ddpm_ref.backend import get_backend
+from ddpm_ref.kernels import runtime
+f = np.asfortranarray(np.ones((2, 3), np.float32))
+gpu, cpu = get_backend("gpu"), get_backend("cpu")
+res = {"gpu_c": bool(gpu.asarray(f).flags.c_contiguous), "cpu_same": cpu.asarray(f) is f}
+runtime.check_array(np.zeros((2, 3), np.float32), "x")          # the simulator's arrays are NumPy
+runtime.is_simulator = lambda: False                           # as on a real GPU
+try:
+    runtime.check_array(np.zeros((2, 3), np.float32), "x")
+    res["host_on_gpu"] = "accepted"
+except ValueError as e:
+    res["host_on_gpu"] = str(e)
+print(json.dumps(res))
+""", sim="1")
+    # the simulated GPU backend copies to C order as a real one does (kernels refuse other layouts);
+    # the CPU backend keeps the caller's array (its ops take any layout)
+    assert out["gpu_c"] and out["cpu_same"]
+    assert out["host_on_gpu"].startswith("x is a host NumPy array")
 
 
 def test_bench_conv_shapes_cover_the_cifar_unet():
