@@ -13,7 +13,8 @@ weights: our parameter names are its state_dict keys) on PyTorch CPU at the same
   (``unet(x, t).sample`` then ``scheduler.step``) under ``torch.inference_mode()``, reported as
   images per second. ``quick`` > 0 times that many steps of a respaced chain (each step does the same
   work as a step of the full chain: one network evaluation and one update) and extrapolates:
-  chain time = median step time x number of steps; the output says so.
+  chain time = median step time x number of steps; the output says so. The measured steps are
+  ``max(quick, repeats)``, capped at the chain's length (:func:`quick_steps`).
 
 Timing: the training step of ours and of the peer run in one worker, alternating step by step
 (:func:`train_pair`), so that both meet the same machine load; each sampling (row, side) runs in a
@@ -153,6 +154,16 @@ def train_step(spec: dict) -> dict:
     return {**stats(times), **_memory_record(setup, before, ok), "loss": loss, **_threads_used(spec["side"])}
 
 
+def quick_steps(quick, repeats, steps) -> tuple:
+    """(steps to measure, extra JSON fields) of a ``--quick`` sampling row: ``max(quick, repeats)``,
+    capped at the chain's length ``steps`` (a respaced chain has at most T = 1000 steps, and timing
+    more steps than the chain has adds nothing); when capped, the extra fields say so."""
+    want = max(int(quick or 0), int(repeats))
+    if want <= int(steps):
+        return want, {}
+    return int(steps), {"requested_steps": want, "capped_at_chain_length": True}
+
+
 def _sampling_setup(spec: dict):
     """Validate a sampling ``spec`` and build its model: (batch, side, sampler, steps, model, params,
     image shape)."""
@@ -170,7 +181,8 @@ def _sampling_setup(spec: dict):
 def sample(spec: dict) -> dict:
     """Sampling throughput (``spec``: preset, batch, side, sampler "ddpm"|"ddim", steps, quick,
     repeats, warmup). Full mode times ``repeats`` whole chains; quick mode times one respaced chain of
-    ``max(quick, repeats)`` steps and extrapolates from the median step."""
+    ``max(quick, repeats)`` steps (at most the chain's ``steps``: :func:`quick_steps`) and
+    extrapolates from the median step."""
     batch, side, sampler, steps, model, params, shape = _sampling_setup(spec)
     quick = int(spec.get("quick") or 0)
     if side == "ours":
@@ -214,11 +226,12 @@ def sample(spec: dict) -> dict:
         chain(2)                                                 # warm-up: a short chain
     before = rss_kib("VmRSS")
     if quick:
-        n_meas = max(quick, int(spec["repeats"]))
+        n_meas, capped = quick_steps(quick, spec["repeats"], steps)
         x, step_s = chain(n_meas)
         step_med = median(step_s)
         chain_s = [step_med * steps]
-        result = {**stats(chain_s), "step": stats(step_s), "extrapolated": True, "measured_steps": n_meas}
+        result = {**stats(chain_s), "step": stats(step_s), "extrapolated": True, "measured_steps": n_meas,
+                  **capped}
     else:
         chains, step_s = [], []
         for _ in range(int(spec["repeats"])):
@@ -299,13 +312,13 @@ def sample_pair(spec: dict) -> dict:
     is the median step times ``spec["steps"]`` (every step of a respaced chain does the same work).
     Returns ``{"ours": {...}, "peer": {...}}`` with ``step`` stats and the extrapolated chain."""
     steps = {side: build_sample_step({**spec, "side": side}) for side in ("ours", "peer")}
-    n_meas = max(int(spec.get("quick") or 0), int(spec["repeats"]))
+    n_meas, capped = quick_steps(spec.get("quick"), spec["repeats"], spec["steps"])
     times = interleaved(steps, n_meas, spec["warmup"])
     out = {}
     for side in steps:
         step_stats = stats(times[side])
         chain = stats([step_stats["median_ms"] * 1e-3 * int(spec["steps"])])
-        out[side] = {**chain, "step": step_stats, "extrapolated": True, "measured_steps": n_meas,
+        out[side] = {**chain, "step": step_stats, "extrapolated": True, "measured_steps": n_meas, **capped,
                      "images_per_s": int(spec["batch"]) / (chain["median_ms"] * 1e-3),
                      "finite_samples": bool(np.all(np.isfinite(np.asarray(steps[side].state["x"])))),
                      **_threads_used(side)}

@@ -42,6 +42,12 @@ from benchmarks import common  # noqa: E402
 
 
 
+def save_result(path, result):
+    """Write ``result`` to ``path`` (when given) atomically (:func:`benchmarks.common.write_json`)."""
+    if path:
+        common.write_json(path, result)
+
+
 def _our_sync_and_pool():
     """(synchronise, memory pool or None) for our side: CuPy's on a GPU; no-ops in the simulator."""
     try:
@@ -256,7 +262,8 @@ def peer_sample(torch, preset, batch, warmup, repeats, tf32, device="cuda"):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="U-Net training and sampling on our GPU kernels vs diffusers")
+    ap = argparse.ArgumentParser(description="U-Net training and sampling on our GPU kernels vs diffusers",
+                                 allow_abbrev=False)
     ap.add_argument("--preset", default="cifar")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--sample-batch", type=int, default=128)
@@ -265,16 +272,18 @@ def main(argv=None):
     ap.add_argument("--breakdown", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    try:
+        common.check_json_path(args.out, "--out")        # before minutes of measurements
+    except ValueError as e:
+        ap.error(str(e))
     from ddpm_ref.kernels import runtime
     if runtime.backend() != "cuda":
         raise SystemExit("bench_gpu_e2e.py needs a real GPU (the simulator would take days)")
     result = {"preset": args.preset, "batch": args.batch, "sample_batch": args.sample_batch,
               "repeats": args.repeats, "warmup": args.warmup}
 
-    def save():
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
+    def save():                                  # after every part: atomic, so a timeout keeps what was measured
+        save_result(args.out, result)
 
     row, tr = ours_train(args.preset, args.batch, args.warmup, args.repeats, args.breakdown)
     result["train_ours"] = row

@@ -18,7 +18,8 @@ What it measures (on a real NVIDIA GPU, CuPy arrays; refuses to run in the simul
    only, plus torch eager when present), for the record.
 
 Each figure is the median of ``--repeats`` timed runs (CUDA events) after 2 warm-up runs (the first
-also compiles the kernel). Writes a JSON file (``--out``) and prints a table.
+also compiles the kernel). Writes a JSON file (``--out``, atomically, after every section) and
+prints a table.
 
 Usage: ``python benchmarks/bench_kernels.py --out results.json [--quick]``.
 What it is not: a test (tests/test_kernels_*.py check the numbers) or an end-to-end training
@@ -36,6 +37,16 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import check_json_path, write_json  # noqa: E402
+
+
+def save_result(path, result, t0):
+    """Write ``result`` (with the seconds since ``t0``) to ``path`` atomically (:func:`write_json`):
+    called after every section, so a timeout keeps what was measured and never leaves a torn file."""
+    if path:
+        result["seconds"] = round(time.time() - t0, 1)
+        write_json(path, result)
 
 
 def _timer(cupy):
@@ -287,7 +298,8 @@ def bench_norm_attention(cupy, knorm, katt, time_it, repeats, batch, torch):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="GPU kernel benchmarks (needs a real GPU and CuPy)")
+    parser = argparse.ArgumentParser(description="GPU kernel benchmarks (needs a real GPU and CuPy)",
+                                     allow_abbrev=False)
     parser.add_argument("--out", default=None, help="JSON file to write")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--batch", type=int, default=128)
@@ -297,6 +309,10 @@ def main(argv=None):
     parser.add_argument("--sections", nargs="+", default=["noise", "conv", "norm"],
                         choices=["noise", "conv", "norm"], help="which sections to run (default: all)")
     args = parser.parse_args(argv)
+    try:
+        check_json_path(args.out, "--out")               # before minutes of measurements
+    except ValueError as e:
+        parser.error(str(e))
     from ddpm_ref.kernels import runtime
     if runtime.backend() != "cuda":
         raise SystemExit("bench_kernels.py needs a real GPU (the simulator would take days)")
@@ -324,11 +340,9 @@ def main(argv=None):
                           "cuda_driver": cupy.cuda.runtime.driverGetVersion()},
               "repeats": repeats, "batch": args.batch}
     t0 = time.time()
+
     def save():                                  # after every section: a timeout keeps what was measured
-        if args.out:
-            result["seconds"] = round(time.time() - t0, 1)
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
+        save_result(args.out, result, t0)
 
     if "noise" in args.sections:
         result["noise"] = bench_noise(cupy, noise, time_it, repeats, args.noise_batch)

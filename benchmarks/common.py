@@ -31,6 +31,7 @@ import platform
 import subprocess
 import sys
 import time
+import uuid
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
                "VECLIB_MAXIMUM_THREADS")
@@ -312,7 +313,17 @@ def machine_lines(info: dict, peak: dict | None) -> list:
 # ------------------------------------------------------------------------------------ subprocesses
 
 class WorkerError(RuntimeError):
-    """A worker subprocess failed; the message carries its stderr."""
+    """A worker subprocess failed. ``str()`` is one line (what failed and the last line of its
+    stderr); ``detail`` keeps the tail of its stderr / stdout."""
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    return lines[-1] if lines else "no output"
 
 
 def run_worker(spec: dict, threads: int, timeout: float | None = None, extra_env: dict | None = None) -> dict:
@@ -322,15 +333,18 @@ def run_worker(spec: dict, threads: int, timeout: float | None = None, extra_env
     env = thread_env(threads)
     env.update(extra_env or {})
     env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    kind = spec.get("kind")
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=timeout)
     except subprocess.TimeoutExpired as e:
-        raise WorkerError(f"worker {spec.get('kind')} timed out after {timeout} s") from e
+        raise WorkerError(f"worker {kind} timed out after {timeout} s", f"spec: {json.dumps(spec)}") from e
     if out.returncode:
-        raise WorkerError(f"worker {spec} failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
+        raise WorkerError(f"worker {kind} failed (exit {out.returncode}): {_last_line(out.stderr)}",
+                          f"spec: {json.dumps(spec)}\n{out.stderr[-4000:]}")
     lines = [ln for ln in out.stdout.strip().splitlines() if ln.startswith("{")]
     if not lines:
-        raise WorkerError(f"worker {spec} printed no JSON result:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+        raise WorkerError(f"worker {kind} printed no JSON result: {_last_line(out.stderr or out.stdout)}",
+                          f"spec: {json.dumps(spec)}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
     return json.loads(lines[-1])
 
 
@@ -377,10 +391,48 @@ def table_lines(rows: list) -> list:
     return out
 
 
+def check_json_path(path: str, option: str = "--json") -> None:
+    """ValueError naming ``path`` unless a JSON file can be written there: not an existing folder (or
+    other non-file), and its folder either exists and is writable or can be created (its nearest
+    existing ancestor is a writable folder). Checked before a run, so that results are not measured
+    only to be lost at the end. An empty path means "write nowhere" and passes."""
+    if not path:
+        return
+    if path.endswith(("/", os.sep)) or os.path.isdir(path):
+        raise ValueError(f"{option} {path!r} is a folder; give a file name in it (e.g. {os.path.join(path, 'results.json')!r})")
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise ValueError(f"{option} {path!r} exists and is not a regular file")
+    folder = os.path.dirname(os.path.abspath(path))
+    probe = folder
+    while not os.path.lexists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise ValueError(f"{option} {path!r}: cannot create its folder {folder!r}: {probe!r} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "its folder" if probe == folder else f"its folder {folder!r}: {probe!r}"
+        raise ValueError(f"{option} {path!r}: {what} is not writable")
+
+
 def write_json(path: str, result: dict) -> None:
-    """Write ``result`` as indented JSON (atomically: a temporary file, then a rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write ``result`` as indented JSON, atomically: a uniquely named temporary file in the target's
+    folder (created if missing), flushed to disk, then renamed over ``path``. On any failure the
+    temporary file is removed and ``path`` is left as it was."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "x") as f:
+            json.dump(result, f, indent=1, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

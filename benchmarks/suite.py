@@ -29,16 +29,20 @@ import os
 import sys
 import time
 
-from benchmarks.bench_e2e import E2E_ROWS, combine
+from benchmarks.bench_e2e import E2E_ROWS, combine, quick_steps
 from benchmarks.bench_ops import OPS_ROWS
-from benchmarks.common import (gflops, limit_threads, machine_info, machine_lines, run_worker,
-                               table_lines, write_json)
+from benchmarks.common import (WorkerError, check_json_path, gflops, limit_threads, machine_info, machine_lines,
+                               run_worker, table_lines, write_json)
 
 PRESETS = ("tiny", "digits", "small", "cifar")
 # Batch of the op rows and of the training step; batch of the sampling rows ("a small batch").
 TRAIN_BATCH = {"tiny": 4, "digits": 128, "small": 64, "cifar": 8}
 SAMPLE_BATCH = {"tiny": 2, "digits": 64, "small": 16, "cifar": 4}
 ROW_GROUPS = {"ops": OPS_ROWS, "e2e": E2E_ROWS, "all": OPS_ROWS + E2E_ROWS}
+DEFAULT_JSON = {"cpu": os.path.join("bench_results", "suite.json"), "gpu": os.path.join("bench_results", "gpu.json"),
+                "profile": os.path.join("bench_results", "profile.json")}
+# The options --device gpu honours; every other option is the CPU suite's (refused with --device gpu).
+GPU_OPTIONS = ("device", "repeats", "json")
 
 
 def _preset_batches(items, default):
@@ -49,45 +53,72 @@ def _preset_batches(items, default):
         name, n = item.split(":", 1)
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r} in {item!r}; expected one of {list(PRESETS)}")
-        if not n.isdigit() or int(n) < 1:
+        if not n.isdecimal() or int(n) < 1:
             raise ValueError(f"batch must be a positive integer, got {n!r} in {item!r}")
         out[name] = int(n)
     return out
 
 
+def _e2e_json(path: str) -> str:
+    """Where ``--device gpu`` writes bench_gpu_e2e.py's results: beside ``path``, with an _e2e suffix."""
+    return os.path.splitext(path)[0] + "_e2e.json"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one ``error: ...`` line (exit 2), like the suite's own checks."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see python -m benchmarks --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks", description="\n\n".join(__doc__.split("\n\n")[:3]),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="rows: groups " + ", ".join(ROW_GROUPS) + "; op rows " + ", ".join(OPS_ROWS)
-                                 + "; end-to-end rows " + ", ".join(E2E_ROWS))
+    # allow_abbrev=False: an abbreviation (--thr 2) would escape __main__'s early thread setup, which
+    # reads --threads before NumPy loads; so only full option names are accepted.
+    ap = _Parser(prog="python -m benchmarks", description="\n\n".join(__doc__.split("\n\n")[:3]),
+                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+                 epilog="rows: groups " + ", ".join(ROW_GROUPS) + "; op rows " + ", ".join(OPS_ROWS)
+                 + "; end-to-end rows " + ", ".join(E2E_ROWS) + ". Files written: "
+                 f"the CPU suite {DEFAULT_JSON['cpu']}; --profile {DEFAULT_JSON['profile']}; "
+                 f"--device gpu {DEFAULT_JSON['gpu']} (bench_kernels.py) and "
+                 f"{_e2e_json(DEFAULT_JSON['gpu'])} (bench_gpu_e2e.py); --json NAME.json writes NAME.json "
+                 "instead (with --device gpu also NAME_e2e.json beside it).")
     ap.add_argument("--preset", nargs="+", default=["small"], choices=PRESETS, help="U-Net presets (default small)")
     ap.add_argument("--rows", nargs="+", default=["all"], help="row groups or names (default all)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "gpu"],
-                    help="cpu (default), or gpu: our CUDA kernels vs cuDNN/torch eager FP32, run by "
-                         "benchmarks/bench_kernels.py (needs ddpm_ref.kernels with CuPy on an NVIDIA GPU)")
+                    help="cpu (default): the suite below. gpu: the fixed GPU scripts instead, "
+                         "benchmarks/bench_kernels.py (our CUDA kernels vs cuDNN/torch eager FP32) then "
+                         "benchmarks/bench_gpu_e2e.py (cifar training and sampling steps at batch 128 vs "
+                         "diffusers); needs ddpm_ref.kernels with CuPy on an NVIDIA GPU. It honours only "
+                         "--repeats (at least 5) and --json (default " + DEFAULT_JSON["gpu"] + ", and "
+                         + _e2e_json(DEFAULT_JSON["gpu"]) + " beside it); the other options are refused")
     ap.add_argument("--threads", type=int, default=1, help="BLAS and torch threads, both sides (default 1)")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per figure, median reported (default 5)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="sampling rows (and the train row with --no-peers): run ours and the peer in "
-                         "this many fresh workers each, alternating, and pool the runs; 2 or more on a busy "
-                         "machine (the train row always alternates ours and the peer step by step in one "
-                         "worker, with memory from a fresh worker per side)")
+                    help="sampling rows (unless --quick with peers) and the train row with --no-peers: "
+                         "run ours and the peer in this many fresh workers each, alternating, and pool the "
+                         "runs; 2 or more on a busy machine. The other end-to-end rows ignore it: with peers "
+                         "the train row, and with --quick the sampling rows, alternate ours and the peer step "
+                         "by step in one worker, with memory from a fresh worker per side")
     ap.add_argument("--batch", nargs="+", metavar="PRESET:N", help="op/train batch (default "
                     + ", ".join(f"{k}:{v}" for k, v in TRAIN_BATCH.items()) + ")")
     ap.add_argument("--sample-batch", nargs="+", metavar="PRESET:N", help="sampling batch (default "
                     + ", ".join(f"{k}:{v}" for k, v in SAMPLE_BATCH.items()) + ")")
     ap.add_argument("--quick", type=int, default=0, metavar="K",
-                    help="sampling: time K (>= repeats) steps and extrapolate to the full chain; with peers, "
+                    help="sampling: time max(K, repeats) steps, at most the chain's length, and "
+                         "extrapolate to the full chain; with peers, "
                          "ours and the peer's steps alternate in one process (memory from a fresh one each)")
     ap.add_argument("--ddpm-steps", type=int, default=1000, help="DDPM chain length (default 1000)")
     ap.add_argument("--ddim-steps", type=int, default=50, help="DDIM chain length (default 50)")
     ap.add_argument("--gemm-n", type=int, default=2048, help="matrix size of the GEMM peak (default 2048)")
     ap.add_argument("--no-peers", action="store_true", help="time ddpm_ref alone (no torch/diffusers)")
     ap.add_argument("--inline", action="store_true", help="measure in this process (no worker subprocesses)")
-    ap.add_argument("--json", default=None, help="where to write JSON (default bench_results/suite.json, "
-                    "or bench_results/profile.json with --profile; '' = nowhere)")
-    ap.add_argument("--profile", metavar="PRESET:BATCH", help="per-op time of our training step, then exit")
+    ap.add_argument("--json", default=None, help=f"where to write JSON (default {DEFAULT_JSON['cpu']}; "
+                    f"{DEFAULT_JSON['profile']} with --profile; {DEFAULT_JSON['gpu']} with --device gpu, whose "
+                    "end-to-end part goes beside it with an _e2e suffix; '' = nowhere). Checked before "
+                    "anything runs; written atomically")
+    ap.add_argument("--profile", metavar="PRESET:BATCH", help="per-op time of our CPU training step, then exit "
+                    "(not with --device gpu)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     return ap
 
@@ -123,6 +154,43 @@ def check_args(args) -> None:
     if args.ddpm_steps > 1000 or args.ddim_steps > 1000:
         raise ValueError(f"chains have at most T = 1000 steps, got --ddpm-steps {args.ddpm_steps}, "
                          f"--ddim-steps {args.ddim_steps}")
+    if args.device == "gpu":
+        if args.profile:
+            raise ValueError(f"--profile {args.profile} profiles the CPU training step; it cannot be combined "
+                             "with --device gpu")
+        defaults = parser().parse_args([])
+        for name, value in vars(args).items():
+            if name in GPU_OPTIONS or name in ("worker", "profile") or value == getattr(defaults, name):
+                continue
+            raise ValueError(f"--device gpu runs the fixed GPU scripts and does not take "
+                             f"--{name.replace('_', '-')} (got {value!r}); it honours only --repeats and --json")
+    for path in json_paths(args):
+        check_json_path(path)
+
+
+def json_paths(args) -> list:
+    """The JSON files this run will write (``args.json`` as given; None = nothing decided yet)."""
+    if not args.json:
+        return []
+    if args.device == "gpu" and not args.profile:
+        return [args.json, _e2e_json(args.json)]
+    return [args.json]
+
+
+def rounds_rows(rows_sel, args) -> list:
+    """The end-to-end rows of ``rows_sel`` that take ``--rounds`` (fresh workers per round, pooled): the
+    sampling rows unless ``--quick`` with peers (then both sides alternate step by step in one worker)
+    and the train row only with ``--no-peers`` (with peers it alternates step by step in one worker)."""
+    out = []
+    for name in rows_sel:
+        if name not in E2E_ROWS:
+            continue
+        if name == "train" and not args.no_peers:
+            continue
+        if name != "train" and args.quick and not args.no_peers:
+            continue
+        out.append(name)
+    return out
 
 
 # ------------------------------------------------------------------------------------ workers
@@ -202,11 +270,16 @@ def run(args, out=print) -> dict:
     from benchmarks.bench_ops import discover
     info = machine_info(args.threads, torch_too=not args.no_peers)
     t_start = time.time()
-    peak = _measure({"kind": "gemm", "n": args.gemm_n, "repeats": max(args.repeats, 10), "warmup": 1}, args)
+    try:
+        peak = _measure({"kind": "gemm", "n": args.gemm_n, "repeats": max(args.repeats, 10), "warmup": 1}, args)
+    except WorkerError as e:
+        raise WorkerError(f"the GEMM peak measurement failed (no rows measured yet): {e}", e.detail) from None
     for line in machine_lines(info, peak):
         out(line)
+    pooled = rounds_rows(rows_sel, args) if args.rounds > 1 else []
     out(f"# median of {args.repeats} timed runs after {args.warmup} warm-up"
-        + (f" (end-to-end rows: {args.rounds} alternating rounds of fresh workers, runs pooled)" if args.rounds > 1 else "")
+        + (f" ({', '.join(pooled)} rows: {args.rounds} alternating rounds of fresh workers, runs pooled)"
+           if pooled else "")
         + "; FLOPs = 2 x MACs of the GEMMs "
         "(conv, dense, attention), backward = 2 x forward; ratio = our time / peer time (< 1: we are faster)")
     out("# ours/peer: ms per call (op rows, train step) or images/s (sampling chains); memory: op rows MiB of "
@@ -224,79 +297,114 @@ def run(args, out=print) -> dict:
               "rows": []}
     notes = []
     common = {"repeats": args.repeats, "warmup": args.warmup, "threads": args.threads}
-    for preset in args.preset:
-        disc = discover(preset)
-        fwd_flops = disc["forward_flops_per_image"]
-        result.setdefault("models", {})[preset] = {"num_params": disc["num_params"],
-                                                   "forward_gflop_per_image": fwd_flops / 1e9,
-                                                   "distinct_conv_shapes": len(disc["conv"])}
-        op_rows = [r for r in rows_sel if r in OPS_ROWS]
-        if op_rows:
-            ops_spec = {"kind": "ops", "preset": preset, "batch": train_b[preset], "rows": op_rows,
-                        "peers": not args.no_peers, **common}
-            if args.inline:
-                res = _measure({**ops_spec, "mode": "both"}, args)
-            else:
-                res = _measure({**ops_spec, "mode": "time"}, args)
-                # memory in a second worker, where every array >= 64 KiB is mapped fresh (see bench_ops)
-                mem = run_worker({**ops_spec, "mode": "memory"}, args.threads,
-                                 extra_env={"MALLOC_MMAP_THRESHOLD_": "65536"})
-                for row, m in zip(res["rows"], mem["rows"]):
-                    if (row["name"], row["phase"]) != (m["name"], m["phase"]):
-                        raise RuntimeError(f"op rows out of step: {row['name']} vs {m['name']}")
-                    for side in ("ours", "peer"):
-                        if side in row:
-                            row[side].update(m[side])
-            for row in res["rows"]:
-                result["rows"].append(_derive(row, peak["gflops"]))
-        for name in (r for r in rows_sel if r in E2E_ROWS):
-            row = {"preset": preset, "family": "e2e", "unit": "ms"}
-            if name == "train":
-                b = train_b[preset]
-                row.update(name=f"train step (batch {b})", phase="step", batch=b, flops=3 * fwd_flops * b,
-                           peer_name="diffusers UNet2DModel + torch.optim.AdamW")
-                spec = {"kind": "train", "preset": preset, "batch": b, **common}
-            else:
-                b = sample_b[preset]
-                steps = args.ddpm_steps if name == "ddpm" else args.ddim_steps
-                row.update(name=f"{name} {steps} steps (batch {b})", phase="chain", batch=b, unit="images/s",
-                           flops=fwd_flops * b * steps, steps=steps,
-                           peer_name=f"diffusers UNet2DModel + {'DDPM' if name == 'ddpm' else 'DDIM'}Scheduler")
-                spec = {"kind": "sample", "preset": preset, "batch": b, "sampler": name, "steps": steps,
-                        "quick": args.quick, **common}
-                if args.quick:
-                    notes.append(f"{preset} {name}: chain time extrapolated from the median of "
-                                 f"{max(args.quick, args.repeats)} measured steps x {steps} steps (--quick)")
-            sides = ("ours",) if args.no_peers else ("ours", "peer")
-            if name == "train" and not args.no_peers:
-                # Time: both steps in one worker, alternating step by step (same load for both).
-                # Memory: a fresh worker per side (2 steps each), whose own timing is kept as "isolated".
-                pair = _measure({**spec, "kind": "train_pair"}, args)
+    if args.rounds > 1 and not pooled:
+        notes.append(f"--rounds {args.rounds} applies to none of the selected rows (the train row with peers and "
+                     "--quick sampling with peers alternate both sides step by step in one worker)")
+    current = {"what": "setup"}
+    try:
+        for preset in args.preset:
+            current["what"] = f"{preset} model discovery"
+            disc = discover(preset)
+            fwd_flops = disc["forward_flops_per_image"]
+            result.setdefault("models", {})[preset] = {"num_params": disc["num_params"],
+                                                       "forward_gflop_per_image": fwd_flops / 1e9,
+                                                       "distinct_conv_shapes": len(disc["conv"])}
+            op_rows = [r for r in rows_sel if r in OPS_ROWS]
+            if op_rows:
+                current["what"] = f"{preset} op rows ({', '.join(op_rows)})"
+                ops_spec = {"kind": "ops", "preset": preset, "batch": train_b[preset], "rows": op_rows,
+                            "peers": not args.no_peers, **common}
+                if args.inline:
+                    res = _measure({**ops_spec, "mode": "both"}, args)
+                else:
+                    res = _measure({**ops_spec, "mode": "time"}, args)
+                    # memory in a second worker, where every array >= 64 KiB is mapped fresh (see bench_ops)
+                    mem = run_worker({**ops_spec, "mode": "memory"}, args.threads,
+                                     extra_env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+                    for row, m in zip(res["rows"], mem["rows"]):
+                        if (row["name"], row["phase"]) != (m["name"], m["phase"]):
+                            raise RuntimeError(f"op rows out of step: {row['name']} vs {m['name']}")
+                        for side in ("ours", "peer"):
+                            if side in row:
+                                row[side].update(m[side])
+                for row in res["rows"]:
+                    result["rows"].append(_derive(row, peak["gflops"]))
+            for name in (r for r in rows_sel if r in E2E_ROWS):
+                row = {"preset": preset, "family": "e2e", "unit": "ms"}
+                if name == "train":
+                    b = train_b[preset]
+                    row.update(name=f"train step (batch {b})", phase="step", batch=b, flops=3 * fwd_flops * b,
+                               peer_name="diffusers UNet2DModel + torch.optim.AdamW")
+                    spec = {"kind": "train", "preset": preset, "batch": b, **common}
+                else:
+                    b = sample_b[preset]
+                    steps = args.ddpm_steps if name == "ddpm" else args.ddim_steps
+                    row.update(name=f"{name} {steps} steps (batch {b})", phase="chain", batch=b, unit="images/s",
+                               flops=fwd_flops * b * steps, steps=steps,
+                               peer_name=f"diffusers UNet2DModel + {'DDPM' if name == 'ddpm' else 'DDIM'}Scheduler")
+                    spec = {"kind": "sample", "preset": preset, "batch": b, "sampler": name, "steps": steps,
+                            "quick": args.quick, **common}
+                    if args.quick:
+                        n_meas, capped = quick_steps(args.quick, args.repeats, steps)
+                        notes.append(f"{preset} {name}: chain time extrapolated from the median of "
+                                     f"{n_meas} measured steps x {steps} steps (--quick)"
+                                     + (f"; {capped['requested_steps']} requested, capped at the chain's length"
+                                        if capped else ""))
+                sides = ("ours",) if args.no_peers else ("ours", "peer")
+                current["what"] = f"{preset} {row['name']}"
+                if name == "train" and not args.no_peers:
+                    # Time: both steps in one worker, alternating step by step (same load for both).
+                    # Memory: a fresh worker per side (2 steps each), whose own timing is kept as "isolated".
+                    pair = _measure({**spec, "kind": "train_pair"}, args)
+                    for side in sides:
+                        iso = _measure({**spec, "side": side, "repeats": 2, "warmup": 0}, args)
+                        row[side] = {**pair[side], "timing": "alternating steps in one process",
+                                     **{k: iso.get(k) for k in ("peak_mib", "delta_mib", "setup_mib", "before_timed_mib")},
+                                     "isolated_median_ms": iso["median_ms"]}
+                    result["rows"].append(_derive(row, peak["gflops"]))
+                    continue
+                if name != "train" and args.quick and not args.no_peers:
+                    # --quick sampling: time both sides' steps in one worker, alternating step by step
+                    # (same load for both); memory and a short isolated run from a fresh worker per side.
+                    pair = _measure({**spec, "kind": "sample_pair"}, args)
+                    for side in sides:
+                        iso = _measure({**spec, "side": side, "repeats": 2, "warmup": 1, "quick": 2}, args)
+                        row[side] = {**pair[side], "timing": "alternating steps in one process",
+                                     **{k: iso.get(k) for k in ("peak_mib", "delta_mib", "setup_mib", "before_timed_mib")},
+                                     "isolated_median_ms": iso["median_ms"]}
+                    result["rows"].append(_derive(row, peak["gflops"]))
+                    continue
+                got = {side: [] for side in sides}
+                for r in range(args.rounds):                  # alternate, so drifting load hits both sides
+                    for side in (sides if r % 2 == 0 else sides[::-1]):
+                        current["what"] = f"{preset} {row['name']}, {side}" + (
+                            f", round {r + 1} of {args.rounds}" if args.rounds > 1 else "")
+                        got[side].append(_measure({**spec, "side": side}, args))
                 for side in sides:
-                    iso = _measure({**spec, "side": side, "repeats": 2, "warmup": 0}, args)
-                    row[side] = {**pair[side], "timing": "alternating steps in one process",
-                                 **{k: iso.get(k) for k in ("peak_mib", "delta_mib", "setup_mib", "before_timed_mib")},
-                                 "isolated_median_ms": iso["median_ms"]}
+                    row[side] = combine(got[side], spec)
+                row["rounds"] = args.rounds
                 result["rows"].append(_derive(row, peak["gflops"]))
-                continue
-            if name != "train" and args.quick and not args.no_peers:
-                # --quick sampling: time both sides' steps in one worker, alternating step by step
-                # (same load for both); memory and a short isolated run from a fresh worker per side.
-                pair = _measure({**spec, "kind": "sample_pair"}, args)
-                for side in sides:
-                    iso = _measure({**spec, "side": side, "repeats": 2, "warmup": 1, "quick": 2}, args)
-                    row[side] = {**pair[side], "timing": "alternating steps in one process",
-                                 **{k: iso.get(k) for k in ("peak_mib", "delta_mib", "setup_mib", "before_timed_mib")},
-                                 "isolated_median_ms": iso["median_ms"]}
-                result["rows"].append(_derive(row, peak["gflops"]))
-                continue
-            got = {side: [] for side in sides}
-            for r in range(args.rounds):                  # alternate, so drifting load hits both sides
-                for side in (sides if r % 2 == 0 else sides[::-1]):
-                    got[side].append(_measure({**spec, "side": side}, args))
-            for side in sides:
-                row[side] = combine(got[side], spec)
-            result["rows"].append(_derive(row, peak["gflops"]))
+    except (Exception, KeyboardInterrupt) as e:
+        # Keep what was measured: the finished rows go to the JSON file with what failed.
+        what = current["what"]
+        detail = getattr(e, "detail", "") or ""
+        result["incomplete"] = {"failed": what, "error": f"{type(e).__name__}: {e}", "detail": detail[-4000:],
+                                "rows_finished": len(result["rows"])}
+        try:
+            _finish(result, notes, args, out, t_start)
+        except OSError as w:                       # (--json was checked up front: should not happen)
+            out(f"# could not write {args.json}: {w}")
+        if isinstance(e, WorkerError):
+            saved = f"; the {len(result['rows'])} rows finished before it are in {args.json}" if args.json else ""
+            raise WorkerError(f"{what}: {e}{saved}", detail) from None
+        raise
+    _finish(result, notes, args, out, t_start)
+    return result
+
+
+def _finish(result, notes, args, out, t_start) -> None:
+    """Print the table, the summary and the notes of the rows in ``result`` and write the JSON file
+    (also after a failure, then with ``result["incomplete"]`` saying what failed)."""
     result["seconds"] = time.time() - t_start
     result["loadavg_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     result["notes"] = notes
@@ -308,15 +416,15 @@ def run(args, out=print) -> dict:
             f"ours {a['ours_ms']:.1f} ms, peer {a['peer_ms']:.1f} ms, ratio {a['ratio']:.2f}")
     for n in notes:
         out(f"# note: {n}")
+    if result.get("incomplete"):
+        out(f"# INCOMPLETE: {result['incomplete']['failed']} failed ({result['incomplete']['error'].splitlines()[0]}); "
+            f"{len(result['rows'])} rows finished before it")
     out(f"# {len(result['rows'])} rows in {result['seconds']:.0f} s; load average at the end "
-        f"{result['loadavg_1m_end']:.2f} (other processes on the machine slow both sides)")
+        + (f"{result['loadavg_1m_end']:.2f}" if result["loadavg_1m_end"] is not None else "unknown")
+        + " (other processes on the machine slow both sides)")
     if args.json:
-        d = os.path.dirname(args.json)
-        if d:
-            os.makedirs(d, exist_ok=True)
-        write_json(args.json, result)
+        write_json(args.json, result)                 # creates the folder (checked up front)
         out(f"# JSON: {args.json}")
-    return result
 
 
 def run_gpu(args, out=print) -> dict:
@@ -335,17 +443,14 @@ def run_gpu(args, out=print) -> dict:
         raise ValueError(f"--device gpu needs a real CUDA GPU; the kernels backend is {name!r} "
                          "(the simulator is for tests, far too slow to time)")
     from benchmarks import bench_kernels
-    if args.json:
-        d = os.path.dirname(args.json)
-        if d:
-            os.makedirs(d, exist_ok=True)
     from benchmarks import bench_gpu_e2e
     repeats = ["--repeats", str(max(args.repeats, 5))]
-    out("# --device gpu: benchmarks/bench_kernels.py (CUDA-event medians; its own table follows)")
+    e2e_json = _e2e_json(args.json) if args.json else None
+    out("# --device gpu: benchmarks/bench_kernels.py (CUDA-event medians; its own table follows)"
+        + (f"; JSON: {args.json}" if args.json else ""))
     result = {"kernels": bench_kernels.main(repeats + (["--out", args.json] if args.json else []))}
     out("# --device gpu: benchmarks/bench_gpu_e2e.py (the cifar training and sampling steps on our kernels "
-        "vs diffusers eager FP32, TF32 off and on)")
-    e2e_json = os.path.splitext(args.json)[0] + "_e2e.json" if args.json else None
+        "vs diffusers eager FP32, TF32 off and on)" + (f"; JSON: {e2e_json}" if e2e_json else ""))
     result["e2e"] = bench_gpu_e2e.main(repeats + ["--breakdown"] + (["--out", e2e_json] if e2e_json else []))
     return result
 
@@ -364,7 +469,7 @@ def profile(spec_text: str, threads: int, repeats: int, warmup: int, out=print) 
     if ":" not in spec_text:
         raise ValueError(f"--profile expects PRESET:BATCH, got {spec_text!r}")
     preset, batch = spec_text.split(":", 1)
-    if preset not in PRESETS or not batch.isdigit() or int(batch) < 1:
+    if preset not in PRESETS or not batch.isdecimal() or int(batch) < 1:
         raise ValueError(f"--profile expects PRESET:BATCH with a preset in {list(PRESETS)} and a batch >= 1, "
                          f"got {spec_text!r}")
     limit_threads(threads)
@@ -439,25 +544,24 @@ def profile(spec_text: str, threads: int, repeats: int, warmup: int, out=print) 
 
 
 def main(argv=None) -> int:
+    """The command line: 0 on success; 2 and one ``error:`` line for a bad option (checked before
+    anything runs, --json included); 1 and one ``error:`` line naming the row when a measurement
+    worker fails (the rows finished before it are written to the JSON file, marked incomplete)."""
     args = parser().parse_args(argv)
     try:
         if args.worker:
             limit_threads(args.threads)
             print(json.dumps(worker_main(json.loads(args.worker))))
             return 0
-        if args.profile:
-            check_args(args)
-            res = profile(args.profile, args.threads, args.repeats, args.warmup)
-            path = os.path.join("bench_results", "profile.json") if args.json is None else args.json
-            if path:
-                d = os.path.dirname(path)
-                if d:
-                    os.makedirs(d, exist_ok=True)
-                write_json(path, res)
-                print(f"# JSON: {path}")
-            return 0
         if args.json is None:
-            args.json = os.path.join("bench_results", "suite.json")
+            args.json = DEFAULT_JSON["profile" if args.profile else args.device]
+        check_args(args)                              # every option and the JSON path(s), up front
+        if args.profile:
+            res = profile(args.profile, args.threads, args.repeats, args.warmup)
+            if args.json:
+                write_json(args.json, res)
+                print(f"# JSON: {args.json}")
+            return 0
         if args.device == "gpu":
             run_gpu(args)
             return 0
@@ -465,4 +569,10 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WorkerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     return 0

@@ -154,7 +154,10 @@ def test_worker_subprocesses_and_quick(tmp_path):
     if sys.platform.startswith("linux"):
         assert _finite_pos(train["ours"]["peak_mib"])
     assert train["ours"]["rounds"] == 2 and train["ours"]["runs"] == 4        # 2 rounds x 2 runs pooled
+    assert train["rounds"] == ddim["rounds"] == 2                              # recorded on the rows that used them
+    assert any("(train, ddim rows: 2 alternating rounds" in ln for ln in lines)
     assert ddim["ours"]["extrapolated"] is True and ddim["ours"]["measured_steps"] == 2 * 3
+    assert "capped_at_chain_length" not in ddim["ours"]
     # extrapolation: chain time = median measured step x 50 steps
     step_ms = ddim["ours"]["step"]["median_ms"]
     assert abs(ddim["ours"]["median_ms"] - 50 * step_ms) <= DERIVED_RTOL * 50 * step_ms
@@ -232,9 +235,14 @@ def test_quick_sampling_alternates_ours_and_peer_in_one_process():
     pytest.importorskip("torch")
     pytest.importorskip("diffusers")
     args = _args("--preset", "tiny", "--inline", "--rows", "ddpm", "ddim", "--repeats", "3", "--warmup", "1",
-                 "--quick", "4", "--gemm-n", "64")
-    result = suite.run(args, out=lambda line: None)
+                 "--quick", "4", "--rounds", "2", "--gemm-n", "64")
+    lines = []
+    result = suite.run(args, out=lines.append)
     rows = result["rows"]
+    # --rounds does nothing for these rows: the header does not claim it, the rows do not record it
+    assert not any("alternating rounds" in ln for ln in lines)
+    assert all("rounds" not in r for r in rows)
+    assert any("--rounds 2 applies to none of the selected rows" in n for n in result["notes"])
     assert [r["name"] for r in rows] == ["ddpm 1000 steps (batch 2)", "ddim 50 steps (batch 2)"]
     for r in rows:
         for side in ("ours", "peer"):
@@ -305,3 +313,147 @@ def test_kernel_resources_loop_mix_finds_the_hottest_loop():
     mix = loop_mix(sass)
     assert mix == {"instructions": 7, "ffma": 3, "lds": 2, "lds128": 1, "ffma_share": 3 / 7, "outer": 9}
     assert loop_mix("        /*0000*/                   EXIT ;\n") is None
+
+
+# ------------------------------------------------------------------ options, files and failures (cheap)
+
+def test_batch_specs_with_non_decimal_digits_are_named_errors():
+    # "²".isdigit() is True but int("²") fails: the spec is refused by name, not by a traceback
+    with pytest.raises(ValueError, match="got '²' in 'small:²'"):
+        suite._preset_batches(["small:²"], suite.TRAIN_BATCH)
+    with pytest.raises(ValueError, match="got 'tiny:²'"):
+        suite.profile("tiny:²", 1, 1, 1)
+
+
+def test_abbreviated_options_are_refused(capsys):
+    # --thr 2 would set 2 threads in the suite but not in __main__'s early (pre-NumPy) thread setup
+    with pytest.raises(SystemExit) as exc:
+        suite.main(["--thr", "2", "--json", ""])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "--thr" in err and len(err.splitlines()) == 1
+
+
+def test_device_gpu_refuses_profile_and_cpu_only_options(capsys):
+    assert suite.main(["--device", "gpu", "--profile", "tiny:2", "--json", ""]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --profile tiny:2") and "--device gpu" in err and len(err.splitlines()) == 1
+    assert suite.main(["--device", "gpu", "--preset", "tiny", "--json", ""]) == 2
+    assert "does not take --preset" in capsys.readouterr().err
+
+
+def test_gpu_run_writes_its_own_json_files(tmp_path, monkeypatch, capsys):
+    """--device gpu with the default --json writes bench_results/gpu.json and gpu_e2e.json, never the
+    CPU suite's suite.json (the GPU scripts are replaced by stand-ins: no GPU here)."""
+    try:
+        from ddpm_ref.kernels import runtime
+    except Exception as e:                                   # noqa: BLE001
+        pytest.skip(f"ddpm_ref.kernels does not import: {e}")
+    from benchmarks import bench_gpu_e2e, bench_kernels
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runtime, "backend", lambda: "cuda")
+    calls = {}
+
+    def stand_in(name, save):
+        def main(argv):
+            calls[name] = argv
+            out = argv[argv.index("--out") + 1]
+            save(out, {"stand_in": name})
+            return {}
+        return main
+
+    monkeypatch.setattr(bench_kernels, "main", stand_in("kernels", lambda p, r: bench_kernels.save_result(p, r, 0.0)))
+    monkeypatch.setattr(bench_gpu_e2e, "main", stand_in("e2e", bench_gpu_e2e.save_result))
+    (tmp_path / "bench_results").mkdir()
+    (tmp_path / "bench_results" / "suite.json").write_text('{"suite": "cpu"}')
+    assert suite.main(["--device", "gpu"]) == 0
+    assert calls["kernels"][-2:] == ["--out", os.path.join("bench_results", "gpu.json")]
+    assert calls["e2e"][-2:] == ["--out", os.path.join("bench_results", "gpu_e2e.json")]
+    files = sorted(os.listdir(tmp_path / "bench_results"))
+    assert files == ["gpu.json", "gpu_e2e.json", "suite.json"]              # no temporary file left
+    assert json.loads((tmp_path / "bench_results" / "suite.json").read_text()) == {"suite": "cpu"}
+    assert json.loads((tmp_path / "bench_results" / "gpu.json").read_text())["stand_in"] == "kernels"
+    # both scripts' save logic is atomic: a failed write leaves no temporary file and raises
+    with pytest.raises(OSError):
+        bench_kernels.save_result(str(tmp_path / "bench_results"), {"x": 1}, 0.0)
+    with pytest.raises(OSError):
+        bench_gpu_e2e.save_result(str(tmp_path / "bench_results"), {"x": 1})
+    assert sorted(os.listdir(tmp_path / "bench_results")) == files
+    assert sorted(os.listdir(tmp_path)) == ["bench_results"]
+
+
+def test_write_json_is_atomic_and_cleans_up(tmp_path):
+    path = tmp_path / "r.json"
+    common.write_json(str(path), {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1}
+    # a failure while writing (not serialisable) leaves the old file as it was, and no temporary file
+    with pytest.raises(TypeError):
+        common.write_json(str(path), {"a": object()})
+    assert json.loads(path.read_text()) == {"a": 1}
+    # a failing rename (the target is a folder) leaves no temporary file either
+    (tmp_path / "d").mkdir()
+    with pytest.raises(OSError):
+        common.write_json(str(tmp_path / "d"), {"a": 1})
+    assert sorted(os.listdir(tmp_path)) == ["d", "r.json"] and os.listdir(tmp_path / "d") == []
+    # a missing folder is created
+    common.write_json(str(tmp_path / "new" / "x.json"), {"b": 2})
+    assert json.loads((tmp_path / "new" / "x.json").read_text()) == {"b": 2}
+
+
+def test_json_path_is_checked_before_the_run(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for bad, why in ((str(tmp_path), "is a folder"), (str(tmp_path / "file" / "r.json"), "is not a folder")):
+        assert suite.main(["--preset", "tiny", "--rows", "q_sample", "--json", bad]) == 2
+        captured = capsys.readouterr()
+        err = captured.err.strip()
+        assert err.startswith(f"error: --json {bad!r}") and why in err and len(err.splitlines()) == 1
+        assert captured.out == ""                          # refused before anything was measured
+    common.check_json_path(str(tmp_path / "a" / "b" / "r.json"))     # a folder that can be created: fine
+    assert not (tmp_path / "a").exists()                  # (checking creates nothing)
+    assert suite.main(["--profile", "tiny:1", "--json", str(tmp_path)]) == 2
+
+
+def test_quick_steps_are_capped_at_the_chain_length():
+    from benchmarks import bench_e2e
+    assert bench_e2e.quick_steps(3, 2, 50) == (3, {})
+    assert bench_e2e.quick_steps(1001, 5, 1000) == (1000, {"requested_steps": 1001, "capped_at_chain_length": True})
+    # the worker's measurement itself (ours, tiny, a 2-step DDIM chain, --quick 5): 2 steps measured
+    res = bench_e2e.sample({"preset": "tiny", "batch": 1, "side": "ours", "sampler": "ddim", "steps": 2,
+                            "quick": 5, "repeats": 1, "warmup": 0})
+    assert res["measured_steps"] == 2 and len(res["step"]["times_ms"]) == 2
+    assert res["requested_steps"] == 5 and res["capped_at_chain_length"] is True
+
+
+def test_rounds_rows_are_those_that_use_rounds():
+    def rr(*argv):
+        return suite.rounds_rows(["conv", "train", "ddpm", "ddim"], _args(*argv))
+    assert rr() == ["ddpm", "ddim"]                         # train with peers alternates in one worker
+    assert rr("--no-peers") == ["train", "ddpm", "ddim"]
+    assert rr("--quick", "5") == []                         # --quick sampling with peers: one worker
+    assert rr("--quick", "5", "--no-peers") == ["train", "ddpm", "ddim"]
+
+
+def test_failed_worker_is_one_line_and_keeps_finished_rows(tmp_path, monkeypatch, capsys):
+    """A worker failing mid-run: exit 1, one error line naming the row, and the rows finished before
+    it written to the JSON file with an "incomplete" record (the failure is injected: no real worker)."""
+    real = suite._measure
+
+    def failing(spec, args):
+        if spec["kind"] == "sample":
+            raise common.WorkerError("worker sample failed (exit 2): error: injected", "the stderr tail")
+        return real(spec, args)
+
+    monkeypatch.setattr(suite, "_measure", failing)
+    path = tmp_path / "out" / "suite.json"
+    rc = suite.main(["--preset", "tiny", "--rows", "q_sample", "ddim", "--no-peers", "--inline", "--repeats", "1",
+                     "--warmup", "0", "--gemm-n", "16", "--json", str(path)])
+    assert rc == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: tiny ddim 50 steps (batch 2), ours: ")
+    assert "injected" in err and str(path) in err
+    on_disk = json.loads(path.read_text())
+    assert [r["name"] for r in on_disk["rows"]] == ["q_sample"]
+    inc = on_disk["incomplete"]
+    assert inc["failed"] == "tiny ddim 50 steps (batch 2), ours" and inc["rows_finished"] == 1
+    assert "injected" in inc["error"] and inc["detail"] == "the stderr tail"
+    assert os.listdir(path.parent) == ["suite.json"]
