@@ -1,9 +1,10 @@
 """Which ops and arrays a model runs on: the NumPy reference ("cpu") or our CUDA kernels ("gpu").
 
 What it is: one small record, :class:`Backend`, naming the op modules a model composes and the array
-module they work on. The models (:mod:`ddpm_ref.models.unet`, :mod:`ddpm_ref.models.mlp`) call
-``B.conv.conv2d_forward``, ``B.norm.group_norm_silu_forward``, ``B.xp.zeros`` ... through it, so one
-forward and one backward pass serve both backends:
+module they work on. The U-Net (:mod:`ddpm_ref.models.unet`) calls ``B.conv.conv2d_forward``,
+``B.norm.group_norm_silu_forward``, ``B.xp.zeros`` ... through it, so one forward and one backward
+pass serve both backends (the MLP for the 2-D toys calls :mod:`ddpm_ref.ops` directly and runs on the
+CPU only):
 
 * ``"cpu"``: :mod:`ddpm_ref.ops` on NumPy arrays (the reference);
 * ``"gpu"``: :mod:`ddpm_ref.kernels` (Numba CUDA kernels on CuPy arrays; the same file and function

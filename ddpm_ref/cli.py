@@ -588,18 +588,19 @@ def _checkpoint_sample_defaults(args):
     args.eta = 0.0 if args.eta is None else args.eta
 
 
-def _sample_name(args, sampler, steps, T):
+def _sample_name(args, sampler, steps, T, spacing, eta):
     """The default file name (no extension) of ``ddpm sample``'s output: every option that changes
-    the samples is in it, so that two different runs never overwrite each other's files."""
+    the samples is in it (``spacing`` and ``eta`` as used: a diffusers pipeline's own when not given),
+    so that two different runs never overwrite each other's files."""
     parts = [f"samples_{sampler}{steps}", f"seed{args.seed}"]
     if args.label is not None:
         parts.append(f"label{args.label}")
     if args.guidance:
         parts.append(f"w{args.guidance:g}")
-    if sampler == "ddim" and args.eta:
-        parts.append(f"eta{args.eta:g}")
-    if args.spacing not in (None, "leading") and steps < T:
-        parts.append(args.spacing)
+    if sampler == "ddim" and eta:
+        parts.append(f"eta{eta:g}")
+    if spacing not in (None, "leading") and steps < T:
+        parts.append(spacing)
     if args.clip != "auto":
         parts.append(f"clip-{args.clip}")
     if args.no_ema:
@@ -645,13 +646,15 @@ def cmd_sample(args):
         tcfg = {}
         name = os.path.basename(os.path.normpath(os.path.abspath(src))) or "diffusers"
         sampler, steps = settings["sampler"], settings["num_steps"] or schedule.T
-        default_prefix = os.path.join(os.getcwd(), f"{name}_{_sample_name(args, sampler, steps, schedule.T)}")
+        default_prefix = os.path.join(os.getcwd(), f"{name}_" + _sample_name(
+            args, sampler, steps, schedule.T, settings.get("spacing"), settings.get("eta")))
     else:
         _checkpoint_sample_defaults(args)
         ckpt_path, ck, model, schedule, params, tcfg = _load(args.ckpt, args.no_ema)
         steps = args.steps or (schedule.T if args.sampler == "ddpm" else min(100, schedule.T))
         default_prefix = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)),
-                                      _sample_name(args, args.sampler, steps, schedule.T))
+                                      _sample_name(args, args.sampler, steps, schedule.T, args.spacing,
+                                                   args.eta))
     y = _labels(model, args.n, args.label)
     if args.guidance and y is None:
         raise ValueError("--guidance needs --label (and a class-conditional model)")
@@ -871,8 +874,12 @@ def _loss_curve(run_dir, path):
 
 def cmd_demo(args):
     cfg = _train_config(args, demo=True)
-    _say(f"ddpm demo: training the '{cfg.preset}' U-Net on the embedded 8x8 digits for up to "
-         f"{args.minutes:g} minutes (batch {cfg.batch}, lr {cfg.lr:g}, EMA {cfg.ema_decay:g}) into {args.out}")
+    if args.resume:                      # the checkpoint's configuration, not the command line's defaults
+        _say(f"ddpm demo: resuming the run in {args.out} with its saved configuration for up to "
+             f"{args.minutes:g} minutes")
+    else:
+        _say(f"ddpm demo: training the '{cfg.preset}' U-Net on the embedded 8x8 digits for up to "
+             f"{args.minutes:g} minutes (batch {cfg.batch}, lr {cfg.lr:g}, EMA {cfg.ema_decay:g}) into {args.out}")
     tr = _run_training(args, cfg)
     model, schedule = tr.model, tr.schedule
     params = tr.ema if tr.ema is not None else tr.params

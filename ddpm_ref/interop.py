@@ -44,7 +44,7 @@ Differences from diffusers' schedulers, each deliberate (see also the tests, whi
   dtype=float32)`` and ``alphas_cumprod`` by a float32 cumulative product): agreement is to float32
   rounding, about 1e-6 relative, not bit for bit.
 * DDIMScheduler steps from ``t`` to ``t - T // S`` whatever the spacing; our samplers step to the next
-  listed timestep (REFERENCE.md's pitfall). The two coincide for "leading" spacing with ``T % S == 0``;
+  listed timestep (a known pitfall: a respaced chain whose previous step is ``t - T//S``). The two coincide for "leading" spacing with ``T % S == 0``;
   for "trailing" and "linspace" diffusers' DDIM sampler visits other alpha_bar values than its own
   timestep list says. The step formula itself is identical (tests: our ``ddim_step`` with diffusers'
   ``t_prev`` equals ``DDIMScheduler.step``).

@@ -5,8 +5,9 @@ A model's parameters live in one contiguous 1-D array; every tensor (``conv_in.w
 and the EMA share the same :class:`ParamLayout`, so the optimizer, checkpoints, device transfers and
 an all-reduce each act on the whole model in one call (llm.c's ``params_memory`` / ``grads_memory``).
 
-This module is bookkeeping only: it holds no maths from the paper and draws no random numbers
-(initialisation lives with each model, drawn from :mod:`ddpm_ref.rng`).
+This module is mostly bookkeeping: it holds no maths from the paper. The one initialiser both
+models share, :func:`fan_avg_uniform`, lives here and draws from :mod:`ddpm_ref.rng` (stream INIT);
+which tensor gets which initialiser is decided by each model.
 """
 from __future__ import annotations
 

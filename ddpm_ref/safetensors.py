@@ -10,8 +10,8 @@ What it is: a reader and writer for the format Hugging Face models ship their we
     [rest]     the byte buffer; tensor "name" is bytes [b, e) of it, C order, little-endian.
 
 What it is not: a pickle reader. Nothing here executes code from a file: the header is parsed as
-JSON and the data are reinterpreted as numbers, nothing else (the pitfall "checkpoints that execute
-code when loaded" of REFERENCE.md). Pickle-based ``.bin``/``.pt`` files are read only through torch,
+JSON and the data are reinterpreted as numbers, nothing else (unlike pickle-based checkpoints,
+which can execute code when they are loaded). Pickle-based ``.bin``/``.pt`` files are read only through torch,
 in ``ddpm_ref.interop``.
 
 Validation (every failure raises ``SafetensorsError``, a ValueError, naming the file and the entry;

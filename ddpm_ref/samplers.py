@@ -144,7 +144,7 @@ def timesteps(T: int, num_steps: int, spacing: str = "leading", offset: int = 0)
     * ``"leading"``: ``arange(0, S) * (T // S)`` reversed, plus ``offset`` (diffusers'
       ``steps_offset``), exactly as diffusers' DDPM/DDIM schedulers, so that converted pipelines
       visit the same timesteps. Its largest timestep is ``(S - 1) (T // S) + offset``: below
-      ``T - 1`` whenever S < T (e.g. 980 for T = 1000, S = 50), the pitfall of REFERENCE.md — the
+      ``T - 1`` whenever S < T (e.g. 980 for T = 1000, S = 50), a known pitfall (Lin et al. 2023) — the
       chain then starts from pure noise at a timestep whose ``alpha_bar`` is not ~0. We keep it for
       parity with diffusers (and as the default of ``sample``, as in the DDPM/DDIM pipelines), and
       recommend ``"trailing"`` for few steps.

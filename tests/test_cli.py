@@ -297,6 +297,17 @@ def test_sample_from_diffusers_equals_interop_and_samplers(diffusers_pipeline, t
     assert rc == 1 and err.count("\n") == 1 and "config.json" in err
 
 
+def test_sample_from_diffusers_default_names_follow_the_settings_used(diffusers_pipeline, tmp_path, capsys,
+                                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    quick = ("sample", "--from-diffusers", diffusers_pipeline, "-n", "2", "--sampler", "ddim", "--steps", "3")
+    for extra in ((), ("--spacing", "trailing"), ("--eta", "0.5")):
+        assert _run(capsys, *quick, *extra)[0] == 0
+    names = sorted(p.name for p in tmp_path.glob("*.npy"))
+    assert names == ["pipe_samples_ddim3_seed0.npy", "pipe_samples_ddim3_seed0_eta0.5.npy",
+                     "pipe_samples_ddim3_seed0_trailing.npy"]
+
+
 def test_device_gpu_without_cuda_is_one_clear_line(tmp_path):
     """--device gpu with the simulator off and no CuPy/driver: exit 1 and one line naming what is
     missing (a subprocess, so that this process's simulator setting does not apply)."""

@@ -2,7 +2,9 @@
 
 Every op is ``forward(...) -> (out, cache)`` and ``backward(dout, cache) -> grads``: pure
 functions, the cache returned rather than stored, dtype following the input (float32 for
-training, float64 for gradient checks).
+training, float64 for gradient checks). Two exceptions: the loss's ``mse_backward(cache, dloss=1.0)``
+(its upstream gradient is an optional scalar: the loss is where backpropagation starts), and
+``timestep_embedding``, a fixed input feature with no gradient, returned as a bare float32 array.
 """
 from .activation import dropout_backward, dropout_forward, dropout_mask, sigmoid, silu_backward, silu_forward
 from .conv import conv2d_backward, conv2d_forward, conv_output_size
