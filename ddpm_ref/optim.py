@@ -49,6 +49,7 @@ State (for checkpoints) is plain float32 arrays plus ints: ``AdamW.state_dict()`
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -75,6 +76,76 @@ def _check_flat(name: str, a) -> np.ndarray:
     return a
 
 
+def _int_arg(name: str, v, lo: int = 0) -> int:
+    """``v`` as an int >= ``lo``: a Python or NumPy integer, not a bool, float or string (no truncation)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r} ({type(v).__name__})")
+    if v < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    return int(v)
+
+
+def _real_arg(name: str, v, lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False,
+              allow_inf: bool = False) -> float:
+    """``v`` as a float in the range ``lo..hi`` (ends open or closed): a Python or NumPy real number,
+    not a bool or string, finite unless ``allow_inf`` (then +inf only where the range allows it)."""
+    if hi == math.inf:
+        rng = f"{'>' if lo_open else '>='} {lo:g}" + (" (inf allowed)" if allow_inf else "")
+    else:
+        rng = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    what = "number" if allow_inf else "finite number"
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        raise ValueError(f"{name} must be a {what} {rng}, got {v!r} ({type(v).__name__})")
+    f = float(v)
+    if math.isnan(f) or (math.isinf(f) and not allow_inf) or f < lo or f > hi \
+            or (lo_open and f == lo) or (hi_open and f == hi):
+        raise ValueError(f"{name} must be a {what} {rng}, got {v!r}")
+    return f
+
+
+def _max_norm_arg(name: str, v) -> float | None:
+    """A clipping limit: None (no clipping) or a number > 0; +inf is allowed and means no clipping."""
+    if v is None:
+        return None
+    return _real_arg(name, v, 0.0, lo_open=True, allow_inf=True)
+
+
+def _adamw_settings(size, lr, beta1, beta2, eps, weight_decay, warmup, max_grad_norm, decay_mask, schedule,
+                    total) -> dict:
+    """Check AdamW's constructor arguments and return them normalised (ints, floats, a private bool
+    mask). Shared with the GPU twin (``ddpm_ref.kernels.optim.AdamW``) so that both refuse the same
+    values with the same messages."""
+    size = _int_arg("size", size, 1)
+    out = {"size": size, "lr": _real_arg("lr", lr, 0.0, lo_open=True)}
+    for name, b in (("beta1", beta1), ("beta2", beta2)):
+        out[name] = _real_arg(name, b, 0.0, 1.0, hi_open=True)
+    out["eps"] = _real_arg("eps", eps, 0.0, lo_open=True)
+    out["weight_decay"] = _real_arg("weight_decay", weight_decay, 0.0)
+    out["warmup"] = warmup = _int_arg("warmup", warmup, 0)
+    out["max_grad_norm"] = _max_norm_arg("max_grad_norm", max_grad_norm)
+    if not isinstance(schedule, str) or schedule not in LR_SCHEDULES:
+        raise ValueError(f"schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    out["schedule"] = schedule
+    if total is not None:
+        if isinstance(total, (bool, np.bool_)) or not isinstance(total, numbers.Integral):
+            raise ValueError(f"total must be an integer number of updates or None, got {total!r}")
+        total = int(total)
+    if schedule != "constant" and (total is None or total <= warmup):
+        raise ValueError(f"schedule {schedule!r} needs an integer total > warmup = {warmup} updates, "
+                         f"got total={total!r}")
+    if total is not None and total < 1:
+        raise ValueError(f"total must be an integer >= 1 (updates) or None, got {total!r}")
+    out["total"] = total
+    if decay_mask is not None:
+        a = np.asarray(decay_mask)
+        if a.dtype != np.bool_ or a.shape != (size,):
+            raise ValueError(f"decay_mask must be a bool array of shape ({size},), got {a.dtype} array of "
+                             f"shape {a.shape}")
+        decay_mask = a.copy()              # the optimizer's own: a later edit of the caller's changes nothing
+    out["decay_mask"] = decay_mask
+    return out
+
+
 def global_norm(g: np.ndarray) -> float:
     """||g||_2 of a flat buffer, squares summed in float64 chunk by chunk (exact to ~1e-15 relative)."""
     g = np.asarray(g).reshape(-1)
@@ -94,21 +165,26 @@ def clip_grad_norm(g: np.ndarray, max_norm: float | None) -> float:
     norm exceeds ``max_norm`` (torch.nn.utils.clip_grad_norm_). A non-finite norm leaves ``g`` as is.
     """
     _check_flat("grad", g)
+    max_norm = _max_norm_arg("max_norm", max_norm)
+    if max_norm is not None and not g.flags.writeable:
+        raise ValueError("grad is read-only, but clipping scales it in place")
     norm = global_norm(g)
-    if max_norm is not None:
-        max_norm = float(max_norm)
-        if not max_norm > 0:
-            raise ValueError(f"max_norm must be > 0 (or None), got {max_norm}")
-        if math.isfinite(norm) and norm > max_norm:
-            g *= np.float32(max_norm / (norm + 1e-6))
+    if max_norm is not None and math.isfinite(norm) and norm > max_norm:
+        g *= np.float32(max_norm / (norm + 1e-6))
     return norm
 
 
 def warmup_lr(lr: float, k: int, warmup: int) -> float:
-    """Learning rate of the k-th update (1-based): ``lr * min(1, k / warmup)``; ``warmup`` 0 -> lr."""
-    if warmup <= 0:
-        return float(lr)
-    return float(lr) * min(1.0, k / warmup)
+    """Learning rate of the k-th update (1-based): ``lr * min(1, k / warmup)``; ``warmup`` 0 -> lr.
+
+    ``lr`` a finite number >= 0, ``k`` an integer >= 1, ``warmup`` an integer >= 0 (ValueError otherwise).
+    """
+    lr = _real_arg("lr", lr, 0.0)
+    k = _int_arg("k (the 1-based update number)", k, 1)
+    warmup = _int_arg("warmup", warmup, 0)
+    if warmup == 0:
+        return lr
+    return lr * min(1.0, k / warmup)
 
 
 def scheduled_lr(lr: float, k: int, warmup: int, schedule: str = "constant", total: int | None = None) -> float:
@@ -116,27 +192,41 @@ def scheduled_lr(lr: float, k: int, warmup: int, schedule: str = "constant", tot
 
     "constant": ``warmup_lr``. "cosine" / "linear" (module docstring): after the warmup, progress
     ``p = clip((k - warmup) / (total + 1 - warmup), 0, 1)`` and the rate ``lr (1 + cos(pi p)) / 2``
-    or ``lr (1 - p)``. ``total`` (the number of updates of the run, > warmup) is needed for a decay.
+    or ``lr (1 - p)``. ``total`` (the number of updates of the run, an integer > warmup) is needed for
+    a decay; given with "constant" it must still be an integer >= 1 (or None).
     """
-    if schedule not in LR_SCHEDULES:
+    if not isinstance(schedule, str) or schedule not in LR_SCHEDULES:
         raise ValueError(f"lr schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
-    base = warmup_lr(lr, k, warmup)
-    if schedule == "constant" or k <= warmup:
+    base = warmup_lr(lr, k, warmup)             # checks lr, k and warmup
+    if total is not None:
+        if isinstance(total, (bool, np.bool_)) or not isinstance(total, numbers.Integral) or total < 1:
+            raise ValueError(f"total must be an integer >= 1 (updates) or None, got total={total!r}")
+        total = int(total)
+    if schedule == "constant":
         return base
-    if total is None or int(total) <= warmup:
+    if total is None or total <= warmup:
         raise ValueError(f"lr schedule {schedule!r} needs total > warmup = {warmup} updates, got total={total!r}")
-    p = min(1.0, max(0.0, (k - warmup) / (int(total) + 1 - warmup)))
+    if k <= warmup:
+        return base
+    p = min(1.0, max(0.0, (k - warmup) / (total + 1 - warmup)))
     if schedule == "cosine":
         return base * 0.5 * (1.0 + math.cos(math.pi * p))
     return base * (1.0 - p)
 
 
 def ema_decay(decay: float, k: int, warmup: bool = True) -> float:
-    """EMA decay used after the k-th update (1-based): ``min(decay, (1 + s) / (10 + s))``, s = k - 1."""
+    """EMA decay used after the k-th update (1-based): ``min(decay, (1 + s) / (10 + s))``, s = k - 1.
+
+    ``decay`` a number in [0, 1], ``k`` an integer >= 1, ``warmup`` True or False (ValueError otherwise).
+    """
+    decay = _real_arg("EMA decay", decay, 0.0, 1.0)
+    k = _int_arg("k (the 1-based update number)", k, 1)
+    if not isinstance(warmup, (bool, np.bool_)):
+        raise ValueError(f"EMA warmup must be True or False, got {warmup!r}")
     if not warmup:
-        return float(decay)
+        return decay
     s = k - 1
-    return min(float(decay), (1.0 + s) / (10.0 + s))
+    return min(decay, (1.0 + s) / (10.0 + s))
 
 
 def ema_update(ema: np.ndarray, params: np.ndarray, d: float) -> None:
@@ -148,32 +238,47 @@ def ema_update(ema: np.ndarray, params: np.ndarray, d: float) -> None:
     _check_flat("params", params)
     if ema.shape != params.shape:
         raise ValueError(f"ema shape {ema.shape} does not match params shape {params.shape}")
-    if not 0.0 <= d <= 1.0:
-        raise ValueError(f"EMA decay must be in [0, 1], got {d}")
+    d = _real_arg("EMA decay", d, 0.0, 1.0)
+    if not ema.flags.writeable:
+        raise ValueError("ema is read-only, but the EMA update writes it in place")
     buf = np.empty(min(ema.size, _UPDATE_CHUNK), np.float32)
     e_all, p_all = ema.reshape(-1), params.reshape(-1)
     d32, c32 = np.float32(d), np.float32(1.0 - d)
     for lo in range(0, ema.size, _UPDATE_CHUNK):
         hi = min(ema.size, lo + _UPDATE_CHUNK)
         e, tmp = e_all[lo:hi], buf[:hi - lo]
+        np.multiply(p_all[lo:hi], c32, out=tmp)    # params first: correct when ema is params
         e *= d32
-        np.multiply(p_all[lo:hi], c32, out=tmp)
         e += tmp
 
 
 def check_state(state: dict, size: int):
     """Validate an AdamW ``state_dict`` for ``size`` parameters; returns ``(m, v, step)``.
 
-    Shared by this optimizer and the GPU one (``ddpm_ref.kernels.optim``), whose state has the same format.
+    ``m``: float32 (size,), finite; ``v``: float32 (size,), finite and >= 0 (a second moment: a negative
+    entry would make the next update NaN); ``step``: an integer >= 0 (not a bool, float or string).
+    Any other value, or a missing key, is a ValueError naming it. Shared by this optimizer and the GPU
+    one (``ddpm_ref.kernels.optim``), whose state has the same format.
     """
+    if not isinstance(state, dict):
+        raise ValueError(f"optimizer state must be a dict with 'm', 'v' and 'step', got {type(state).__name__}")
+    missing = [k for k in ("m", "v", "step") if k not in state]
+    if missing:
+        raise ValueError(f"optimizer state is missing {missing} (has {sorted(map(str, state))})")
     m = np.asarray(state["m"])
     v = np.asarray(state["v"])
-    step = int(state["step"])
+    step = state["step"]
+    if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral) or step < 0:
+        raise ValueError(f"optimizer step must be an integer >= 0, got {step!r}")
+    step = int(step)
     for name, a in (("m", m), ("v", v)):
         if a.shape != (size,) or a.dtype != np.float32:
             raise ValueError(f"optimizer state {name!r} must be float32 ({size},), got {a.dtype} {a.shape}")
-    if step < 0:
-        raise ValueError(f"optimizer step must be >= 0, got {step}")
+    if not np.isfinite(m).all():
+        raise ValueError("optimizer state 'm' contains NaN or inf")
+    if not (np.isfinite(v).all() and (v >= 0).all()):
+        raise ValueError("optimizer state 'v' must be finite and >= 0 (a second moment), it contains "
+                         "NaN, inf or negative values")
     return m, v, step
 
 
@@ -187,49 +292,34 @@ class AdamW:
     ``decay_mask`` (optional bool (P,)) restricts weight decay to the marked entries.
     ``schedule`` / ``total``: the learning-rate decay after the warmup (``scheduled_lr``); the default
     "constant" is warmup only.
+
+    Arguments are checked, never coerced: ``size`` (>= 1), ``warmup`` (>= 0) and ``total`` (>= 1, or
+    None) are integers (Python or NumPy; not bools, floats or strings); ``lr``, ``eps`` (> 0),
+    ``weight_decay`` (>= 0) and ``beta1``, ``beta2`` (in [0, 1)) are finite real numbers, not bools
+    or strings; ``max_grad_norm`` is None or a number > 0 (+inf: measure only, as ``clip_grad_norm``);
+    ``decay_mask`` a bool array of shape (size,), copied. Anything else is a ValueError naming it.
+    ``step`` checks that ``params``, the moments and (when clipping) ``grad`` are writable before it
+    writes anything, so a step that raises changes nothing.
     """
 
     def __init__(self, size: int, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999,
                  eps: float = 1e-8, weight_decay: float = 0.0, warmup: int = 0,
                  max_grad_norm: float | None = None, decay_mask: np.ndarray | None = None,
                  schedule: str = "constant", total: int | None = None):
-        size = int(size)
-        if size < 1:
-            raise ValueError(f"size must be >= 1, got {size}")
-        if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"lr must be a finite number > 0, got {lr}")
-        for name, b in (("beta1", beta1), ("beta2", beta2)):
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {b}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
-        if not (math.isfinite(weight_decay) and weight_decay >= 0):
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        if int(warmup) < 0:
-            raise ValueError(f"warmup must be >= 0 steps, got {warmup}")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
-        if schedule not in LR_SCHEDULES:
-            raise ValueError(f"schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
-        if schedule != "constant" and (total is None or isinstance(total, bool) or int(total) != total
-                                       or int(total) <= int(warmup)):
-            raise ValueError(f"schedule {schedule!r} needs an integer total > warmup = {int(warmup)} updates, "
-                             f"got total={total!r}")
-        if decay_mask is not None:
-            decay_mask = np.asarray(decay_mask, dtype=bool)
-            if decay_mask.shape != (size,):
-                raise ValueError(f"decay_mask must have shape ({size},), got {decay_mask.shape}")
+        c = _adamw_settings(size, lr, beta1, beta2, eps, weight_decay, warmup, max_grad_norm, decay_mask,
+                            schedule, total)
+        size = c["size"]
         self.size = size
-        self.lr = float(lr)
-        self.beta1 = float(beta1)
-        self.beta2 = float(beta2)
-        self.eps = float(eps)
-        self.weight_decay = float(weight_decay)
-        self.warmup = int(warmup)
-        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
-        self.decay_mask = decay_mask
-        self.schedule = schedule
-        self.total = None if total is None else int(total)
+        self.lr = c["lr"]
+        self.beta1 = c["beta1"]
+        self.beta2 = c["beta2"]
+        self.eps = c["eps"]
+        self.weight_decay = c["weight_decay"]
+        self.warmup = c["warmup"]
+        self.max_grad_norm = c["max_grad_norm"]
+        self.decay_mask = c["decay_mask"]           # a copy (or None)
+        self.schedule = c["schedule"]
+        self.total = c["total"]
         self.m = np.zeros(size, np.float32)       # first moment (P,)
         self.v = np.zeros(size, np.float32)       # second moment (P,)
         self.step_count = 0                       # updates done so far
@@ -246,6 +336,13 @@ class AdamW:
         if params.size != self.size or grad.size != self.size:
             raise ValueError(f"params/grad sizes {params.size}/{grad.size} do not match the optimizer "
                              f"size {self.size}")
+        # Everything the update writes must be writable, checked before anything is written: a step
+        # that fails changes nothing (neither the moments nor the gradient nor the count).
+        for name, a in (("params", params), ("optimizer state m", self.m), ("optimizer state v", self.v)):
+            if not a.flags.writeable:
+                raise ValueError(f"{name} is read-only: AdamW.step updates it in place")
+        if self.max_grad_norm is not None and not grad.flags.writeable:
+            raise ValueError("grad is read-only, but max_grad_norm clips it in place")
         norm = clip_grad_norm(grad, self.max_grad_norm)
         if not math.isfinite(norm):               # NaN/inf gradient: change nothing, let the caller stop
             return {"lr": self.lr_at(self.step_count + 1), "grad_norm": norm, "skipped": True}
@@ -290,6 +387,7 @@ class AdamW:
         return {"m": self.m.copy(), "v": self.v.copy(), "step": int(self.step_count)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``'s content (copied in); an invalid state is a ValueError and changes nothing."""
         m, v, step = check_state(state, self.size)
         self.m[...] = m
         self.v[...] = v

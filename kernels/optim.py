@@ -24,7 +24,7 @@ import numpy as np
 
 from . import runtime as _b
 from ._jit import cuda, kernel
-from ddpm_ref.optim import check_state
+from ddpm_ref.optim import _adamw_settings, _max_norm_arg, _real_arg, check_state, scheduled_lr
 
 __all__ = ["AdamW", "global_norm", "clip_grad_norm", "ema_update", "adamw_ema_kernel",
            "grad_sq_norm_kernel"]
@@ -111,9 +111,6 @@ def global_norm(g) -> float:
 def _clip_scale(norm: float, max_norm) -> float | None:
     if max_norm is None:
         return None
-    max_norm = float(max_norm)
-    if not max_norm > 0:
-        raise ValueError(f"max_norm must be > 0 (or None), got {max_norm}")
     if math.isfinite(norm) and norm > max_norm:
         return max_norm / (norm + 1e-6)
     return None
@@ -121,6 +118,7 @@ def _clip_scale(norm: float, max_norm) -> float | None:
 
 def clip_grad_norm(g, max_norm) -> float:
     """Scale the device gradient in place so that ``||g|| <= max_norm``; return the norm before."""
+    max_norm = _max_norm_arg("max_norm", max_norm)     # the reference's check, before any work
     norm = global_norm(g)
     scale = _clip_scale(norm, max_norm)
     if scale is not None:
@@ -134,8 +132,7 @@ def ema_update(ema, params, d: float) -> None:
     _flat(params, "params")
     if ema.shape != params.shape:
         raise ValueError(f"ema shape {tuple(ema.shape)} does not match params shape {tuple(params.shape)}")
-    if not 0.0 <= d <= 1.0:
-        raise ValueError(f"EMA decay must be in [0, 1], got {d}")
+    d = _real_arg("EMA decay", d, 0.0, 1.0)
     blocks, threads = _b.launch_1d(params.shape[0], _THREADS)
     ema_kernel[blocks, threads](ema, params, np.float32(d), np.float32(1.0 - d))
 
@@ -153,30 +150,29 @@ class AdamW:
                  eps: float = 1e-8, weight_decay: float = 0.0, warmup: int = 0,
                  max_grad_norm: float | None = None, decay_mask=None, schedule: str = "constant",
                  total: int | None = None):
-        from ddpm_ref import optim as ref
-        # The reference validates every argument; keep its messages, its arithmetic constants and its
-        # learning-rate schedule (lr_at: warmup, then the optional decay).
-        self._ref = ref.AdamW(size, lr, beta1, beta2, eps, weight_decay, warmup, max_grad_norm, decay_mask,
-                              schedule=schedule, total=total)
-        r = self._ref
-        self.size, self.lr, self.beta1, self.beta2 = r.size, r.lr, r.beta1, r.beta2
-        self.eps, self.weight_decay, self.warmup, self.max_grad_norm = r.eps, r.weight_decay, r.warmup, r.max_grad_norm
+        # The reference's checks and normalisation (ddpm_ref.optim._adamw_settings): the same values
+        # are refused with the same messages; lr_at is the reference's scheduled_lr.
+        c = _adamw_settings(size, lr, beta1, beta2, eps, weight_decay, warmup, max_grad_norm, decay_mask,
+                            schedule, total)
+        self.size, self.lr, self.beta1, self.beta2 = c["size"], c["lr"], c["beta1"], c["beta2"]
+        self.eps, self.weight_decay, self.warmup, self.max_grad_norm = (c["eps"], c["weight_decay"], c["warmup"],
+                                                                        c["max_grad_norm"])
+        self.schedule, self.total = c["schedule"], c["total"]
         xp = _b.xp()
         self.m = xp.zeros(self.size, dtype=xp.float32)
         self.v = xp.zeros(self.size, dtype=xp.float32)
-        if r.decay_mask is None:
+        if c["decay_mask"] is None:
             self.decay_mask = xp.zeros(1, dtype=xp.uint8)
             self._use_mask = False
         else:
-            self.decay_mask = _b.to_device(r.decay_mask.astype(np.uint8))
+            self.decay_mask = _b.to_device(c["decay_mask"].astype(np.uint8))
             self._use_mask = True
         self._no_ema = xp.zeros(1, dtype=xp.float32)
         self.step_count = 0
-        r.m = r.v = r._tmp = None   # the reference's host buffers are not used: free them
 
     def lr_at(self, k: int) -> float:
         """Learning rate of the k-th update (1-based), as the reference."""
-        return self._ref.lr_at(k)
+        return scheduled_lr(self.lr, k, self.warmup, self.schedule, self.total)
 
     def step(self, params, grad, ema=None, ema_d: float | None = None) -> dict:
         """One fused AdamW update of ``params`` from ``grad`` (clipped in place), plus the EMA if given."""
@@ -190,8 +186,9 @@ class AdamW:
             _flat(ema, "ema")
             if ema.shape != params.shape:
                 raise ValueError(f"ema shape {tuple(ema.shape)} does not match params {tuple(params.shape)}")
-            if ema_d is None or not 0.0 <= float(ema_d) <= 1.0:
-                raise ValueError(f"ema_d must be a decay in [0, 1] when ema is given, got {ema_d}")
+            if ema_d is None:
+                raise ValueError("ema_d must be a decay in [0, 1] when ema is given, got None")
+            ema_d = _real_arg("ema_d (the EMA decay)", ema_d, 0.0, 1.0)
             flags |= 4
         else:
             ema = self._no_ema           # placeholder, never touched without flag 4
@@ -225,7 +222,8 @@ class AdamW:
         return {"m": _b.to_host(self.m), "v": _b.to_host(self.v), "step": int(self.step_count)}
 
     def load_state_dict(self, state: dict) -> None:
-        m, v, step = check_state(state, self.size)
-        self.m[...] = _b.to_device(m)
-        self.v[...] = _b.to_device(v)
+        m, v, step = check_state(state, self.size)     # the reference's rules; nothing changes on error
+        m_d, v_d = _b.to_device(m), _b.to_device(v)
+        self.m[...] = m_d
+        self.v[...] = v_d
         self.step_count = step

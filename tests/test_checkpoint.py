@@ -12,7 +12,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from ddpm_ref.checkpoint import (Checkpoint, CheckpointError, FORMAT_VERSION, atomic_write,
+from ddpm_ref.checkpoint import (Checkpoint, CheckpointError, FORMAT_VERSION, STALE_TEMP_SECONDS, atomic_write,
                                  load_checkpoint, save_checkpoint)
 
 
@@ -97,8 +97,9 @@ def test_corrupt_truncated_foreign(tmp_path):
     _expect(tmp_path / "ver.npz", "newer")
     c = _ckpt()
     c.ema = np.zeros(3, np.float32)
-    with pytest.raises(ValueError, match="ema shape"):
+    with pytest.raises(CheckpointError, match=r"cannot save checkpoint .*x.npz: entry 'ema' has shape \(3,\)"):
         save_checkpoint(tmp_path / "x.npz", c)
+    assert not (tmp_path / "x.npz").exists()
     _expect(tmp_path / "missing.npz", "does not exist")
     _expect(tmp_path, "is a directory")
 
@@ -144,7 +145,13 @@ def test_sigkill_during_write_keeps_a_complete_checkpoint(tmp_path):
     assert k >= 1 and c.config == {"k": k}
     np.testing.assert_array_equal(c.params, np.float32(k))
     np.testing.assert_array_equal(c.optimizer["v"], np.float32(k))
-    # a later save clears the killed writer's temp file
+    # a later save keeps a temp file that may still be in use (fresh), and clears it once it is stale
+    save_checkpoint(path, Checkpoint(params=np.zeros(2, np.float32), config={}))
+    temps = [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    assert temps
+    old = time.time() - STALE_TEMP_SECONDS - 60
+    for n in temps:
+        os.utime(tmp_path / n, (old, old))
     save_checkpoint(path, Checkpoint(params=np.zeros(2, np.float32), config={}))
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
 
@@ -219,6 +226,9 @@ def test_crafted_metadata_gives_checkpoint_errors(tmp_path):
         "sampler_arrays_nonstr": (dict(sampler_scalars={}, sampler_arrays=[1]),
                                   r"sampler_arrays \[1\] is not an array of names"),
         "has_ema_str": (dict(has_ema="yes"), 'has_ema "yes" is not true or false'),
+        "version_true": (dict(version=True), "format version True is invalid"),
+        "version_float": (dict(version=1.0), "format version 1.0 is invalid"),
+        "config_list": (dict(config=[1]), "config is an array, expected a JSON object"),
     }
     for name, (over, match) in cases.items():
         msg = _expect(_crafted(tmp_path / f"{name}.npz", **over), match)
@@ -234,3 +244,119 @@ def test_zip_crc_is_what_catches_bitrot(tmp_path):
     with zipfile.ZipFile(tmp_path / "c.npz") as z:
         assert z.testzip() is None
         assert {i.filename for i in z.infolist()} >= {"meta.npy", "params.npy", "optim.m.npy"}
+
+
+def _good(p=6):
+    return Checkpoint(params=np.ones(p, np.float32), config={"a": 1}, step=5)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(params=np.array([1, np.nan, 0, 0, 0, 0], np.float32)), "params contain NaN or inf"),
+    (dict(params=np.ones(6)), "entry 'params' is float64"),
+    (dict(ema=np.full(6, np.inf, np.float32)), "ema contains NaN or inf"),
+    (dict(config=None), "config is null, expected a JSON object"),
+    (dict(config=[1, 2]), "config is an array, expected a JSON object"),
+    (dict(metrics=[1]), "metrics is an array, expected a JSON object"),
+    (dict(step=3.9), "step 3.9 is not a non-negative integer"),
+    (dict(step=True), "step true is not a non-negative integer"),
+    (dict(step="7"), 'step "7" is not a non-negative integer'),
+    (dict(step=float("inf")), "step Infinity is not a non-negative integer"),
+    (dict(step=float("nan")), "step NaN is not a non-negative integer"),
+    (dict(step=-1), "step -1 is not a non-negative integer"),
+    (dict(optimizer={"m": np.zeros(6, np.float32), "v": np.zeros(6, np.float32), "step": -1}),
+     "optimizer_step -1 is not a non-negative integer"),
+    (dict(optimizer={"m": np.zeros(6, np.float32), "v": np.zeros(6, np.float32), "step": 2.5}),
+     "optimizer_step 2.5 is not a non-negative integer"),
+    (dict(optimizer={"m": np.zeros(6, np.float32), "v": -np.ones(6, np.float32), "step": 2}),
+     "optimizer state 'v' must be finite and >= 0"),
+    (dict(optimizer={"m": np.zeros(6, np.float32), "step": 2}), r"optimizer state is missing \['v'\]"),
+    (dict(sampler={"hist": np.array([{"x": 1}], dtype=object)}), "entry 'sampler.hist' holds Python objects"),
+    (dict(sampler={1: 2}), "sampler state must be a dict with string keys"),
+    (dict(metrics={"x": object()}), "must be JSON-serialisable"),
+])
+def test_save_refuses_what_load_would_refuse_and_keeps_the_old_file(tmp_path, change, match):
+    import dataclasses
+
+    path = tmp_path / "ckpt.npz"
+    save_checkpoint(path, _good())
+    before = path.read_bytes()
+    with pytest.raises(CheckpointError, match=match) as e:
+        save_checkpoint(path, dataclasses.replace(_good(), **change))
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+    assert path.read_bytes() == before and load_checkpoint(path).step == 5     # the good file, untouched
+    assert os.listdir(tmp_path) == ["ckpt.npz"]                               # no temp file either
+
+
+def test_save_accepts_numpy_scalars_and_a_directory_path_is_refused(tmp_path):
+    c = Checkpoint(params=np.ones(3, np.float32), config={}, step=np.int64(4),
+                   optimizer={"m": np.zeros(3, np.float32), "v": np.zeros(3, np.float32), "step": np.int64(4)},
+                   sampler={"T": np.int64(10), "count": np.asarray(3)}, metrics=None)
+    d = load_checkpoint(save_checkpoint(tmp_path / "c.npz", c))
+    assert d.step == d.optimizer["step"] == 4 and d.sampler["T"] == 10 and d.metrics == {}
+    (tmp_path / "out").mkdir()
+    with pytest.raises(CheckpointError, match="out: it is a directory"):
+        save_checkpoint(tmp_path / "out", c)
+    assert sorted(os.listdir(tmp_path)) == ["c.npz", "out"]
+
+
+def test_deeply_nested_metadata_is_a_checkpoint_error(tmp_path):
+    meta = ('{"format": "ddpm-ref-checkpoint", "config": ' + "[" * 100000 + "]" * 100000 + "}").encode()
+    np.savez(tmp_path / "deep.npz", meta=np.frombuffer(meta, np.uint8), params=np.zeros(3, np.float32))
+    _expect(tmp_path / "deep.npz", "unreadable metadata .*nested too deeply")
+    deep = []
+    for _ in range(100000):
+        deep = [deep]
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        save_checkpoint(tmp_path / "d2.npz", Checkpoint(params=np.ones(2, np.float32), config={"x": deep}))
+    assert os.listdir(tmp_path) == ["deep.npz"]
+
+
+def test_cleanup_removes_only_stale_temps_of_this_very_file(tmp_path):
+    old = time.time() - STALE_TEMP_SECONDS - 60
+    names = {".ckpt.abc123_x.tmp": old,          # this file's, stale: removed
+             ".ckpt.fresh999.tmp": None,         # this file's, in use by another writer: kept
+             ".ckpt.npz.old12345.tmp": old,      # the temp of ckpt.npz (another file): kept
+             ".ckpt.1.old12345.tmp": old,        # the temp of ckpt.1: kept
+             "ckpt.abc.tmp": old}                # not a temp name: kept
+    for n, t in names.items():
+        (tmp_path / n).write_bytes(b"x")
+        if t is not None:
+            os.utime(tmp_path / n, (t, t))
+    save_checkpoint(tmp_path / "ckpt", _good())
+    assert sorted(os.listdir(tmp_path)) == sorted(set(names) - {".ckpt.abc123_x.tmp"} | {"ckpt"})
+
+
+@pytest.mark.parametrize("name_a,name_b", [("ckpt.npz", "ckpt.npz"), ("ckpt.npz", "ckpt")])
+def test_concurrent_writers_do_not_remove_each_others_temp_files(tmp_path, monkeypatch, name_a, name_b):
+    # Writer A is inside its write (its temp file exists) while writer B saves: B must leave A's temp alone.
+    import threading
+
+    real_savez, inside, release = np.savez, threading.Event(), threading.Event()
+
+    def savez(f, **arrays):
+        if threading.current_thread().name == "A":
+            inside.set()
+            assert release.wait(10)
+        real_savez(f, **arrays)
+
+    monkeypatch.setattr(np, "savez", savez)
+    result = {}
+
+    def a():
+        try:
+            save_checkpoint(tmp_path / name_a, Checkpoint(params=np.full(4, 1, np.float32), config={"who": "A"}))
+            result["A"] = "ok"
+        except Exception as e:   # noqa: BLE001  (reported by the assertion below)
+            result["A"] = repr(e)
+
+    t = threading.Thread(target=a, name="A")
+    t.start()
+    try:
+        assert inside.wait(10)
+        save_checkpoint(tmp_path / name_b, Checkpoint(params=np.full(4, 2, np.float32), config={"who": "B"}))
+    finally:
+        release.set()
+        t.join(10)
+    assert result == {"A": "ok"}
+    assert load_checkpoint(tmp_path / name_a).config == {"who": "A"}       # A finished last
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]

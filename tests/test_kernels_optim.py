@@ -82,3 +82,39 @@ def test_ema_update_and_clip():
     g_d = kb.to_device(g)
     assert optim.clip_grad_norm(g_d, 1.0) == pytest.approx(n_ref, rel=1e-12)
     np.testing.assert_allclose(kb.to_host(g_d), g_ref, **TOL)
+
+
+@pytest.mark.parametrize("kwargs", [dict(eps=float("inf")), dict(lr=True), dict(warmup=2.7), dict(size="4"),
+                                    dict(total=2.5), dict(max_grad_norm=True),
+                                    dict(decay_mask=np.array([0.5, 0, 1, 1, 0]))])
+def test_constructor_refuses_what_the_reference_refuses(kwargs):
+    # the same shared check (ddpm_ref.optim._adamw_settings): the same values, the same messages
+    kw = {"size": 5, **kwargs}
+    with pytest.raises(ValueError) as r:
+        ref.AdamW(**kw)
+    with pytest.raises(ValueError) as g:
+        optim.AdamW(**kw)
+    assert str(g.value) == str(r.value)
+
+
+def test_bad_state_or_ema_decay_changes_nothing():
+    mask = np.array([1, 0, 1, 0, 1], bool)
+    dev = optim.AdamW(5, lr=1e-3, warmup=2, schedule="cosine", total=10, weight_decay=0.1, decay_mask=mask)
+    mask[:] = False                                                    # copied: the caller's edit does not reach it
+    np.testing.assert_array_equal(kb.to_host(dev.decay_mask), [1, 0, 1, 0, 1])
+    assert [dev.lr_at(k) for k in (1, 5, 10)] == [ref.scheduled_lr(1e-3, k, 2, "cosine", 10) for k in (1, 5, 10)]
+    good = {"m": np.arange(5, dtype=np.float32), "v": np.ones(5, np.float32), "step": 7}
+    dev.load_state_dict(good)
+    for bad, match in (({**good, "v": -np.ones(5, np.float32)}, "'v' must be finite and >= 0"),
+                       ({**good, "step": 2.9}, "step must be an integer"), ({"m": good["m"]}, "missing")):
+        with pytest.raises(ValueError, match=match):
+            dev.load_state_dict(bad)
+        out = dev.state_dict()
+        np.testing.assert_array_equal(out["v"], 1.0)
+        assert out["step"] == 7
+    z = kb.to_device(np.zeros(5, np.float32))
+    with pytest.raises(ValueError, match="ema_d .* got True"):
+        dev.step(z, kb.to_device(np.zeros(5, np.float32)), ema=kb.to_device(np.zeros(5, np.float32)), ema_d=True)
+    with pytest.raises(ValueError, match="max_norm must be"):
+        optim.clip_grad_norm(z, "1")
+    assert dev.step_count == 7

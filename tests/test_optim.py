@@ -256,3 +256,138 @@ def test_global_norm_chunks_match_one_float64_sum(monkeypatch):
     g = np.random.default_rng(5).standard_normal(97).astype(np.float32)
     ref = math.sqrt(float(np.sum(g.astype(np.float64) ** 2)))
     assert optim.global_norm(g) == pytest.approx(ref, rel=1e-14)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(eps=float("inf")), "eps must be a finite number > 0, got inf"),
+    (dict(eps=True), r"eps must be .* got True \(bool\)"),
+    (dict(lr=True), r"lr must be .* got True \(bool\)"),
+    (dict(lr="0.1"), r"lr must be .* got '0.1' \(str\)"),
+    (dict(lr=float("nan")), "lr must be a finite number > 0, got nan"),
+    (dict(weight_decay=True), "weight_decay must be"),
+    (dict(beta2=False), "beta2 must be"),
+    (dict(max_grad_norm=True), "max_grad_norm must be"),
+    (dict(max_grad_norm=float("nan")), "max_grad_norm must be"),
+    (dict(warmup=2.7), r"warmup must be an integer >= 0, got 2.7 \(float\)"),
+    (dict(warmup="3"), "warmup must be an integer"),
+    (dict(warmup=True), "warmup must be an integer"),
+    (dict(warmup=float("inf")), "warmup must be an integer"),
+    (dict(warmup=float("nan")), "warmup must be an integer"),
+    (dict(size=2.5), r"size must be an integer >= 1, got 2.5"),
+    (dict(size=True), "size must be an integer"),
+    (dict(size="4"), "size must be an integer"),
+    (dict(total=2.5), "total must be an integer"),
+    (dict(total=0), "total must be an integer >= 1"),
+    (dict(decay_mask=np.array([0.5, np.nan, 0, 2])), r"decay_mask must be a bool array of shape \(4,\), got float64"),
+    (dict(decay_mask=np.ones(3, bool)), r"decay_mask must be a bool array of shape \(4,\), got bool array of shape \(3,\)"),
+])
+def test_adamw_refuses_coerced_or_out_of_range_arguments(kwargs, match):
+    kw = {"size": 4, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        optim.AdamW(**kw)
+
+
+def test_adamw_accepts_numpy_scalars_and_copies_the_mask():
+    opt = optim.AdamW(np.int64(4), lr=np.float32(0.5), warmup=np.int64(2), total=np.int64(9), max_grad_norm=1,
+                      schedule="linear", weight_decay=0, decay_mask=[True, True, False, False])
+    assert (opt.size, opt.warmup, opt.total) == (4, 2, 9) and type(opt.size) is int and type(opt.lr) is float
+    mask = np.zeros(4, bool)
+    opt = optim.AdamW(4, lr=0.1, weight_decay=0.5, decay_mask=mask)
+    mask[:] = True                                # the caller's later edit does not reach the optimizer
+    p = np.ones(4, np.float32)
+    opt.step(p, np.zeros(4, np.float32))
+    np.testing.assert_array_equal(p, 1.0)
+    assert optim.AdamW(4, max_grad_norm=float("inf")).max_grad_norm == math.inf   # measure only
+
+
+def test_failed_step_changes_nothing():
+    g0 = np.random.default_rng(0).standard_normal(8).astype(np.float32) * 10
+    opt = optim.AdamW(8, lr=0.1, max_grad_norm=1.0)
+    p = np.ones(8, np.float32)
+    p.flags.writeable = False
+    g = g0.copy()
+    with pytest.raises(ValueError, match="params is read-only"):
+        opt.step(p, g)
+    assert opt.step_count == 0 and not opt.m.any() and not opt.v.any()
+    np.testing.assert_array_equal(g, g0)          # not clipped either
+    ro = g0.copy()
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="grad is read-only, but max_grad_norm clips it in place"):
+        opt.step(np.ones(8, np.float32), ro)
+    assert opt.step_count == 0 and not opt.m.any() and not opt.v.any()
+    # the retry on writable buffers is a clean first step
+    p, ref_p = np.ones(8, np.float32), np.ones(8, np.float32)
+    opt.step(p, g0.copy())
+    optim.AdamW(8, lr=0.1, max_grad_norm=1.0).step(ref_p, g0.copy())
+    np.testing.assert_array_equal(p, ref_p)
+    # without clipping the gradient is only read: a read-only one is fine
+    optim.AdamW(8, lr=0.1).step(np.ones(8, np.float32), ro)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(step=2.9), "optimizer step must be an integer >= 0, got 2.9"),
+    (dict(step=True), "optimizer step must be an integer >= 0, got True"),
+    (dict(step="5"), "optimizer step must be an integer >= 0, got '5'"),
+    (dict(step=float("inf")), "optimizer step must be an integer >= 0, got inf"),
+    (dict(step=float("nan")), "optimizer step must be an integer >= 0, got nan"),
+    (dict(step=-1), "optimizer step must be an integer >= 0, got -1"),
+    (dict(step=None), r"optimizer state is missing \['step'\]"),
+    (dict(v=-np.ones(4, np.float32)), "optimizer state 'v' must be finite and >= 0"),
+    (dict(v=np.full(4, np.nan, np.float32)), "optimizer state 'v' must be finite and >= 0"),
+    (dict(m=np.array([0, np.inf, 0, 0], np.float32)), "optimizer state 'm' contains NaN or inf"),
+])
+def test_load_state_dict_refuses_bad_states_and_changes_nothing(change, match):
+    opt = optim.AdamW(4, lr=0.1)
+    opt.step(np.ones(4, np.float32), np.arange(4, dtype=np.float32))
+    before = opt.state_dict()
+    state = {"m": np.zeros(4, np.float32), "v": np.zeros(4, np.float32), "step": 3, **change}
+    state = {k: v for k, v in state.items() if v is not None}
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(state)
+    after = opt.state_dict()
+    assert after["step"] == before["step"] == 1
+    np.testing.assert_array_equal(after["m"], before["m"])
+    np.testing.assert_array_equal(after["v"], before["v"])
+    opt.load_state_dict({"m": np.zeros(4, np.float32), "v": np.zeros(4, np.float32), "step": np.int64(3)})
+    assert opt.step_count == 3 and type(opt.step_count) is int
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: optim.warmup_lr(1.0, -5, 10), "k .* must be an integer >= 1, got -5"),
+    (lambda: optim.warmup_lr(1.0, 0, 0), "k .* must be an integer >= 1, got 0"),
+    (lambda: optim.scheduled_lr(1.0, 0, 10), "k .* must be an integer >= 1, got 0"),
+    (lambda: optim.scheduled_lr(1.0, 2.5, 10), "k .* must be an integer >= 1, got 2.5"),
+    (lambda: optim.scheduled_lr(float("nan"), 1, 0), "lr must be a finite number >= 0, got nan"),
+    (lambda: optim.scheduled_lr(-1.0, 1, 0), "lr must be a finite number >= 0, got -1.0"),
+    (lambda: optim.scheduled_lr(True, 1, 0), "lr must be"),
+    (lambda: optim.scheduled_lr(1.0, 1, -5, "linear", 10), "warmup must be an integer >= 0, got -5"),
+    (lambda: optim.scheduled_lr(1.0, 10, 0, "cosine", 10.9), "total must be an integer >= 1 .* got total=10.9"),
+    (lambda: optim.scheduled_lr(1.0, 1, 0, "constant", True), "total must be an integer"),
+    (lambda: optim.ema_decay(1.5, 10**6), r"EMA decay must be a finite number in \[0, 1\], got 1.5"),
+    (lambda: optim.ema_decay(-0.5, 10), r"EMA decay must be a finite number in \[0, 1\], got -0.5"),
+    (lambda: optim.ema_decay(0.9999, 0), "k .* must be an integer >= 1, got 0"),
+    (lambda: optim.ema_decay(0.9999, -9), "k .* must be an integer >= 1, got -9"),
+    (lambda: optim.ema_decay(0.9999, 3, warmup="no"), "EMA warmup must be True or False"),
+    (lambda: optim.ema_update(np.zeros(2, np.float32), np.zeros(2, np.float32), True), "EMA decay must be"),
+    (lambda: optim.clip_grad_norm(np.ones(2, np.float32), "1"), "max_norm must be"),
+])
+def test_schedule_helpers_refuse_bad_arguments(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_schedule_helpers_accept_what_the_trainer_passes():
+    # the trainer asks for k = optimizer count + 1 >= 1, NumPy integers included
+    assert optim.scheduled_lr(1e-3, np.int64(3), np.int64(4), "cosine", np.int64(10)) == pytest.approx(7.5e-4)
+    assert optim.warmup_lr(0, 1, 0) == 0.0
+    assert optim.ema_decay(0.0, 1) == 0.0 and optim.ema_decay(1.0, 10**9, warmup=np.bool_(False)) == 1.0
+
+
+def test_ema_update_with_ema_aliasing_params():
+    x = np.full(4, 2.0, np.float32)
+    optim.ema_update(x, x, 0.5)                   # d * x + (1 - d) * x = x
+    np.testing.assert_array_equal(x, 2.0)
+    ro = np.zeros(4, np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="ema is read-only"):
+        optim.ema_update(ro, np.ones(4, np.float32), 0.5)
