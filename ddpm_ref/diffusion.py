@@ -70,10 +70,22 @@ def _check_choice(value, name: str, choices) -> str:
     return value
 
 
+def _real(value, name: str, expected: str) -> float:
+    """``float(value)`` for a real number: a Python or NumPy int or float, or a 0-d array of one.
+    Bools and strings are not numbers here (float(True) and float("5") would accept them)."""
+    v = value[()] if isinstance(value, np.ndarray) and value.ndim == 0 else value
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    try:
+        return float(v)
+    except OverflowError:                   # an int beyond float range
+        raise ValueError(f"{name} must be {expected}, got {value!r}") from None
+
+
 def _as_float_array(x, name: str) -> np.ndarray:
     arr = np.asarray(x)
     if arr.dtype.kind not in "f":
-        if arr.dtype.kind in "iub":
+        if arr.dtype.kind in "iu":          # integer data are exact in float64; bools are not data
             arr = arr.astype(np.float64)
         else:
             raise ValueError(f"{name} must be a float array, got dtype {arr.dtype}")
@@ -308,10 +320,7 @@ def loss_weights(schedule: Schedule, t, prediction: str, weighting: str = "unifo
     t = check_t(schedule, t)
     if weighting == "uniform":
         return np.ones(t.shape[0], dtype=np.float64)
-    try:
-        g = float(gamma)
-    except (TypeError, ValueError):
-        raise ValueError(f"gamma must be a positive number, got {gamma!r}") from None
+    g = _real(gamma, "gamma", "a positive number")
     if not (math.isfinite(g) and g > 0):
         raise ValueError(f"gamma must be a positive finite number, got {gamma!r}")
     snr = schedule.snr[t]
@@ -343,8 +352,12 @@ def gaussian_oracle_denoiser(schedule: Schedule, mu, s, prediction: str = "epsil
     """
     _check_schedule(schedule)
     _check_choice(prediction, "prediction", PREDICTIONS)
-    mu = np.asarray(mu, dtype=np.float64)
-    s = np.asarray(s, dtype=np.float64)
+    mu, s = np.asarray(mu), np.asarray(s)
+    for name, a in (("mu", mu), ("s (the data standard deviation)", s)):
+        if a.dtype.kind not in "iuf":      # no bools or numeric strings taken as numbers
+            raise ValueError(f"{name} must be a real number or array, got {a!r}")
+    mu = mu.astype(np.float64)
+    s = s.astype(np.float64)
     if not np.all(np.isfinite(mu)):
         raise ValueError(f"mu must be finite, got {mu!r}")
     if not (np.all(np.isfinite(s)) and np.all(s > 0)):
@@ -372,6 +385,25 @@ def gaussian_oracle_denoiser(schedule: Schedule, mu, s, prediction: str = "epsil
 
 
 # --------------------------------------------------------------------------- reverse-process moments
+def _check_shape(shape, n: int) -> tuple:
+    """``shape`` as a tuple of Python ints after checking it is ``(N, ...)``: non-negative integers
+    (not bools, floats or strings), the first equal to the batch size ``n``."""
+    what = f"shape must be a tuple of non-negative integers starting with N = {n}"
+    if isinstance(shape, (str, bytes, dict)):
+        raise ValueError(f"{what}, got {shape!r}")
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise ValueError(f"{what}, got {shape!r}") from None
+    for d in dims:
+        if isinstance(d, (bool, np.bool_)) or not isinstance(d, (int, np.integer)) or d < 0:
+            raise ValueError(f"{what}, got {shape!r}")
+    dims = tuple(int(d) for d in dims)
+    if not dims or dims[0] != n:
+        raise ValueError(f"{what} (t's length), got {dims}")
+    return dims
+
+
 def model_log_variance(schedule: Schedule, variance: str, t, v_interp=None, shape=None) -> np.ndarray:
     """``log sigma_t^2`` of ``p(x_{t-1} | x_t)`` in float64.
 
@@ -382,7 +414,8 @@ def model_log_variance(schedule: Schedule, variance: str, t, v_interp=None, shap
     ``"learned_range"``: ``frac log beta_t + (1 - frac) log beta~_t`` with ``frac = (v_interp + 1)/2``
     (Nichol & Dhariwal 2021, eq. 15), elementwise, of v_interp's shape.
 
-    For the fixed choices the result has shape ``shape`` (default ``(N,)``), broadcast.
+    For the fixed choices the result has shape ``shape`` (default ``(N,)``), broadcast; ``shape``
+    must be a tuple of non-negative integers ``(N, ...)`` with N = len(t).
     """
     _check_schedule(schedule)
     _check_choice(variance, "variance", VARIANCES)
@@ -399,7 +432,7 @@ def model_log_variance(schedule: Schedule, variance: str, t, v_interp=None, shap
         return frac * max_log + (1.0 - frac) * min_log
     table = (schedule.posterior_log_variance_clipped if variance == "fixed_small"
              else schedule.fixed_large_log_variance)
-    shape = (t.shape[0],) if shape is None else tuple(shape)
+    shape = (t.shape[0],) if shape is None else _check_shape(shape, t.shape[0])
     ref = np.empty((0,) * len(shape), dtype=np.float64)
     return np.broadcast_to(_coef(table, t, ref), shape)
 
@@ -459,15 +492,42 @@ class UniformSampler:
         return {"T": np.asarray(self.T, dtype=np.int64)}
 
     def load_state_dict(self, state: dict) -> None:
-        if int(np.asarray(state.get("T", -1))) != self.T:
-            raise ValueError(f"state is for T = {state.get('T')!r}, this sampler has T = {self.T}")
+        """Check that ``state`` (from :meth:`state_dict`) is for this T; there is nothing else to load."""
+        if not isinstance(state, dict):
+            raise ValueError(f"UniformSampler state must be a dict, got {type(state).__name__}")
+        if "T" not in state:
+            raise ValueError(f"UniformSampler state is missing 'T' (has {sorted(state, key=str)})")
+        T = _state_int(state, "T", "UniformSampler")
+        if T != self.T:
+            raise ValueError(f"state is for T = {T}, this sampler has T = {self.T}")
+
+
+def _state_int(state: dict, key: str, owner: str) -> int:
+    """An integer entry of a sampler state: a Python or NumPy int or a 0-d integer array (no floats,
+    bools or strings: nothing is truncated)."""
+    v = state[key]
+    if isinstance(v, np.ndarray) and v.ndim == 0 and v.dtype.kind in "iu":
+        return int(v)
+    if isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)):
+        return int(v)
+    raise ValueError(f"{owner} state {key!r} must be an integer, got {v!r}")
+
+
+def _check_uniform_prob(value) -> float:
+    up = _real(value, "uniform_prob", "a number in [0, 1]")
+    if not 0.0 <= up <= 1.0:              # also refuses nan
+        raise ValueError(f"uniform_prob must be in [0, 1], got {value!r}")
+    return up
 
 
 def _check_update(T: int, t, losses):
     t = np.asarray(t)
-    losses = np.asarray(losses, dtype=np.float64)
     if t.ndim != 1 or t.dtype.kind not in "iu":
         raise ValueError(f"t must be an integer array of shape (N,), got dtype {t.dtype} shape {t.shape}")
+    losses = np.asarray(losses)
+    if losses.dtype.kind not in "iuf":     # no bools, strings or objects taken as numbers
+        raise ValueError(f"losses must be an array of real numbers, got dtype {losses.dtype}")
+    losses = losses.astype(np.float64, copy=False)
     if losses.shape != t.shape:
         raise ValueError(f"losses must have t's shape {t.shape}, got {losses.shape}")
     if t.size and (t.min() < 0 or t.max() >= T):
@@ -499,12 +559,7 @@ class LossAwareSampler:
         if isinstance(history, (bool, np.bool_)) or not isinstance(history, (int, np.integer)) \
                 or int(history) < 1:
             raise ValueError(f"history must be an integer >= 1, got {history!r}")
-        try:
-            up = float(uniform_prob)
-        except (TypeError, ValueError):
-            raise ValueError(f"uniform_prob must be a number in [0, 1], got {uniform_prob!r}") from None
-        if not 0.0 <= up <= 1.0:
-            raise ValueError(f"uniform_prob must be in [0, 1], got {uniform_prob!r}")
+        up = _check_uniform_prob(uniform_prob)
         self.T = int(T)
         self.history = int(history)
         self.uniform_prob = up
@@ -563,25 +618,44 @@ class LossAwareSampler:
                 "loss_history": self.loss_history.copy(), "loss_counts": self.loss_counts.copy()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Load :meth:`state_dict` output (checked as ``__init__`` and :meth:`update` check their
+        input: integer T, history and counts, finite losses, uniform_prob in [0, 1]). Nothing is
+        changed unless the whole state is valid."""
+        if not isinstance(state, dict):
+            raise ValueError(f"LossAwareSampler state must be a dict, got {type(state).__name__}")
         for key in ("T", "history", "loss_history", "loss_counts"):
             if key not in state:
-                raise ValueError(f"LossAwareSampler state is missing {key!r} (has {sorted(state)})")
-        if int(np.asarray(state["T"])) != self.T or int(np.asarray(state["history"])) != self.history:
-            raise ValueError(f"state is for T = {int(np.asarray(state['T']))}, history = "
-                             f"{int(np.asarray(state['history']))}; this sampler has T = {self.T}, "
+                raise ValueError(f"LossAwareSampler state is missing {key!r} (has {sorted(state, key=str)})")
+        T = _state_int(state, "T", "LossAwareSampler")
+        history = _state_int(state, "history", "LossAwareSampler")
+        if T != self.T or history != self.history:
+            raise ValueError(f"state is for T = {T}, history = {history}; this sampler has T = {self.T}, "
                              f"history = {self.history}")
-        hist = np.asarray(state["loss_history"], dtype=np.float64)
-        counts = np.asarray(state["loss_counts"], dtype=np.int64)
+        try:
+            hist = np.asarray(state["loss_history"])
+            counts = np.asarray(state["loss_counts"])
+        except (ValueError, TypeError):      # ragged nested lists
+            raise ValueError("loss_history and loss_counts must be arrays of shape "
+                             f"{(self.T, self.history)} and {(self.T,)}") from None
+        if hist.dtype.kind not in "iuf" or counts.dtype.kind not in "iu":
+            raise ValueError(f"loss_history must hold real numbers and loss_counts integers, got dtypes "
+                             f"{hist.dtype} and {counts.dtype}")
         if hist.shape != (self.T, self.history) or counts.shape != (self.T,):
             raise ValueError(f"loss_history must have shape {(self.T, self.history)} and loss_counts "
                              f"{(self.T,)}, got {hist.shape} and {counts.shape}")
+        hist = hist.astype(np.float64)                   # a copy
+        counts = counts.astype(np.int64)
         if counts.min() < 0 or counts.max() > self.history:
             raise ValueError(f"loss_counts must lie in [0, {self.history}], got range "
                              f"[{counts.min()}, {counts.max()}]")
-        self.loss_history = hist.copy()
-        self.loss_counts = counts.copy()
-        if "uniform_prob" in state:
-            self.uniform_prob = float(np.asarray(state["uniform_prob"]))
+        if not np.all(np.isfinite(hist)):
+            bad = np.argwhere(~np.isfinite(hist))[0]
+            raise ValueError(f"loss_history must be finite, got {float(hist[tuple(bad)])!r} at "
+                             f"[{bad[0]}, {bad[1]}]")
+        up = _check_uniform_prob(state["uniform_prob"]) if "uniform_prob" in state else self.uniform_prob
+        self.loss_history = hist
+        self.loss_counts = counts
+        self.uniform_prob = up
 
 
 # --------------------------------------------------------------------------- likelihood pieces
@@ -653,7 +727,9 @@ def discretized_gaussian_log_likelihood(x, means, log_scales) -> np.ndarray:
 
 
 def _mean_flat(a: np.ndarray) -> np.ndarray:
-    return a.reshape(a.shape[0], -1).mean(axis=1)
+    """Mean over all axes but the first: (N,). The row length is spelled out (not -1) so that N = 0
+    gives an empty (0,) result."""
+    return a.reshape(a.shape[0], math.prod(a.shape[1:])).mean(axis=1)
 
 
 def _check_data(x0, name: str = "x0") -> np.ndarray:
@@ -722,7 +798,10 @@ def hybrid_vb_scale(schedule: Schedule, lam: float = HYBRID_LAMBDA) -> float:
     ``0.001 * mean(vb)`` would weigh the bound 1000 times less than the paper's hybrid loss.
     """
     _check_schedule(schedule)
-    return float(lam) * schedule.T
+    lam_f = _real(lam, "lam", "a finite number >= 0")
+    if not (math.isfinite(lam_f) and lam_f >= 0.0):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    return lam_f * schedule.T
 
 
 def hybrid_vb_loss(schedule: Schedule, model_output, x0, xt, t, prediction: str = "epsilon", dvb=None):
@@ -756,6 +835,9 @@ def hybrid_vb_loss(schedule: Schedule, model_output, x0, xt, t, prediction: str 
     x0 = _check_data(x0).astype(np.float64)
     xt = _as_float_array(xt, "xt").astype(np.float64)
     _same_shape(x0, xt, "x0", "xt")
+    if x0.ndim < 2:
+        raise ValueError(f"hybrid_vb_loss needs x0 of shape (N, C, ...) (a channel axis for the model "
+                         f"output's (N, 2C, ...)), got x0 of shape {x0.shape} and model_output of shape {out.shape}")
     if pred.shape != x0.shape:
         raise ValueError(f"model_output must have shape (N, 2C, ...) = {(x0.shape[0], 2 * x0.shape[1]) + x0.shape[2:]}"
                          f" for x0 of shape {x0.shape}, got {out.shape}")

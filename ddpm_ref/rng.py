@@ -222,8 +222,8 @@ def _prepare(seed, stream, index, step, sub, shape):
         if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)) or s < 0:
             raise ValueError(f"shape must be a tuple of non-negative integers, got {shape!r}")
     shape = tuple(int(s) for s in shape)
-    size = int(np.prod(shape, dtype=np.int64))
-    if size // 4 >= 2**32:
+    size = math.prod(shape)          # Python ints: exact for any shape (an int64 product can wrap)
+    if size > 2**34:                 # blocks 0 .. 2**32 - 1 of 4 elements: c0 = element // 4 < 2**32
         raise ValueError(f"shape {shape} has more than 2**34 elements per sample: counter word c0 overflows")
     return seed, stream, index, step, sub, shape, size
 
@@ -304,10 +304,19 @@ def random_bits(seed, stream, index, step=0, shape=(), sub=0) -> np.ndarray:
 
 
 def bits_to_uniform(words: np.ndarray, dtype=np.float32) -> np.ndarray:
-    """Map uint32 words to uniforms ``((w >> 8) | 1) * 2**-24``, strictly inside (0, 1)."""
+    """Map uint32 words to uniforms ``((w >> 8) | 1) * 2**-24``, strictly inside (0, 1).
+
+    ``dtype`` is float32 or float64, the two that hold every such value exactly (float16 cannot:
+    ``2**24 - 1`` overflows it)."""
     words = np.asarray(words)
     if words.dtype != np.uint32:
         raise ValueError(f"words must be uint32, got dtype {words.dtype}")
+    try:   # None is refused too (np.dtype(None) would be float64, and None == np.dtype('f8') holds)
+        ok = dtype is not None and np.dtype(dtype) in (np.dtype(np.float32), np.dtype(np.float64))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
     u = ((words >> np.uint32(8)) | np.uint32(1)).astype(dtype)
     u *= np.dtype(dtype).type(2.0 ** -24)
     return u
@@ -392,11 +401,20 @@ def normal(seed, stream, index, step=0, shape=(), sub=0) -> np.ndarray:
     return z.view(np.float32).reshape(n, n_blocks * 4)[:, :size].reshape((n,) + shape)
 
 
+def _check_int(value, name: str, low: int, high: int, span: str) -> int:
+    """``value`` as a Python int after checking that it is an integer (not a bool, not a float, not a
+    string: nothing is truncated or parsed) in ``[low, high]``, which ``span`` spells for messages."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer in {span}, got {value!r}")
+    value = int(value)
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in {span}, got {value}")
+    return value
+
+
 def randint(seed, stream, index, high: int, step=0, sub=0) -> np.ndarray:
     """One integer in [0, high) per sample, int64 of shape (len(index),): ``(w0 * high) >> 32``."""
-    high = int(high)
-    if not 1 <= high <= 2**32:
-        raise ValueError(f"high must be in [1, 2**32], got {high}")
+    high = _check_int(high, "high", 1, 2**32, "[1, 2**32]")
     w = random_bits(seed, stream, index, step, (1,), sub)[:, 0].astype(np.uint64)
     return ((w * np.uint64(high)) >> _SHIFT32).astype(np.int64)
 
@@ -405,10 +423,9 @@ def permutation(seed, stream, n: int, step=0) -> np.ndarray:
     """A permutation of range(n) that depends only on (seed, stream, step): argsort of random keys.
 
     Ties between the 32-bit keys are broken by position (stable sort), so the result is a
-    deterministic function of its arguments.
+    deterministic function of its arguments. ``n`` is an integer in [0, 2**32] (the positions are
+    the sample indices, counter word ``c1``).
     """
-    n = int(n)
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+    n = _check_int(n, "n", 0, 2**32, "[0, 2**32]")   # before np.arange(n): indices lie in [0, 2**32)
     keys = random_bits(seed, stream, np.arange(n), step, (1,))[:, 0]
     return np.argsort(keys, kind="stable")

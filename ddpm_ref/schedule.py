@@ -50,6 +50,7 @@ Schedules:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -63,6 +64,16 @@ _TABLES = (
 )
 
 
+def _copy_params(value):
+    """A copy of a params value, deep through dicts and lists (a rescaled schedule nests its base's
+    dict), so that no caller's dict is shared with a schedule."""
+    if isinstance(value, dict):
+        return {k: _copy_params(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_params(v) for v in value]
+    return value
+
+
 def _check_T(T) -> int:
     if isinstance(T, (bool, np.bool_)) or not isinstance(T, (int, np.integer)):
         raise ValueError(f"T (the number of diffusion steps) must be an integer >= 1, got {T!r}")
@@ -72,9 +83,14 @@ def _check_T(T) -> int:
 
 
 def _check_float(value, name: str, low=None, high=None, low_open=True, high_open=True) -> float:
+    # A real number: Python or NumPy int or float (or a 0-d array of one). Bools and strings are not
+    # numbers here: float(True) and float("0.02") would silently accept them.
+    v = value[()] if isinstance(value, np.ndarray) and value.ndim == 0 else value
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
     try:
-        v = float(value)
-    except (TypeError, ValueError):
+        v = float(v)
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{name} must be a real number, got {value!r}") from None
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {value!r}")
@@ -95,7 +111,14 @@ class Schedule:
     """
 
     def __init__(self, betas, name: str = "custom", params: dict | None = None):
-        arr = np.asarray(betas)
+        if not isinstance(name, str):
+            raise ValueError(f"name must be a string, got {name!r}")
+        if params is not None and not isinstance(params, dict):
+            raise ValueError(f"params must be a dict (or None), got {type(params).__name__} {params!r:.80}")
+        try:
+            arr = np.asarray(betas)
+        except (ValueError, TypeError):       # ragged nested sequences
+            raise ValueError(f"betas must be a 1-D array of real numbers, got {betas!r:.80}") from None
         if arr.dtype == object or arr.dtype.kind not in "iuf":
             raise ValueError(f"betas must be a 1-D array of real numbers, got dtype {arr.dtype}")
         if arr.ndim != 1:
@@ -116,7 +139,7 @@ class Schedule:
                 f"betas[0] = {float(betas[0])!r} is too small: 1 - beta_1 rounds to 1 in float64, so "
                 "1 - alpha_bar_1 = 0 and the posterior tables would divide by zero")
         self.name = str(name)
-        self.params = dict(params or {})
+        self.params = _copy_params(dict(params or {}))
         self._build(betas)
 
     # ------------------------------------------------------------------ tables
@@ -221,37 +244,84 @@ class Schedule:
         unchanged: ``sqrt_ab' = (sqrt_ab - sqrt_ab_T) * sqrt_ab_1 / (sqrt_ab_1 - sqrt_ab_T)``; the betas
         are recovered from consecutive ratios of ``alpha_bar' = sqrt_ab'^2``, so ``beta_1`` is kept and
         ``beta_T = 1``. Needs T >= 2 (with T = 1 the only step would have to be both kept and zeroed).
+
+        A schedule whose ``alpha_bar`` already reaches 0 two or more steps before T (a beta of
+        exactly 1 there) already has zero terminal SNR, and the ratios above would be 0/0: the
+        schedule itself is returned unchanged. (If ``alpha_bar`` first reaches 0 at step T - 1 or T,
+        the 0/0 touches only ``beta_T``, which is set to 1, and the algorithm runs as usual.) A
+        ValueError is raised when ``sqrt(alpha_bar)`` is constant over the last three or more steps
+        (betas too small to change ``alpha_bar`` in float64): the shift makes ``alpha_bar`` 0 before
+        step T - 1 and the betas after it 0/0 (and when it is constant from the start, the scale
+        ``sqrt_ab_1 / (sqrt_ab_1 - sqrt_ab_T)`` itself is 1/0).
         """
         if self.T < 2:
             raise ValueError(f"zero terminal SNR rescaling needs T >= 2, got T = {self.T}")
+        if self.T >= 3 and self.alpha_bar[-3] == 0.0:   # non-increasing: 0 from some t index <= T-3
+            return self
         sab = self.sqrt_alpha_bar.copy()
         s0, sT = sab[0], sab[-1]
-        sab = (sab - sT) * (s0 / (s0 - sT))
-        ab = sab ** 2
-        alphas = np.concatenate([[ab[0]], ab[1:] / ab[:-1]])
+        flat = np.flatnonzero(sab[:-1] == sT)           # contiguous up to T-2: sab is non-increasing
+        if flat.size and flat[0] < self.T - 2:          # at T-2 the 0/0 lands on beta_T, set to 1 below
+            k = int(flat[0])
+            where = ("over all T steps (the betas after the first" if k == 0 else
+                     f"from t index {k} to T-1 = {self.T - 1} (the betas after t index {k}")
+            why = ("its scale sqrt_ab_1 / (sqrt_ab_1 - sqrt_ab_T) is 1/0 and the rescaled betas 0/0" if k == 0
+                   else f"the rescaled alpha_bar would be 0 from t index {k} on and the betas after it 0/0")
+            raise ValueError(f"cannot rescale this schedule to zero terminal SNR: sqrt(alpha_bar) is constant "
+                             f"(= {float(sT)!r}) {where} are too small to change alpha_bar in float64), so {why}")
+        with np.errstate(divide="ignore", invalid="ignore"):   # T = 2: 0/0 only where overwritten below
+            sab = (sab - sT) * (s0 / (s0 - sT))
+            ab = sab ** 2
+            alphas = np.concatenate([[ab[0]], ab[1:] / ab[:-1]])
         betas = 1.0 - alphas
         betas[0] = self.betas[0]          # exactly, not up to rounding of the shift-and-scale
         betas[-1] = 1.0                   # ab[-1] = 0 exactly; state it
+        bad = ~np.isfinite(betas) | (betas <= 0.0)
+        if bad.any():   # alpha_bar constant over a step (a beta below float64 resolution), or underflow
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"zero terminal SNR rescaling of this schedule gives beta = {float(betas[i])!r} at t index {i} "
+                f"(betas[{i}] = {float(self.betas[i])!r}): alpha_bar does not decrease there in float64, "
+                "and betas must lie in (0, 1]")
         params = {"base": self.to_dict()}
         return Schedule(betas, "zero_terminal_snr", params)
 
     # ------------------------------------------------------------- conversions
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able description: the betas (Python floats round-trip exactly through JSON), the
-        constructor name and its parameters."""
-        return {"name": self.name, "params": self.params, "T": self.T,
+        constructor name and its parameters (a copy: changing the dict leaves the schedule alone)."""
+        return {"name": self.name, "params": _copy_params(self.params), "T": self.T,
                 "betas": [float(b) for b in self.betas]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Schedule":
-        """Rebuild from :meth:`to_dict` output (betas are authoritative; the rest is provenance)."""
+        """Rebuild from :meth:`to_dict` output (betas are authoritative; the rest is provenance).
+
+        ``betas`` is required; ``T`` (an integer equal to the number of betas), ``name`` (a string,
+        default ``"custom"``) and ``params`` (a dict or None, default empty) are optional. The
+        schedule keeps copies: changing ``d`` afterwards leaves it alone."""
         if not isinstance(d, dict) or "betas" not in d:
             raise ValueError(f"schedule dict must be a dict with a 'betas' entry, got {type(d).__name__}"
-                             f"{' with keys ' + str(sorted(d)) if isinstance(d, dict) else ''}")
-        betas = np.asarray(d["betas"])
-        if "T" in d and betas.ndim == 1 and d["T"] != betas.shape[0]:
-            raise ValueError(f"schedule dict says T = {d['T']!r} but holds {betas.shape[0]} betas")
-        return cls(betas, d.get("name", "custom"), d.get("params", {}))
+                             f"{' with keys ' + str(sorted(d, key=str)) if isinstance(d, dict) else ''}")
+        try:
+            betas = np.asarray(d["betas"])
+        except (ValueError, TypeError):       # ragged nested lists
+            raise ValueError(f"schedule dict's betas must be a 1-D list of real numbers, got "
+                             f"{d['betas']!r:.80}") from None
+        if "T" in d:
+            T = d["T"]
+            if isinstance(T, (bool, np.bool_)) or not isinstance(T, (int, np.integer)):
+                raise ValueError(f"schedule dict's T must be an integer (the number of betas), got {T!r}")
+            if betas.ndim == 1 and T != betas.shape[0]:
+                raise ValueError(f"schedule dict says T = {T!r} but holds {betas.shape[0]} betas")
+        name = d.get("name", "custom")
+        if not isinstance(name, str):
+            raise ValueError(f"schedule dict's name must be a string, got {name!r}")
+        params = d.get("params", {})
+        if params is not None and not isinstance(params, dict):
+            raise ValueError(f"schedule dict's params must be a dict (or null), got "
+                             f"{type(params).__name__} {params!r:.80}")
+        return cls(betas, name, params)
 
     # ------------------------------------------------------------------ misc
     def __len__(self) -> int:

@@ -199,6 +199,26 @@ def test_learned_range_bound_with_labels():
     assert all(np.array_equal(y, [3, 1]) for y in seen) and len(seen) == 4
 
 
+def test_empty_batch_gives_empty_results():
+    # N = 0, like q_sample and vb_terms_bpd: empty (0,) float64 results, no reshape error.
+    x0 = np.zeros((0, 3, 4, 4), np.float32)
+    t0 = np.zeros(0, np.int64)
+    den = D.gaussian_oracle_denoiser(SHORT, 0.0, 0.5)
+    prior = D.prior_bpd(SHORT, x0)
+    assert prior.shape == (0,) and prior.dtype == np.float64
+    for timesteps in (None, 4):
+        res = D.bits_per_dim(SHORT, den, x0, timesteps=timesteps)
+        for key in ("total", "prior", "decoder", "kl"):
+            assert res[key].shape == (0,) and res[key].dtype == np.float64, key
+        assert res["terms"].shape == res["timesteps"].shape == (0, timesteps or SHORT.T)
+    vb, d_out = D.hybrid_vb_loss(SHORT, np.zeros((0, 6, 4, 4), np.float32), x0, x0, t0)
+    assert vb.shape == (0,) and vb.dtype == np.float64
+    assert d_out.shape == (0, 6, 4, 4) and d_out.dtype == np.float32
+    # and a one-row batch still averages over its elements
+    one = D.prior_bpd(SHORT, np.ones((1, 3, 4, 4)))
+    assert one.shape == (1,) and one[0] == pytest.approx(D.prior_bpd(SHORT, np.ones((1, 1)))[0], rel=1e-14)
+
+
 X0 = np.zeros((2, 3))
 F = D.gaussian_oracle_denoiser(SHORT, 0.0, 1.0)
 

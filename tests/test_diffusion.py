@@ -217,6 +217,71 @@ def test_loss_aware_state_dict_resume_is_exact(tmp_path):
     np.testing.assert_array_equal(a.loss_history, b.loss_history)
 
 
+def _state(**change):
+    a = D.LossAwareSampler(4, history=2)
+    _warm(a, np.arange(4) + 1.0)
+    st = a.state_dict()
+    st.update(change)
+    return st
+
+
+def _hist(i, j, value):
+    h = _state()["loss_history"].copy()
+    h[i, j] = value
+    return h
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(uniform_prob=np.array(5.0)), r"uniform_prob must be in \[0, 1\], got array\(5\.\)"),
+    (dict(uniform_prob=np.array(np.nan)), r"uniform_prob must be in \[0, 1\], got array\(nan\)"),
+    (dict(uniform_prob=-0.1), r"uniform_prob must be in \[0, 1\], got -0.1"),
+    (dict(uniform_prob=True), r"uniform_prob must be a number in \[0, 1\], got True"),
+    (dict(uniform_prob="0.5"), r"uniform_prob must be a number in \[0, 1\], got '0.5'"),
+    (dict(loss_history=_hist(0, 0, np.inf)), r"loss_history must be finite, got inf at \[0, 0\]"),
+    (dict(loss_history=_hist(2, 1, np.nan)), r"loss_history must be finite, got nan at \[2, 1\]"),
+    (dict(loss_history=np.ones((4, 2), bool)), r"loss_history must hold real numbers .*dtypes bool"),
+    (dict(loss_history=[[1.0, 2.0], [1.0]]), r"loss_history and loss_counts must be arrays of shape \(4, 2\)"),
+    (dict(T=np.array(4.6)), r"state 'T' must be an integer, got array\(4.6\)"),
+    (dict(T=4.0), r"state 'T' must be an integer, got 4.0"),
+    (dict(history=True), r"state 'history' must be an integer, got True"),
+    (dict(history="2"), r"state 'history' must be an integer, got '2'"),
+    (dict(loss_counts=np.array([2.7, 2, 2, 2])), r"loss_counts integers, got dtypes float64 and float64"),
+    (dict(loss_counts=np.array([2, 3, 2, 2])), r"loss_counts must lie in \[0, 2\], got range \[2, 3\]"),
+])
+def test_loss_aware_load_state_dict_checks_like_init_and_update(change, match):
+    b = D.LossAwareSampler(4, history=2)
+    with pytest.raises(ValueError, match=match):
+        b.load_state_dict(_state(**change))
+    # nothing was loaded: still the fresh sampler
+    assert not b.warmed_up and b.uniform_prob == 0.001 and not b.loss_history.any()
+
+
+def test_loss_aware_load_state_dict_takes_plain_python_values_and_copies():
+    st = _state()
+    plain = {"T": 4, "history": 2, "uniform_prob": 0.25, "loss_history": st["loss_history"].tolist(),
+             "loss_counts": st["loss_counts"].tolist()}
+    b = D.LossAwareSampler(4, history=2)
+    b.load_state_dict(plain)
+    assert b.warmed_up and b.uniform_prob == 0.25
+    np.testing.assert_array_equal(b.loss_history, st["loss_history"])
+    b.update(np.array([0]), np.array([9.0]))
+    assert plain["loss_history"][0] == [1.0, 1.0] and np.all(st["loss_history"][0] == 1.0)
+
+
+@pytest.mark.parametrize("state, match", [
+    ({"T": 4.9}, r"UniformSampler state 'T' must be an integer, got 4.9"),
+    ({"T": True}, r"must be an integer, got True"),
+    ({"T": np.array([4])}, r"must be an integer, got array\(\[4\]\)"),
+    ({}, r"UniformSampler state is missing 'T'"),
+    ([4], r"UniformSampler state must be a dict, got list"),
+])
+def test_uniform_load_state_dict_takes_only_an_integer_T(state, match):
+    with pytest.raises(ValueError, match=match):
+        D.UniformSampler(4).load_state_dict(state)
+    D.UniformSampler(4).load_state_dict({"T": np.int32(4)})
+    D.UniformSampler(4).load_state_dict(D.UniformSampler(4).state_dict())
+
+
 # ----------------------------------------------------------------------------- Gaussian oracle
 @pytest.mark.parametrize("t_index", [0, 300, 999])
 def test_gaussian_oracle_is_the_conditional_mean(t_index):
@@ -312,6 +377,16 @@ def test_hybrid_scale_is_lambda_T():
     # improved-diffusion: loss = mse + vb * T / 1000 = mse + lambda T vb with lambda = 0.001.
     assert D.hybrid_vb_scale(LIN) == pytest.approx(1.0, rel=1e-15)
     assert D.hybrid_vb_scale(Schedule.linear(4000)) == pytest.approx(4.0, rel=1e-15)
+    assert D.hybrid_vb_scale(LIN, 0) == 0.0 and D.hybrid_vb_scale(LIN, np.float32(0.002)) == pytest.approx(2.0)
+
+
+def test_model_log_variance_shape_is_checked():
+    t = np.array([0, 5])
+    want = D.model_log_variance(LIN, "fixed_small", t)[:, None, None]
+    for shape in ((2, 3, 4), [2, 3, 4], (np.int64(2), 3, 4), np.array([2, 3, 4])):
+        out = D.model_log_variance(LIN, "fixed_small", t, shape=shape)
+        assert out.shape == (2, 3, 4)
+        np.testing.assert_array_equal(out, np.broadcast_to(want, (2, 3, 4)))
 
 
 # ----------------------------------------------------------------------------- errors
@@ -356,6 +431,34 @@ T2 = np.array([0, 1])
     (lambda: D.hybrid_vb_loss(LIN, np.zeros((2, 6)), X + 2, X, T2), r"\[-1, 1\].*got range \[2, 2\]"),
     (lambda: D.hybrid_vb_loss(LIN, np.zeros((2, 6)), X, X, T2, dvb=np.ones(3)), r"dvb must have shape \(2,\)"),
     (lambda: D.model_log_variance(LIN, "learned_range", T2), r"needs v_interp"),
+    (lambda: D.model_log_variance(LIN, "fixed_small", T2, shape=(3, 4)), r"starting with N = 2 .*got \(3, 4\)"),
+    (lambda: D.model_log_variance(LIN, "fixed_large", T2, shape=()), r"starting with N = 2 .*got \(\)"),
+    (lambda: D.model_log_variance(LIN, "fixed_small", T2, shape=4), r"tuple of non-negative integers .*got 4"),
+    (lambda: D.model_log_variance(LIN, "fixed_small", T2, shape=(2.5,)), r"got \(2.5,\)"),
+    (lambda: D.model_log_variance(LIN, "fixed_small", T2, shape=(2, -1)), r"got \(2, -1\)"),
+    (lambda: D.model_log_variance(LIN, "fixed_small", T2, shape=(True, 3)), r"got \(True, 3\)"),
+    (lambda: D.model_log_variance(LIN, "fixed_small", T2, shape="23"), r"got '23'"),
+    (lambda: D.model_log_variance(LIN, "fixed_small", np.array([3]), shape=(5, 3)), r"N = 1 .*got \(5, 3\)"),
+    (lambda: D.hybrid_vb_loss(LIN, np.zeros((2, 2)), np.zeros(2), np.zeros(2), T2),
+     r"x0 of shape \(N, C, ...\).*got x0 of shape \(2,\) and model_output of shape \(2, 2\)"),
+    # bools and numeric strings are not numbers
+    (lambda: D.loss_weights(LIN, T2, "sample", "min_snr", True), r"gamma must be a positive number, got True"),
+    (lambda: D.loss_weights(LIN, T2, "sample", "min_snr", "5"), r"gamma must be a positive number, got '5'"),
+    (lambda: D.loss_weights(LIN, T2, "sample", "min_snr", None), r"gamma must be a positive number, got None"),
+    (lambda: D.LossAwareSampler(5, uniform_prob=True), r"uniform_prob must be a number in \[0, 1\], got True"),
+    (lambda: D.LossAwareSampler(5, uniform_prob="0.5"), r"uniform_prob must be a number .*got '0.5'"),
+    (lambda: D.LossAwareSampler(5, uniform_prob=np.nan), r"uniform_prob must be in \[0, 1\], got nan"),
+    (lambda: D.LossAwareSampler(10).update(np.array([1]), np.array([True])), r"losses must be .*real numbers, got dtype bool"),
+    (lambda: D.q_sample(LIN, np.ones((2, 3), bool), T2, X), r"x0 must be a float array, got dtype bool"),
+    (lambda: D.q_sample(LIN, X, T2, np.ones((2, 3), bool)), r"noise must be a float array, got dtype bool"),
+    (lambda: D.gaussian_oracle_denoiser(LIN, True, 1.0), r"mu must be a real number or array"),
+    (lambda: D.gaussian_oracle_denoiser(LIN, 0.0, "1"), r"s \(the data standard deviation\) must be a real"),
+    (lambda: D.hybrid_vb_scale(LIN, float("nan")), r"lam must be a finite number >= 0, got nan"),
+    (lambda: D.hybrid_vb_scale(LIN, -1), r"lam must be a finite number >= 0, got -1"),
+    (lambda: D.hybrid_vb_scale(LIN, float("inf")), r"got inf"),
+    (lambda: D.hybrid_vb_scale(LIN, True), r"lam must be a finite number >= 0, got True"),
+    (lambda: D.hybrid_vb_scale(LIN, "0.001"), r"got '0.001'"),
+    (lambda: D.hybrid_vb_scale(LIN, None), r"got None"),
 ])
 def test_value_errors(call, match):
     with pytest.raises(ValueError, match=match):

@@ -343,6 +343,66 @@ def test_bad_philox_and_conversion_input():
         rng.permutation(0, Stream.DATA_ORDER, -1)
 
 
+@pytest.mark.parametrize("value", [2.7, True, np.bool_(True), "5", np.float64(1000.9), 3.0, float("nan"), None])
+def test_randint_and_permutation_take_only_integers(value):
+    # No int() truncation, no bools or numeric strings: a named ValueError, as for seed and stream.
+    with pytest.raises(ValueError, match=r"high must be an integer in \[1, 2\*\*32\], got "):
+        rng.randint(0, Stream.TIMESTEP, np.arange(3), value)
+    with pytest.raises(ValueError, match=r"n must be an integer in \[0, 2\*\*32\], got "):
+        rng.permutation(0, Stream.DATA_ORDER, value)
+    # NumPy integers are integers.
+    np.testing.assert_array_equal(rng.randint(0, Stream.TIMESTEP, np.arange(3), np.int32(7)),
+                                  rng.randint(0, Stream.TIMESTEP, np.arange(3), 7))
+    np.testing.assert_array_equal(rng.permutation(0, Stream.DATA_ORDER, np.uint8(9)),
+                                  rng.permutation(0, Stream.DATA_ORDER, 9))
+
+
+@pytest.mark.parametrize("n", [2**32 + 1, 2**40])
+def test_permutation_checks_n_before_allocating(n):
+    # The indices are counter word c1, so n <= 2**32; the check comes before np.arange(n) (which
+    # would be 32 GiB or 8 TiB): a ValueError at once, not a MemoryError.
+    with pytest.raises(ValueError, match=rf"n must be an integer in \[0, 2\*\*32\], got {n}"):
+        rng.permutation(0, Stream.DATA_ORDER, n)
+
+
+@pytest.mark.parametrize("shape", [(2**34 + 1,), (2**63,), (2**64,), (20, (2**62 + 1) // 5),
+                                   (2**32 + 1, 2**32 - 1), (2**32 + 1, 2**32 + 1), (2**17, 2**17 + 1)])
+def test_shape_size_guard_uses_exact_element_counts(shape):
+    # The element count is a Python int: int64 products of these wrap (to negative, 4, -1, 2**33 + 1),
+    # which slipped past the guard into raw numpy errors or a 32 GiB allocation.
+    for fn in (rng.random_bits, rng.uniform, rng.normal):
+        with pytest.raises(ValueError, match=r"has more than 2\*\*34 elements per sample"):
+            fn(0, Stream.EVAL, [0], 0, shape)
+
+
+def test_shape_size_guard_boundary_is_2_to_the_34():
+    # Elements 0 .. 2**34 - 1 use blocks c0 = 0 .. 2**32 - 1: exactly 2**34 elements fit (checked on
+    # _prepare, which allocates nothing), and the last block is Philox at counter c0 = 2**32 - 1.
+    assert rng._prepare(0, 1, [0], 0, 0, (2**34,))[-1] == 2**34
+    assert rng._prepare(0, 1, [0], 0, 0, (2**17, 2**17))[-1] == 2**34
+    with pytest.raises(ValueError, match=r"more than 2\*\*34"):
+        rng._prepare(0, 1, [0], 0, 0, (2**34 + 1,))
+    index, step, sub = np.array([5], np.uint32), np.asarray(7, np.uint32), np.asarray(2, np.uint32)
+    c02, c13 = rng._block_lanes(rng._scratch(), 3, 4, index, step, sub, 0, 1, 2**32 - 2, 2**32)
+    words = np.stack([c02[0, 0], c13[0, 0], c02[1, 0], c13[1, 0]], axis=-1)      # (2 blocks, 4)
+    counters = np.array([[2**32 - 2, 5, 7, 2], [2**32 - 1, 5, 7, 2]], dtype=np.uint32)
+    np.testing.assert_array_equal(words, rng.philox4x32(counters, np.array([3, 4], np.uint32)))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.int32, bool, np.uint32, None, "junk", np.complex64])
+def test_bits_to_uniform_takes_only_float32_or_float64(dtype):
+    # float16 turned every word into inf (2**24 - 1 overflows it) and integer dtypes into 0.
+    with pytest.raises(ValueError, match=r"dtype must be float32 or float64, got "):
+        rng.bits_to_uniform(np.arange(4, dtype=np.uint32), dtype)
+
+
+def test_bits_to_uniform_float64_holds_the_same_values():
+    words = rng.random_bits(0, Stream.EVAL, [0, 1], 0, (64,))
+    u32, u64 = rng.bits_to_uniform(words), rng.bits_to_uniform(words, "float64")
+    assert u64.dtype == np.float64 and rng.bits_to_uniform(words, np.float32).dtype == np.float32
+    np.testing.assert_array_equal(u32.astype(np.float64), u64)      # both exact
+
+
 def test_speed_benchmark_runs_at_toy_size(capsys):
     # Keeps benchmarks/rng_speed.py working; no time is asserted (machines differ and are shared).
     import pathlib

@@ -160,6 +160,39 @@ def test_zero_terminal_snr(base):
     assert z.posterior_mean_coef2[-1] == 0.0             # sqrt(alpha_T) = 0
 
 
+@pytest.mark.parametrize("betas", [[0.1, 1.0, 0.3, 0.3], [1.0, 0.5, 0.5], [0.2, 0.5, 1.0, 0.5, 0.9]])
+def test_zero_terminal_snr_of_a_schedule_already_at_zero_is_the_schedule(betas):
+    # alpha_bar reaches 0 (a beta of exactly 1) two or more steps before T: the SNR is already zero at
+    # T, and the ratios alpha_bar'_t / alpha_bar'_{t-1} would be 0/0 (they gave NaN and an error
+    # blaming "betas must be finite"). The schedule comes back unchanged.
+    s = Schedule.from_betas(betas)
+    z = s.rescale_zero_terminal_snr()
+    assert z is s and z.alpha_bar[-1] == 0.0
+    np.testing.assert_array_equal(z.betas, betas)
+
+
+def test_zero_terminal_snr_when_only_the_last_steps_reach_zero_is_unchanged():
+    # Where the old arithmetic already worked (0/0 only at beta_T, which is set to 1), it still runs
+    # and gives the same schedule as before: the algorithm's result, not the input.
+    z = Schedule.from_betas([0.1, 0.2, 1.0]).rescale_zero_terminal_snr()
+    assert z.name == "zero_terminal_snr" and z.params["base"]["betas"] == [0.1, 0.2, 1.0]
+    assert z.betas[0] == 0.1 and z.betas[-1] == 1.0 and z.alpha_bar[-1] == 0.0
+    assert list(Schedule.from_betas([0.1, 1.0, 0.3]).rescale_zero_terminal_snr().betas) == [0.1, 1.0, 1.0]
+    assert list(Schedule.from_betas([0.1, 1e-300]).rescale_zero_terminal_snr().betas) == [0.1, 1.0]
+
+
+@pytest.mark.parametrize("betas, match", [
+    ([0.1, 1e-300, 1e-300], r"constant \(= 0.948.*\) over all T steps.*1/0"),
+    ([0.1, 1e-300, 1e-300, 1e-300], r"over all T steps"),
+    ([0.1, 0.2, 1e-300, 1e-300], r"constant .* from t index 1 to T-1 = 3.*0/0"),
+    ([0.1, 1e-300, 0.2], r"gives beta = 0.0 at t index 1 \(betas\[1\] = 1e-300\).*does not decrease"),
+])
+def test_zero_terminal_snr_of_a_flat_schedule_explains_itself(betas, match):
+    # sqrt(alpha_bar) that does not move (betas below float64 resolution) makes the shift-and-scale 0/0.
+    with pytest.raises(ValueError, match=match):
+        Schedule.from_betas(betas).rescale_zero_terminal_snr()
+
+
 # ----------------------------------------------------------------------------- constructors
 def test_linear_and_sigmoid_shapes():
     s = Schedule.linear(10, 0.001, 0.01)
@@ -181,6 +214,39 @@ def test_to_dict_round_trips_through_json_exactly(make):
     assert r == s and r.name == s.name and r.T == s.T
     for name in TABLES:
         np.testing.assert_array_equal(getattr(r, name), getattr(s, name))   # bit-exact
+
+
+def test_to_dict_and_from_dict_share_no_dicts_with_the_caller():
+    s = Schedule.linear(3)
+    d = s.to_dict()
+    d["params"]["beta_end"] = 0.5
+    assert s.params == {"T": 3, "beta_start": 1e-4, "beta_end": 0.02}
+    src = json.loads(json.dumps(Schedule.linear(3).rescale_zero_terminal_snr().to_dict()))
+    r = Schedule.from_dict(src)
+    src["params"]["base"]["name"] = "tampered"              # nested: the base schedule's dict
+    src["params"]["base"]["params"]["T"] = 99
+    src["params"]["base"]["betas"].append(0.5)
+    assert r.params["base"]["name"] == "linear" and r.params["base"]["params"]["T"] == 3
+    assert len(r.params["base"]["betas"]) == 3
+    p = {"nested": {"a": [1, {"b": 2}]}}
+    c = Schedule([0.1, 0.2], "custom", p)
+    p["nested"]["a"][1]["b"] = 3
+    assert c.params == {"nested": {"a": [1, {"b": 2}]}}
+    c.to_dict()["params"]["nested"]["a"].append(4)
+    assert c.params == {"nested": {"a": [1, {"b": 2}]}}
+
+
+@pytest.mark.parametrize("d", [
+    {"betas": [0.1, 0.2]},                                            # betas alone
+    {"betas": [0.1, 0.2], "T": 2},
+    {"betas": [0.1, 0.2], "name": "linear", "params": None},
+    {"betas": [0.1, 0.2], "T": np.int64(2), "name": "custom", "params": {}},
+    {"name": "cosine", "params": {"T": 2, "s": 0.008, "max_beta": 0.999}, "T": 2, "betas": [0.1, 0.2]},
+])
+def test_from_dict_accepts_what_to_dict_writes_and_its_subsets(d):
+    s = Schedule.from_dict(d)
+    assert list(s.betas) == [0.1, 0.2] and s.name == d.get("name", "custom")
+    assert s.params == (d.get("params") or {})
 
 
 # ----------------------------------------------------------------------------- errors
@@ -210,6 +276,30 @@ def test_to_dict_round_trips_through_json_exactly(make):
     (lambda: Schedule.from_dict({"T": 3}), r"'betas' entry"),
     (lambda: Schedule.from_dict({"T": 3, "betas": [0.1, 0.2]}), r"T = 3 but holds 2 betas"),
     (lambda: Schedule.from_dict([0.1]), r"got list"),
+    # bools and numeric strings are not numbers
+    (lambda: Schedule.linear(3, 1e-4, True), r"beta_end must be a real number, got True"),
+    (lambda: Schedule.linear(3, "1e-4", "0.02"), r"beta_start must be a real number, got '1e-4'"),
+    (lambda: Schedule.linear(3, np.bool_(True)), r"beta_start must be a real number, got"),
+    (lambda: Schedule.cosine(10, s=True), r"s must be a real number, got True"),
+    (lambda: Schedule.cosine(10, max_beta="0.5"), r"max_beta must be a real number, got '0.5'"),
+    (lambda: Schedule.sigmoid(10, tau=None), r"tau must be a real number, got None"),
+    (lambda: Schedule.sigmoid(10, start=[1.0]), r"start must be a real number, got \[1.0\]"),
+    (lambda: Schedule.linear(10, 10**400), r"beta_start must be a real number"),
+    # garbage in from_dict and Schedule(...)
+    (lambda: Schedule.from_dict({"betas": [0.1], "params": "ab"}), r"params must be a dict .*got str 'ab'"),
+    (lambda: Schedule.from_dict({"betas": [0.1], "params": [("a", 1)]}), r"params must be a dict .*got list"),
+    (lambda: Schedule.from_dict({"betas": [0.1, [0.2, 0.3]]}), r"betas must be a 1-D list of real numbers"),
+    (lambda: Schedule.from_dict({"betas": [0.1, 0.2], "T": np.array([2, 2])}), r"T must be an integer.*got array"),
+    (lambda: Schedule.from_dict({"betas": [0.1], "T": True}), r"T must be an integer .*got True"),
+    (lambda: Schedule.from_dict({"betas": [0.1], "T": 1.0}), r"T must be an integer .*got 1.0"),
+    (lambda: Schedule.from_dict({"betas": [0.1], "T": "1"}), r"T must be an integer .*got '1'"),
+    (lambda: Schedule.from_dict({"betas": [0.1], "name": None}), r"name must be a string, got None"),
+    (lambda: Schedule.from_dict({"betas": [0.1], "name": ["x"]}), r"name must be a string, got \['x'\]"),
+    (lambda: Schedule([0.1], params=[1, 2]), r"params must be a dict \(or None\), got list"),
+    (lambda: Schedule([0.1], params="ab"), r"params must be a dict \(or None\), got str"),
+    (lambda: Schedule([0.1], name=None), r"name must be a string, got None"),
+    (lambda: Schedule([0.1, [0.2, 0.3]]), r"betas must be a 1-D array of real numbers"),
+    (lambda: Schedule.from_betas([True, False]), r"real numbers, got dtype bool"),
 ])
 def test_value_errors(call, match):
     with pytest.raises(ValueError, match=match):
