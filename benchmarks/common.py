@@ -31,7 +31,6 @@ import platform
 import subprocess
 import sys
 import time
-import uuid
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
                "VECLIB_MAXIMUM_THREADS")
@@ -420,19 +419,8 @@ def write_json(path: str, result: dict) -> None:
     """Write ``result`` as indented JSON, atomically: a uniquely named temporary file in the target's
     folder (created if missing), flushed to disk, then renamed over ``path``. On any failure the
     temporary file is removed and ``path`` is left as it was."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "x") as f:
-            json.dump(result, f, indent=1, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from ddpm_ref.checkpoint import atomic_write
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    text = json.dumps(result, indent=1, sort_keys=False) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))

@@ -389,16 +389,7 @@ def _check_shape(shape, n: int) -> tuple:
     """``shape`` as a tuple of Python ints after checking it is ``(N, ...)``: non-negative integers
     (not bools, floats or strings), the first equal to the batch size ``n``."""
     what = f"shape must be a tuple of non-negative integers starting with N = {n}"
-    if isinstance(shape, (str, bytes, dict)):
-        raise ValueError(f"{what}, got {shape!r}")
-    try:
-        dims = tuple(shape)
-    except TypeError:
-        raise ValueError(f"{what}, got {shape!r}") from None
-    for d in dims:
-        if isinstance(d, (bool, np.bool_)) or not isinstance(d, (int, np.integer)) or d < 0:
-            raise ValueError(f"{what}, got {shape!r}")
-    dims = tuple(int(d) for d in dims)
+    dims = rng.shape_tuple(shape, what)
     if not dims or dims[0] != n:
         raise ValueError(f"{what} (t's length), got {dims}")
     return dims

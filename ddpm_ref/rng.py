@@ -196,6 +196,21 @@ def philox4x32(counter, key, rounds: int = PHILOX_ROUNDS) -> np.ndarray:
     return out.reshape(batch + (4,))
 
 
+def shape_tuple(shape, what: str) -> tuple:
+    """``shape`` as a tuple of Python ints, each a non-negative integer (not a bool, float or string);
+    otherwise ``ValueError(f"{what}, got {shape!r}")``."""
+    if isinstance(shape, (str, bytes, dict)):
+        raise ValueError(f"{what}, got {shape!r}")
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise ValueError(f"{what}, got {shape!r}") from None
+    for d in dims:
+        if isinstance(d, (bool, np.bool_)) or not isinstance(d, (int, np.integer)) or d < 0:
+            raise ValueError(f"{what}, got {shape!r}")
+    return tuple(int(d) for d in dims)
+
+
 def _prepare(seed, stream, index, step, sub, shape):
     """Validate the address of a draw; returns (seed, stream, index, step, sub, shape, size)."""
     seed = check_seed(seed)
@@ -214,14 +229,7 @@ def _prepare(seed, stream, index, step, sub, shape):
             raise ValueError(f"{name} must be a scalar or have shape ({index.shape[0]},), got {v.shape}")
     if isinstance(shape, (int, np.integer)) and not isinstance(shape, (bool, np.bool_)):
         shape = (shape,)
-    try:
-        shape = tuple(shape)
-    except TypeError:
-        raise ValueError(f"shape must be a tuple of non-negative integers, got {shape!r}") from None
-    for s in shape:
-        if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)) or s < 0:
-            raise ValueError(f"shape must be a tuple of non-negative integers, got {shape!r}")
-    shape = tuple(int(s) for s in shape)
+    shape = shape_tuple(shape, "shape must be a tuple of non-negative integers")
     size = math.prod(shape)          # Python ints: exact for any shape (an int64 product can wrap)
     if size > 2**34:                 # blocks 0 .. 2**32 - 1 of 4 elements: c0 = element // 4 < 2**32
         raise ValueError(f"shape {shape} has more than 2**34 elements per sample: counter word c0 overflows")
