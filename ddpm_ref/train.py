@@ -755,8 +755,7 @@ def train(cfg, run_dir, resume: bool = False, force: bool = False, progress: boo
             toy_n = int(n_saved) if saved.data in TOYS and isinstance(n_saved, int) else None
             dataset = load_dataset(saved.data, split="train", seed=saved.data_seed, n=toy_n,
                                    value_range=saved.value_range)
-        tr = Trainer.from_checkpoint(ckpt, dataset, steps=steps, device=device)
-        _truncate_metrics(run_dir, tr.step)
+        tr = Trainer.from_checkpoint(ckpt, dataset, steps=steps, device=device)   # fit trims the metrics
     else:
         if cfg is None:
             raise ValueError("a training configuration is needed unless resuming")
@@ -770,14 +769,13 @@ def train(cfg, run_dir, resume: bool = False, force: bool = False, progress: boo
         if dataset is None:
             dataset = load_dataset(cfg.data, split="train", seed=cfg.data_seed, value_range=cfg.value_range)
         tr = Trainer(cfg, dataset, device=device)
-        json.dumps(tr.config_dict())           # config.json must be writable before anything is removed
-        os.makedirs(run_dir, exist_ok=True)
-        if force:
-            for name in (CHECKPOINT_NAME, METRICS_NAME):
-                p = os.path.join(run_dir, name)
-                if os.path.exists(p):
-                    os.unlink(p)
-    text = json.dumps(tr.config_dict(), indent=1)
+    text = json.dumps(tr.config_dict(), indent=1)   # config.json must be writable before anything is removed
+    os.makedirs(run_dir, exist_ok=True)
+    if force and not resume:
+        for name in (CHECKPOINT_NAME, METRICS_NAME):
+            p = os.path.join(run_dir, name)
+            if os.path.exists(p):
+                os.unlink(p)
     atomic_write(os.path.join(run_dir, CONFIG_NAME), lambda f: f.write(text.encode("utf-8")))
     tr.fit(run_dir, stop_at=stop_at, time_limit=time_limit, progress=progress, callback=callback)
     return tr
